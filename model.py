@@ -1,0 +1,451 @@
+"""
+The whole CMed-GPT model in one file.
+
+A GPT-2 style decoder (nanoGPT's shape) with the three additions the papers need:
+1) an entity-aware input embedding E = Ew + Ep + Et + Ee: token, position, lexical (part-of-speech)
+   and entity tables summed in one place (CMed-GPT);
+2) a soft prompt of n_prompt trainable vectors, inserted in front of the sequence (CMed-GPT's
+   p-tuning) or at a per-example position between source and target (BioGPT);
+3) an optional classification head on the same causal model (MEDI-BERPT's multitask).
+
+Attention is written out by hand as the readable reference; config.attention='fused' swaps in
+torch's scaled_dot_product_attention, which tests/test_model.py proves equal.
+
+Convention used throughout: the model's outputs are aligned with its input tokens, whatever prompt
+was inserted. Output t is the hidden state from which token t+1 is predicted, so logits[:, t]
+is scored against targets[:, t] = idx[:, t+1], as in nanoGPT.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 512     # longest sequence, soft prompt included
+    vocab_size: int = 8000
+    n_layer: int = 6
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False        # biases in Linear and LayerNorm layers (GPT-2 has them; a bit faster without)
+    n_lexical: int = 0        # part-of-speech table (paper: 4 = other, noun, adjective, verb); 0 = none
+    n_entity: int = 0         # entity table (paper: 2 = outside / inside an entity); 0 = none
+    n_prompt: int = 0         # soft-prompt vectors for p-tuning; 0 = none
+    prompt_reparam: str = 'none'  # 'none', 'mlp' or 'lstm': P-tuning's re-parameterisation of the prompt
+    n_classes: int = 0        # classification head outputs; 0 = no head
+    attention: str = 'manual'  # 'manual' (hand-written reference) or 'fused' (scaled_dot_product_attention)
+
+
+class LayerKVCache:
+    """Keys and values one attention layer has seen, in a buffer allocated once (no copy per token)."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0   # positions filled so far
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Store k, v of shape (B, nh, T, hs); return all keys and values so far, (B, nh, length, hs)."""
+        B, nh, T, hs = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, nh, self.max_len, hs)
+            self.v = v.new_zeros(B, nh, self.max_len, hs)
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        assert config.attention in ('manual', 'fused'), f"attention must be 'manual' or 'fused', not {config.attention!r}"
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.fused = config.attention == 'fused'
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # causal[i, j]: may position i attend to position j? Only to itself and the past.
+        causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        self.register_buffer('causal', causal, persistent=False)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, Tk, hs): the past positions followed by these T
+        Tk = k.size(2)
+        past = Tk - T
+        if self.fused:
+            y = self._fused_attention(q, k, v, past)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, Tk)
+            att = att.masked_fill(~self.causal[past:Tk, :Tk], float('-inf'))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    def _fused_attention(self, q, k, v, past):
+        dropout_p = self.dropout if self.training else 0.0
+        T, Tk = q.size(2), k.size(2)
+        if past == 0:   # plain causal: lets the kernel pick flash attention
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if T == 1:      # one new token sees every cached position: no mask at all
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal[past:Tk, :Tk], dropout_p=dropout_p)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class SoftPrompt(nn.Module):
+    """n_prompt trainable input vectors (P-tuning / CMed-GPT's p-tuning).
+
+    With re-parameterisation the vectors are computed from free parameters by a small network
+    (an MLP, or an LSTM then an MLP), which the P-tuning paper found trains more stably. The
+    network is residual and its last layer starts at zero, so at step 0 the prompt equals the free
+    parameters; that keeps initialising the prompt from real token embeddings meaningful.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.prompt_reparam in ('none', 'mlp', 'lstm'), \
+            f"prompt_reparam must be 'none', 'mlp' or 'lstm', not {config.prompt_reparam!r}"
+        C = config.n_embd
+        self.reparam = config.prompt_reparam
+        self.embedding = nn.Parameter(torch.randn(config.n_prompt, C) * 0.02)  # (P, C)
+        if self.reparam == 'lstm':
+            self.lstm = nn.LSTM(C, C // 2, num_layers=2, bidirectional=True, batch_first=True)
+        if self.reparam != 'none':
+            self.mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+
+    def zero_output_layer(self):
+        if self.reparam != 'none':
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self):
+        """The prompt vectors, (P, C)."""
+        if self.reparam == 'none':
+            return self.embedding
+        h = self.embedding
+        if self.reparam == 'lstm':
+            h = self.lstm(h[None])[0][0]  # the LSTM reads the P vectors as one sequence: (1, P, C) -> (P, C)
+        return self.embedding + self.mlp(h)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        C = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)   # Ew: token
+        self.wpe = nn.Embedding(config.block_size, C)   # Ep: position
+        self.wle = nn.Embedding(config.n_lexical, C) if config.n_lexical else None  # Et: lexical (part of speech)
+        self.wee = nn.Embedding(config.n_entity, C) if config.n_entity else None    # Ee: entity
+        self.prompt = SoftPrompt(config) if config.n_prompt else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(C, bias=config.bias)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying: one matrix reads and writes tokens
+        self.class_head = nn.Linear(C, config.n_classes) if config.n_classes else None
+        self._init_weights()
+
+    def _init_weights(self):
+        """GPT-2 initialisation, plus zeros for the tables whose arrival must not change the model."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # each residual branch adds to the stream 2 * n_layer times: scale its output projection down
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        # a tag table added to a pretrained model (fine-tuning) starts as a no-op: E is unchanged at step 0
+        for table in (self.wle, self.wee):
+            if table is not None:
+                nn.init.zeros_(table.weight)
+        if self.prompt is not None:
+            self.prompt.zero_output_layer()
+
+    # ----- counting, freezing, optimiser -------------------------------------------------------
+
+    def num_params(self, trainable_only=False):
+        """Parameters in the model (a tied matrix counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def freeze_for_ptuning(self, train_lexical=False, train_entity=False):
+        """Freeze every pretrained weight: only the soft prompt trains, plus the tag tables asked for.
+        A classification head is never pretrained, so it stays trainable when there is one."""
+        if self.prompt is None:
+            raise ValueError("p-tuning needs a soft prompt: set n_prompt > 0")
+        for flag, table, name in ((train_lexical, self.wle, 'lexical'), (train_entity, self.wee, 'entity')):
+            if flag and table is None:
+                raise ValueError(f"cannot train the {name} table: the model has none (n_{name}=0)")
+        self.requires_grad_(False)
+        self.prompt.requires_grad_(True)
+        if train_lexical:
+            self.wle.requires_grad_(True)
+        if train_entity:
+            self.wee.requires_grad_(True)
+        if self.class_head is not None:
+            self.class_head.requires_grad_(True)
+
+    def init_prompt_from_tokens(self, token_ids):
+        """Start the soft prompt at the embeddings of real tokens (one id per prompt vector)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.wte.weight.device)
+        if self.prompt is None or ids.numel() != self.config.n_prompt:
+            raise ValueError(f"need exactly n_prompt={self.config.n_prompt} token ids, got {ids.numel()}")
+        with torch.no_grad():
+            self.prompt.embedding.copy_(self.wte.weight[ids])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW over the trainable parameters; weight decay only on 2-D weight matrices of linear
+        maps (not biases, norms, embedding tables or the soft prompt)."""
+        embeddings = [self.wte.weight, self.wpe.weight]  # wte is also the (tied) LM head
+        embeddings += [t.weight for t in (self.wle, self.wee) if t is not None]
+        if self.prompt is not None:
+            embeddings.append(self.prompt.embedding)
+        no_decay_ids = {id(p) for p in embeddings}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.dim() >= 2 and id(p) not in no_decay_ids]
+        decay_ids = {id(p) for p in decay}
+        no_decay = [p for p in trainable if id(p) not in decay_ids]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        extra = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """Model flops utilisation: achieved flop/s over peak_flops (PaLM appendix B's count)."""
+        cfg = self.config
+        n_matmul = self.num_params() - self.wpe.weight.numel()  # lookups cost no flops; the tied LM head does
+        n_matmul -= sum(t.weight.numel() for t in (self.wle, self.wee) if t is not None)
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * n_matmul + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+
+    # ----- the forward pass --------------------------------------------------------------------
+
+    def _tag_embedding(self, table, ids, idx, name):
+        if table is None:
+            if ids is not None:
+                raise ValueError(f"{name} ids were given but the model has no {name} table (n_{name}=0)")
+            return 0
+        return table(torch.zeros_like(idx) if ids is None else ids)
+
+    def _prompt_positions(self, prompt_pos, B, T, device):
+        if prompt_pos is None:
+            return torch.zeros(B, dtype=torch.long, device=device)
+        prompt_pos = torch.as_tensor(prompt_pos, dtype=torch.long, device=device).expand(B)
+        if prompt_pos.min() < 0 or prompt_pos.max() > T:
+            raise ValueError(f"prompt_pos must lie in [0, {T}] for {T} tokens, got {prompt_pos.tolist()}")
+        return prompt_pos
+
+    def embed(self, idx, lexical=None, entity=None, prompt_pos=None, past_len=0):
+        """The block input E = wte(idx) + wpe(pos) + wle(lexical) + wee(entity), soft prompt inserted.
+
+        idx, lexical, entity: (B, T); prompt_pos: (B,) where the prompt goes, in token coordinates
+        (None: in front). past_len: positions already in the KV cache (the prompt is then in there).
+        Returns (B, T + P, C), P = n_prompt if the prompt is inserted now, else 0.
+        """
+        B, T = idx.size()
+        x = self.wte(idx) + self._tag_embedding(self.wle, lexical, idx, 'lexical') \
+            + self._tag_embedding(self.wee, entity, idx, 'entity')
+        if self.prompt is not None and past_len == 0:
+            x = self._insert_prompt(x, self._prompt_positions(prompt_pos, B, T, idx.device))
+        elif prompt_pos is not None:
+            raise ValueError("prompt_pos was given but no prompt is inserted (n_prompt=0, or it is already cached)")
+        n_pos = past_len + x.size(1)
+        if n_pos > self.config.block_size:
+            raise ValueError(f"sequence of {n_pos} positions (tokens + {self.config.n_prompt} prompt vectors) "
+                             f"exceeds block_size={self.config.block_size}: crop the input")
+        pos = torch.arange(past_len, n_pos, dtype=torch.long, device=idx.device)
+        return self.drop(x + self.wpe(pos))
+
+    def _insert_prompt(self, x, prompt_pos):
+        """Put the P prompt vectors into x (B, T, C) before token prompt_pos[b] of each row b."""
+        B, T, C = x.size()
+        P = self.config.n_prompt
+        # prompt positions carry lexical and entity id 0, like any untagged token
+        zero_tags = sum(t.weight[0] for t in (self.wle, self.wee) if t is not None)
+        prompt = (self.prompt() + zero_tags).to(x.dtype).expand(B, P, C)
+        stacked = torch.cat([x, prompt], dim=1)  # (B, T + P, C): tokens, then the prompt
+        # for each expanded position e, where to read it from in `stacked`
+        e = torch.arange(T + P, device=x.device)[None, :]  # (1, T + P)
+        start = prompt_pos[:, None]                        # (B, 1)
+        source = torch.where(e < start, e, torch.where(e < start + P, T + e - start, e - P))  # (B, T + P)
+        return stacked.gather(1, source[:, :, None].expand(B, T + P, C))
+
+    def _token_outputs(self, h, prompt_pos):
+        """Drop the prompt from the hidden states h (B, T + P, C), giving (B, T, C) aligned with the tokens.
+        Output t predicts token t+1, so the token just before the prompt is represented by the last prompt
+        vector (that is how the prompt conditions the first target token); tokens after the prompt by their
+        own state, P positions further on."""
+        B, TP, C = h.size()
+        P = self.config.n_prompt
+        t = torch.arange(TP - P, device=h.device)[None, :]   # (1, T)
+        read = t + P * (t >= prompt_pos[:, None] - 1)         # (B, T)
+        return h.gather(1, read[:, :, None].expand(B, TP - P, C))
+
+    def encode(self, idx, lexical=None, entity=None, prompt_pos=None, kv_cache=None):
+        """Final hidden states (B, T, C), aligned with idx whatever prompt was inserted."""
+        past_len = kv_cache[0].length if kv_cache is not None else 0
+        inserting_prompt = self.prompt is not None and past_len == 0
+        x = self.embed(idx, lexical, entity, prompt_pos, past_len)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache[i] if kv_cache is not None else None)
+        x = self.ln_f(x)
+        if inserting_prompt:
+            B, T = idx.size()
+            x = self._token_outputs(x, self._prompt_positions(prompt_pos, B, T, idx.device))
+        return x
+
+    def lm_head_loss(self, h, targets=None, all_logits=False):
+        """Logits over the vocabulary and, given targets (-1 = not scored), the mean cross-entropy."""
+        if targets is not None:
+            logits = self.lm_head(h)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        # generating: only the last position is needed, unless asked for all
+        return self.lm_head(h if all_logits else h[:, [-1], :]), None
+
+    def classify(self, h, class_pos, labels=None):
+        """Class logits (B, n_classes) read from the hidden state at class_pos (B,), and the
+        cross-entropy against labels (B,) when given."""
+        if self.class_head is None:
+            raise ValueError("the model has no classification head: set n_classes > 0")
+        rows = torch.arange(h.size(0), device=h.device)
+        class_logits = self.class_head(h[rows, class_pos])
+        loss = F.cross_entropy(class_logits, labels) if labels is not None else None
+        return class_logits, loss
+
+    def forward(self, idx, targets=None, lexical=None, entity=None, prompt_pos=None, all_logits=False,
+                kv_cache=None):
+        h = self.encode(idx, lexical, entity, prompt_pos, kv_cache)
+        return self.lm_head_loss(h, targets, all_logits)
+
+    # ----- generation --------------------------------------------------------------------------
+
+    def new_kv_cache(self):
+        return [LayerKVCache(self.config.block_size) for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, lexical=None,
+                 entity=None, prompt_pos=None, eos_id=None, use_cache=True, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new).
+
+        With use_cache, each new token costs one position's worth of compute: keys and values of the
+        past stay in a KV cache. Once the context fills block_size, the oldest tokens are cropped
+        and the cache is rebuilt (position embeddings are absolute, so cached keys cannot slide);
+        use_cache=False recomputes everything each step and gives the same result. temperature 0 is
+        greedy. Generated tokens get lexical and entity id 0. A row that emits eos_id keeps emitting
+        it; generation stops when every row has.
+        """
+        B = idx.size(0)
+        tags = {name: (ids if ids is not None else torch.zeros_like(idx)) if table is not None else None
+                for name, ids, table in (('lexical', lexical, self.wle), ('entity', entity, self.wee))}
+        room = self.config.block_size - self.config.n_prompt  # tokens that fit beside the prompt
+        if room < 1:
+            raise ValueError(f"n_prompt={self.config.n_prompt} leaves no room in block_size={self.config.block_size}")
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = None
+        for _ in range(max_new_tokens):
+            if cache is not None and cache[0].length < self.config.block_size:
+                # one new token: its tags are 0, so the tables add their row 0
+                logits, _ = self(idx[:, -1:], lexical=_last(tags['lexical']), entity=_last(tags['entity']),
+                                 kv_cache=cache)
+            else:
+                crop = max(0, idx.size(1) - room)
+                pos = None if prompt_pos is None or self.prompt is None else \
+                    (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
+                cache = self.new_kv_cache() if use_cache else None
+                logits, _ = self(idx[:, crop:], lexical=_crop(tags['lexical'], crop),
+                                 entity=_crop(tags['entity'], crop), prompt_pos=pos, kv_cache=cache)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if eos_id is not None:
+                next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
+                finished |= next_id[:, 0] == eos_id
+            idx = torch.cat([idx, next_id], dim=1)
+            tags = {name: None if t is None else torch.cat([t, torch.zeros_like(next_id)], dim=1)
+                    for name, t in tags.items()}
+            if eos_id is not None and finished.all():
+                break
+        return idx
+
+
+def _last(ids):
+    return None if ids is None else ids[:, -1:]
+
+
+def _crop(ids, start):
+    return None if ids is None else ids[:, start:]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, V): greedy at temperature 0, else sample from the
+    temperature-scaled distribution cut to the top_k tokens and/or the top_p probability mass."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already cover top_p (the first token always stays)
+        drop_sorted = cumulative - F.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float('-inf'))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
