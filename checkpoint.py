@@ -41,8 +41,9 @@ def load_checkpoint(path, device='cpu', required_keys=MODEL_KEYS):
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
+        reason = str(error).split('\n')[0]  # torch's weights_only errors run to many lines
         raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True "
-                         f"({type(error).__name__}: {str(error).splitlines()[0]})") from error
+                         f"({type(error).__name__}: {reason})") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     missing = [key for key in required_keys if key not in checkpoint]
