@@ -389,7 +389,8 @@ def main(argv=None):
     run = build_run(cfg)
     if run.rank == 0:
         print(f"{run.model.num_params() / 1e6:.2f}M parameters, {run.world_size} process(es) on "
-              f"{run.device} in {run.dtype}, {run.tokens_per_iter:,} tokens per iteration")
+              f"{run.device} in {run.dtype}, {run.tokens_per_iter:,} tokens per iteration, "
+              f"MFU against a peak of {run.peak_flops / 1e9:,.0f} GFLOP/s")
     iter_num, best_val_loss = run.start_iter, run.best_val_loss
     loop_start = time.time()
     while True:

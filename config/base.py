@@ -1,0 +1,34 @@
+# CMed-GPT base (Qu et al.): 6 layers, 12 heads, 768 wide, context 512; the paper's optimiser and
+# schedule. For GPUs:  torchrun --standalone --nproc_per_node=4 train.py config/base.py
+import torch
+
+out_dir = 'out/base'
+dataset = 'pretrain'
+
+n_layer = 6
+n_head = 12
+n_embd = 768
+block_size = 512
+dropout = 0.0
+
+# 16 sequences x 512 tokens x 8 micro-steps = 65,536 tokens per iteration, however many GPUs share them
+batch_size = 16
+gradient_accumulation_steps = 8
+
+# AdamW (0.9, 0.95), weight decay 0.1, clip 0.5; warm-up 2,000 steps then cosine 1e-4 -> 5e-6
+learning_rate = 1e-4
+min_lr = 5e-6
+beta1 = 0.9
+beta2 = 0.95
+weight_decay = 0.1
+grad_clip = 0.5
+warmup_iters = 2000
+max_iters = 20000
+lr_decay_iters = 20000  # = max_iters: the cosine ends where training ends
+
+eval_interval = 500
+eval_iters = 100
+log_interval = 10
+
+# the paper trained in float16 mixed precision (train.py adds the gradient scaler); a CPU has no fast fp16
+dtype = 'float16' if torch.cuda.is_available() else 'float32'
