@@ -1,0 +1,1 @@
+"""Data preparation for CMed-GPT: raw medical corpora -> tokenizer -> tags -> memmapped bins."""

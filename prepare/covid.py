@@ -1,0 +1,144 @@
+"""COVID-DDC (covid_dialog_zh/): the raw dump for pretraining, the official 870/109/109 split for fine-tuning.
+
+    python prepare/covid.py [--src DIR]    ->  data/covid/ (needs data/pretrain/tokenizer.model)
+
+Examples: one per doctor turn of each split dialogue (source = the dialogue so far, target = the doctor's
+utterance); no labels. The raw dump's consultations that are validation/test dialogues are removed from the
+pretraining text (pretraining_consultations), so test perplexity is measured on unseen dialogues.
+"""
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python prepare/covid.py`
+
+from prepare.dataset import arg_parser, build_example_set, clean, dialogue_text, run
+from prepare.sources import DataError, Skipped, read_text, source_file
+
+RAW = 'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt'
+SPLIT_FILES = {'train': 'covid_dialog_zh/train_data.json', 'val': 'covid_dialog_zh/validate_data.json',
+               'test': 'covid_dialog_zh/test_data.json'}
+SPEAKERS = {'病人': 'patient', '医生': 'doctor'}
+# section headers of a raw consultation; the description is the patient's opening turn, the diagnosis a
+# closing doctor turn; the doctor's faculty (hospital and department) is metadata and left out
+SECTION_SPEAKER = {'Description': 'patient', 'Dialogue': None, 'Diagnosis and suggestions': 'doctor',
+                   'Doctor faculty': None}
+
+
+def read_raw(path, skipped):
+    """Consultations of the raw dump: [dict(line, turns=[(speaker, text)], description, dialogue)], the last two
+    being the letters of the description and of the dialogue alone (to match the split files against)."""
+    consultations = []
+    for line_no, block in _blocks(read_text(path).split('\n')):
+        turns = _block_turns(block)
+        if not re.fullmatch(r'id=\d+', block[0].strip()):
+            skipped.add(path, line_no, 'consultation does not start with "id=N"')
+        elif not turns:
+            skipped.add(path, line_no, 'consultation without any text')
+        else:
+            consultations.append({'line': line_no, 'turns': [(speaker, text) for speaker, text, _ in turns],
+                                  'description': _content(text for _, text, section in turns if section == 'Description'),
+                                  'dialogue': _content(text for _, text, section in turns if section == 'Dialogue')})
+    return consultations
+
+
+def _blocks(lines):
+    """(first line number, lines) of each block starting at an 'id=' line; text before the first one too."""
+    starts = [i for i, line in enumerate(lines) if line.startswith('id=')]
+    for start, end in zip([0] + starts, starts + [len(lines)]):
+        if any(line.strip() for line in lines[start:end]):
+            yield start + 1, lines[start:end]
+
+
+def _block_turns(block):
+    """[(speaker, text, section)] in file order."""
+    turns, section = [], None  # turns: [speaker, [lines], section]
+    for line in (line.strip() for line in block[1:]):
+        if line in SECTION_SPEAKER:
+            section = line
+            if SECTION_SPEAKER[section]:
+                turns.append([SECTION_SPEAKER[section], [], section])
+        elif section == 'Dialogue' and line[:-1] in SPEAKERS and line[-1:] in '：:':
+            turns.append([SPEAKERS[line[:-1]], [], section])
+        elif line and section not in (None, 'Doctor faculty'):
+            if not turns:  # dialogue text before any speaker line: consultations open with the patient
+                turns.append(['patient', [], section])
+            turns[-1][1].append(line)
+    turns = [(speaker, clean('\n'.join(lines)), section) for speaker, lines, section in turns]
+    return [turn for turn in turns if turn[1]]
+
+
+def _content(texts):
+    """Letters, digits and CJK only: the split files merge and re-punctuate the raw utterances."""
+    return re.sub(r'\W', '', ''.join(texts))
+
+
+def read_split(path, skipped):
+    """Dialogues of an official split file: [[(speaker, text)]]; utterances are prefixed '病人：' / '医生：'."""
+    try:
+        dialogues = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from e
+    out = []
+    for n, dialogue in enumerate(dialogues, start=1):
+        turns = _split_turns(dialogue)
+        if turns is None:
+            skipped.add(path, f'record {n}', 'not a list of "病人：…" / "医生：…" utterances')
+        else:
+            out.append(turns)
+    return out
+
+
+def _split_turns(dialogue):
+    if not isinstance(dialogue, list) or not dialogue:
+        return None
+    turns = []
+    for utterance in dialogue:
+        if not isinstance(utterance, str) or utterance[:2] not in SPEAKERS or utterance[2:3] not in '：:':
+            return None
+        if clean(utterance[3:]):
+            turns.append((SPEAKERS[utterance[:2]], clean(utterance[3:])))
+    return turns if any(speaker == 'doctor' for speaker, _ in turns) else None
+
+
+def pretraining_consultations(src, skipped):
+    """Raw consultations minus exact duplicates and minus those holding a validation/test dialogue.
+    Returns (dialogues [[(speaker, text)]], report dict, source paths)."""
+    raw_path = source_file(RAW, src)
+    held_out_paths = [source_file(SPLIT_FILES[split], src) for split in ('val', 'test')]
+    # a split dialogue opens with the patient's description (a field of the raw description, sometimes cut or
+    # re-worded: match its first 10 letters), then the dialogue, merged and re-punctuated. Both parts must
+    # match, since doctors' template replies ('可以') recur across consultations.
+    held_out = [(_content(turns[0][1])[:10], _content(text for _, text in turns[1:]))
+                for p in held_out_paths for turns in read_split(p, skipped)]
+    kept, seen, duplicates, removed = [], set(), 0, 0
+    for consultation in read_raw(raw_path, skipped):
+        text = dialogue_text(consultation['turns'])
+        if text in seen:
+            duplicates += 1
+        elif any(description in consultation['description'] and dialogue in consultation['dialogue']
+                 for description, dialogue in held_out):
+            removed += 1
+        else:
+            kept.append(consultation['turns'])
+        seen.add(text)
+    report = {'consultations_kept': len(kept), 'duplicates_removed': duplicates, 'val_test_removed': removed}
+    print(f'COVID raw: kept {len(kept)} consultations, removed {duplicates} duplicates and {removed} '
+          f'holding one of the {len(held_out)} validation/test dialogues')
+    return kept, report, [raw_path] + held_out_paths
+
+
+def main():
+    started = time.time()
+    args = arg_parser(__doc__, 'covid').parse_args()
+    skipped = Skipped()
+    paths = {split: source_file(rel, args.src) for split, rel in SPLIT_FILES.items()}
+    splits = {split: [{'turns': turns, 'entities': (), 'label': -1} for turns in read_split(path, skipped)]
+              for split, path in paths.items()}
+    build_example_set(args, splits, [], skipped, list(paths.values()), started)
+
+
+if __name__ == '__main__':
+    run(main)

@@ -1,0 +1,166 @@
+"""Shared by the per-source scripts: cleaning, splits, example cutting and writing a data/<name>/ folder.
+
+On disk (see INTERFACES.md): {split}.bin uint16 ids; {split}.lex.bin, {split}.ent.bin uint8 tags of the same
+length; for example sets also {split}.mask.bin uint8 (1 on target tokens), {split}.offsets.npy int64 (N+1,)
+and {split}.labels.npy int64 (N,); tokenizer.model; meta.json. A folder is built under a temporary name and
+renamed into place at the end, so a failed build leaves the previous folder (or none), never half of one.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from prepare.lexicon import lexicon_dir, lexicon_files
+from prepare.sources import DataError, sha256
+from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
+from prepare.tokenizer import Tokenizer, normalize
+
+# tags such as <br>, <p class=...>, </div>; our own speaker pieces are added after cleaning
+_HTML_TAG = re.compile(r'</?[a-zA-Z][^<>]*>')
+
+
+def clean(text):
+    """One field of a record: no HTML tags, normalised characters, no blank or padded lines."""
+    text = normalize(_HTML_TAG.sub('', text))
+    return '\n'.join(line.strip() for line in text.split('\n') if line.strip())
+
+
+def dialogue_text(turns):
+    """[(speaker, text)] -> '<patient>...<doctor>...' (speaker is 'patient' or 'doctor')."""
+    return ''.join(f'<{speaker}>{text}' for speaker, text in turns)
+
+
+def stratified_split(labels, fractions, seed):
+    """{split: sorted indices}. Within each label, a seeded shuffle; then round(n * fraction) indices go to each
+    split named in fractions (e.g. {'val': 0.1, 'test': 0.1}) and the rest to 'train'."""
+    rng = np.random.default_rng(seed)
+    splits = {'train': [], **{name: [] for name in fractions}}
+    for label in sorted(set(labels)):
+        members = rng.permutation([i for i, x in enumerate(labels) if x == label]).tolist()
+        for name, fraction in fractions.items():
+            count = int(round(len(members) * fraction))
+            splits[name] += members[:count]
+            members = members[count:]
+        splits['train'] += members
+    return {name: sorted(idx) for name, idx in splits.items()}
+
+
+def cut_examples(ids, lexical, entity, tok, label=-1):
+    """One example per doctor turn of a tagged dialogue: source = everything up to and including that <doctor>,
+    target = its utterance + <eot>. Returns [(ids, lexical, entity, mask, label)], label on the first only."""
+    speakers = np.flatnonzero((ids == tok.patient_id) | (ids == tok.doctor_id))
+    examples = []
+    for start, end in zip(speakers, list(speakers[1:]) + [len(ids)]):
+        if ids[start] != tok.doctor_id:
+            continue
+        mask = np.zeros(end + 1, dtype=np.uint8)
+        mask[start + 1:] = 1
+        examples.append((np.append(ids[:end], tok.eot_id), np.append(lexical[:end], 0), np.append(entity[:end], 0),
+                         mask, label if not examples else -1))
+    return examples
+
+
+@contextlib.contextmanager
+def atomic_dir(final):
+    """Yield a fresh temporary folder; on success it replaces `final`, on failure it is removed."""
+    tmp, old = final + '.tmp', final + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_tokens(folder, split, ids, lexical, entity):
+    assert ids.max(initial=0) < 65536
+    ids.astype(np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
+    lexical.astype(np.uint8).tofile(os.path.join(folder, f'{split}.lex.bin'))
+    entity.astype(np.uint8).tofile(os.path.join(folder, f'{split}.ent.bin'))
+
+
+def write_examples(folder, split, examples):
+    """Concatenate [(ids, lexical, entity, mask, label)] into the split's files."""
+    ids, lexical, entity, mask, labels = zip(*examples)
+    write_tokens(folder, split, np.concatenate(ids), np.concatenate(lexical), np.concatenate(entity))
+    np.concatenate(mask).astype(np.uint8).tofile(os.path.join(folder, f'{split}.mask.bin'))
+    np.save(os.path.join(folder, f'{split}.offsets.npy'), np.cumsum([0] + [len(x) for x in ids], dtype=np.int64))
+    np.save(os.path.join(folder, f'{split}.labels.npy'), np.array(labels, dtype=np.int64))
+
+
+def split_counts(tok, ids, lexical, entity, records, texts):
+    """Counts for meta.json: tokens, characters (of the decoded text, specials excluded), tag distributions."""
+    return {'tokens': len(ids), 'chars': int(tok.char_counts()[ids].sum()), 'records': records,
+            'input_chars': sum(len(t) for t in texts),
+            'entity_tokens': int((entity > 0).sum()),
+            'lexical_tokens': {name: int((lexical == i).sum()) for name, i in LEXICAL_MAP.items()}}
+
+
+def write_meta(folder, tok, entity_types, splits, skipped, source_paths, timings, **extra):
+    meta = {'vocab_size': tok.vocab_size,
+            'special_ids': {'patient': tok.patient_id, 'doctor': tok.doctor_id, 'sep': tok.sep_id, 'eot': tok.eot_id},
+            'tokenizer': {'kind': tok.kind, 'vocab_size': tok.vocab_size, 'file': 'tokenizer.model'},
+            'lexical_map': LEXICAL_MAP, 'entity_map': entity_map(entity_types), 'splits': splits,
+            'skipped': skipped.to_json(), 'sources': {p: sha256(p) for p in source_paths},
+            'timings_s': {k: round(v, 2) for k, v in timings.items()}, **extra}
+    with open(os.path.join(folder, 'meta.json'), 'w', encoding='utf-8') as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+
+
+def arg_parser(description, name, example_set=True):
+    parser = argparse.ArgumentParser(description=description)
+    if example_set:
+        parser.add_argument('--tokenizer_model', default=os.path.join('data', 'pretrain', 'tokenizer.model'),
+                            help='the pretraining tokenizer, copied into the output folder')
+    parser.add_argument('--src', help='source data folder (default: $CMED_DATA, else download into data/raw/)')
+    parser.add_argument('--out', default=os.path.join('data', name), help='output folder')
+    parser.add_argument('--workers', type=int, default=2, help='processes for jieba tagging')
+    parser.add_argument('--entity_types', action='store_true', help='entity ids by type instead of 0/1')
+    return parser
+
+
+def build_example_set(args, splits, label_names, skipped, source_paths, started):
+    """Tag the dialogue records of each split with the pretraining tokenizer and write data/<name>/.
+    splits: {split: [record]}, record = dict(turns=[(speaker, text)], entities=[...], label=int)."""
+    if not os.path.exists(args.tokenizer_model):
+        raise DataError(f'{args.tokenizer_model} not found: run `python prepare/pretrain.py` first')
+    lexicon = lexicon_dir(args.src)
+    tok = Tokenizer.load(args.tokenizer_model)
+    timings = {'read': time.time() - started}
+    with atomic_dir(args.out) as folder:
+        shutil.copyfile(args.tokenizer_model, os.path.join(folder, 'tokenizer.model'))
+        counts = {}
+        for split, records in splits.items():
+            texts = [dialogue_text(r['turns']) for r in records]
+            tagged = tag_texts(list(zip(texts, [r['entities'] for r in records])), args.tokenizer_model, lexicon,
+                               args.entity_types, args.workers)
+            examples = [ex for r, t in zip(records, tagged) for ex in cut_examples(*t, tok, r['label'])]
+            write_examples(folder, split, examples)
+            ids, lexical, entity = (np.concatenate([ex[k] for ex in examples]) for k in range(3))
+            counts[split] = {**split_counts(tok, ids, lexical, entity, len(records), texts),
+                             'examples': len(examples), 'target_tokens': int(sum(ex[3].sum() for ex in examples))}
+            print(f'{split}: {len(records):,} records, {len(examples):,} examples, {len(ids):,} tokens')
+        timings['total'] = time.time() - started
+        write_meta(folder, tok, args.entity_types, counts, skipped, source_paths + lexicon_files(lexicon), timings,
+                   label_names=label_names)
+    skipped.report()
+    print(f'wrote {args.out} in {timings["total"]:.1f}s')
+
+
+def run(main):
+    """Run a script's main: bad input ends it with the message (file and line), not a traceback."""
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f'error: {e}')

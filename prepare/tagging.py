@@ -1,0 +1,132 @@
+"""Per-token tags aligned to the tokenizer's ids: a lexical class and an entity id.
+
+Lexical class, from jieba's part-of-speech tag (ICTCLAS tag set) by its first letter; a token takes the class
+of the jieba word holding the token's first character:
+    n...  noun       n, nr (person), ns (place), nt (organisation), nz (other proper noun), ng, nrt, nrfg
+    v...  verb       v, vd, vg, vi, vn (verbal noun: jieba tags 检查 vn), vq
+    a...  adjective  a, ad, ag, an
+    else  other (0)  m numeral, q, r pronoun, d adverb, p, c, u particle, x punctuation, eng, t, f, s, ...
+Lexicon terms unknown to jieba are added to it as nouns, so segmentation and entities agree.
+
+Entity id, per character then taken at each token's first character: longest match (forward maximum
+matching) against the medical lexicon, overridden by the record's own annotation (DXY symptom slots, as
+symptoms). 0/1 by default (the paper's one-hot positions); with entity_types, the type id (ENTITY_TYPES).
+Special pieces (speakers, separator, end of text) always get 0 for both.
+"""
+import functools
+import logging
+import multiprocessing
+
+import jieba
+import jieba.posseg
+import numpy as np
+from tqdm import tqdm
+
+from prepare.lexicon import ENTITY_TYPES, read_lexicon
+from prepare.tokenizer import Tokenizer, normalize
+
+LEXICAL_MAP = {'other': 0, 'noun': 1, 'verb': 2, 'adjective': 3}
+_LEXICAL_OF_LETTER = {'n': 1, 'v': 2, 'a': 3}
+SYMPTOM = 1 + ENTITY_TYPES.index('symptom')
+
+
+def entity_map(entity_types=False):
+    names = ENTITY_TYPES if entity_types else ['entity']
+    return {'none': 0, **{name: i for i, name in enumerate(names, start=1)}}
+
+
+class Tagger:
+
+    def __init__(self, lexicon_dir, entity_types=False):
+        self.entity_types = entity_types
+        self.terms = read_lexicon(lexicon_dir)  # term -> type id
+        # every proper prefix of a term: the longest-match scan stops as soon as it leaves this set
+        self.prefixes = {term[:k] for term in self.terms for k in range(1, len(term))}
+        jieba.setLogLevel(logging.WARNING)
+        words = jieba.Tokenizer()  # a private jieba, so the user words never leak into the global one
+        words.initialize()
+        for term in self.terms:
+            if term not in words.FREQ:
+                words.add_word(term, tag='n')
+        self.pos = jieba.posseg.POSTokenizer(words)
+
+    def encode(self, tok, text, extra_entities=()):
+        """ids, lexical, entity: (N,) int64 arrays for `text` (normalised by the tokenizer first)."""
+        text, ids, begins = tok.encode_offsets(text)
+        special = np.isin(ids, tok.special_ids)
+        lexical = np.where(special, 0, self.lexical_per_char(text)[begins])
+        entity = np.where(special, 0, self.entity_per_char(text, extra_entities)[begins])
+        return ids, lexical.astype(np.int64), entity.astype(np.int64)
+
+    def lexical_per_char(self, text):
+        words = self.pos.lcut(text)
+        classes = np.array([_LEXICAL_OF_LETTER.get(w.flag[:1], 0) for w in words], dtype=np.uint8)
+        lexical = np.repeat(classes, [len(w.word) for w in words])
+        assert len(lexical) == len(text), 'jieba lost characters'
+        return lexical
+
+    def entity_per_char(self, text, extra_entities=()):
+        entity = np.zeros(len(text), dtype=np.uint8)
+        i = 0
+        while i < len(text):
+            length = self._longest_term(text, i)
+            if length:
+                entity[i:i + length] = self.terms[text[i:i + length]] if self.entity_types else 1
+            i += max(length, 1)
+        for term in filter(None, map(normalize, extra_entities)):
+            start = text.find(term)
+            while start >= 0:
+                entity[start:start + len(term)] = SYMPTOM if self.entity_types else 1
+                start = text.find(term, start + len(term))
+        return entity
+
+    def _longest_term(self, text, i):
+        longest, j = 0, i + 1
+        while j <= len(text):
+            piece = text[i:j]
+            if piece in self.terms:
+                longest = j - i
+            if piece not in self.prefixes:
+                break
+            j += 1
+        return longest
+
+
+@functools.lru_cache(maxsize=2)
+def _tools(tokenizer_path, lexicon_dir, entity_types):
+    return Tokenizer.load(tokenizer_path), Tagger(lexicon_dir, entity_types)
+
+
+_worker_args = None
+
+
+def _init_worker(*args):
+    global _worker_args
+    _worker_args = args
+    _tools(*args)  # jieba's start-up (a few seconds) once per worker, not once per text
+
+
+def _tag_one(job):
+    tok, tagger = _tools(*_worker_args)
+    text, extra_entities = job
+    return tagger.encode(tok, text, extra_entities)
+
+
+def tag_texts(jobs, tokenizer_path, lexicon_dir, entity_types=False, workers=2):
+    """[(ids, lexical, entity)] for jobs [(text, extra_entities)], in input order, on `workers` processes."""
+    args = (tokenizer_path, lexicon_dir, entity_types)
+    if workers <= 1:
+        _init_worker(*args)
+        return _collect(map(_tag_one, jobs), jobs)
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+        # imap yields in input order whatever order the workers finish in
+        return _collect(pool.imap(_tag_one, jobs, chunksize=4), jobs)
+
+
+def _collect(results, jobs):
+    out = []
+    with tqdm(total=sum(len(text) for text, _ in jobs), unit='char', unit_scale=True, desc='tag') as bar:
+        for result, (text, _) in zip(results, jobs):
+            out.append(result)
+            bar.update(len(text))
+    return out
