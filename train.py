@@ -298,12 +298,11 @@ def checkpoint_of(run, iter_num, best_val_loss):
 
 
 def evaluate_and_save(run, iter_num, best_val_loss):
-    """Evaluate, log, write ckpt.pt / best.pt (rank 0); returns the new best val loss."""
+    """Evaluate, log, write ckpt.pt / best.pt (rank 0); returns the metrics and the new best val loss."""
     metrics = evaluate(run)
-    bpc = 'n/a' if metrics['val_bpc'] is None else f"{metrics['val_bpc']:.4f}"
     log(run, {'iter': iter_num, **metrics},
         f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-        f"val ppl {metrics['val_ppl']:.2f}, val bits/char {bpc}")
+        f"val ppl {metrics['val_ppl']:.2f}, val bits/char {bpc_text(metrics)}")
     val_loss = metrics['val_loss']
     if not math.isfinite(val_loss):
         raise SystemExit(f"stopping: non-finite val loss at iter {iter_num}; no checkpoint written.")
@@ -315,7 +314,11 @@ def evaluate_and_save(run, iter_num, best_val_loss):
             save_checkpoint(checkpoint, os.path.join(run.cfg.out_dir, 'ckpt.pt'))
         if improved:
             save_checkpoint(checkpoint, os.path.join(run.cfg.out_dir, 'best.pt'))
-    return best_val_loss
+    return metrics, best_val_loss
+
+
+def bpc_text(metrics):
+    return 'n/a (no tokenizer.model)' if metrics['val_bpc'] is None else f"{metrics['val_bpc']:.4f}"
 
 
 def log_progress(run, iter_num, loss, skipped, dt, seconds_per_iter):
@@ -395,8 +398,8 @@ def main(argv=None):
     iter_num, best_val_loss = run.start_iter, run.best_val_loss
     loop_start = time.time()
     while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            best_val_loss = evaluate_and_save(run, iter_num, best_val_loss)
+        if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
+            metrics, best_val_loss = evaluate_and_save(run, iter_num, best_val_loss)
         if iter_num >= cfg.max_iters:
             break
         step_start = time.time()
@@ -410,6 +413,9 @@ def main(argv=None):
         log(run, {'iter': iter_num, 'param_checksums': checksums},
             f"ranks in step: {len(set(checksums)) == 1} (weight checksums {checksums})")
         dist.destroy_process_group()
+    if run.rank == 0:
+        print(f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
+              f"val bits/char {bpc_text(metrics)}; checkpoints in {cfg.out_dir}/ (best val loss {best_val_loss:.4f})")
 
 
 if __name__ == '__main__':
