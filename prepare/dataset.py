@@ -43,11 +43,12 @@ def stratified_split(labels, fractions, seed):
     splits = {'train': [], **{name: [] for name in fractions}}
     for label in sorted(set(labels)):
         members = rng.permutation([i for i, x in enumerate(labels) if x == label]).tolist()
+        start = 0
         for name, fraction in fractions.items():
             count = int(round(len(members) * fraction))
-            splits[name] += members[:count]
-            members = members[count:]
-        splits['train'] += members
+            splits[name] += members[start:start + count]
+            start += count
+        splits['train'] += members[start:]
     return {name: sorted(idx) for name, idx in splits.items()}
 
 
