@@ -135,8 +135,9 @@ def peak_flops_of(device, dtype):
 
 
 def measure_matmul_flops(device, dtype, seconds=0.2):
-    """FLOP/s of a square matmul in a short loop: a practical peak for CPUs that have no datasheet."""
-    a = torch.randn(512, 512, device=device, dtype=dtype)
+    """FLOP/s of a square matmul in a short loop: a practical peak for devices without a datasheet."""
+    n = 4096 if device.startswith('cuda') else 512  # big enough to keep the device busy, quick on a CPU
+    a = torch.randn(n, n, device=device, dtype=dtype)
     a @ a  # warm-up: the first call allocates
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -144,7 +145,7 @@ def measure_matmul_flops(device, dtype, seconds=0.2):
         count += 1
         if device.startswith('cuda'):
             torch.cuda.synchronize()
-    return 2 * 512 ** 3 * count / (time.perf_counter() - start)
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- data
@@ -221,8 +222,8 @@ def train_step(run, iter_num):
         batch = run.windows.batch('train', rng)
         is_last = micro_step == run.accum_steps - 1
         # DDP averages gradients over ranks on every backward; only the last micro-step needs it
-        sync = run.train_model.no_sync() if run.world_size > 1 and not is_last else contextlib.nullcontext()
-        with sync:
+        skip_sync = run.world_size > 1 and not is_last
+        with run.train_model.no_sync() if skip_sync else contextlib.nullcontext():
             with run.autocast:
                 _, loss = run.train_model(**batch)
             run.scaler.scale(loss / run.accum_steps).backward()
@@ -415,7 +416,8 @@ def main(argv=None):
         dist.destroy_process_group()
     if run.rank == 0:
         print(f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
-              f"val bits/char {bpc_text(metrics)}; checkpoints in {cfg.out_dir}/ (best val loss {best_val_loss:.4f})")
+              f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; "
+              f"checkpoints in {cfg.out_dir}/")
 
 
 if __name__ == '__main__':
