@@ -12,6 +12,7 @@ cannot run code. train.py writes these keys:
     iter_num       the iteration the run continues from
     best_val_loss  the best validation loss so far
 """
+import hashlib
 import os
 
 import torch
@@ -46,7 +47,60 @@ def load_checkpoint(path, device='cpu', required_keys=MODEL_KEYS):
                          f"({type(error).__name__}: {reason})") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
-    missing = [key for key in required_keys if key not in checkpoint]
+    require_keys(checkpoint, required_keys, path)
+    return checkpoint
+
+
+def require_keys(checkpoint, keys, path):
+    missing = [key for key in keys if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not a complete checkpoint: missing {', '.join(missing)}")
-    return checkpoint
+
+
+# ----------------------------------------------------------------------------- p-tuning files
+
+def fingerprint(state_dict):
+    """SHA-256 of a model's weights (names, dtypes, shapes, bytes): names the base a prompt was tuned on,
+    whichever file those weights were saved in."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapted(path, model, model_args, config, base_path, base_state):
+    """A p-tuned result: only the tensors that trained, and the fingerprint of the base they belong to."""
+    trained = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(dict(trained=trained, model_args=model_args, config=config, base_checkpoint=base_path,
+                         base_fingerprint=fingerprint(base_state)), path)
+
+
+def load_model(path, device='cpu', base_path=None):
+    """The model in a checkpoint or p-tuning file, or in a run directory (prompt.pt, else best.pt, else
+    ckpt.pt). A p-tuning file loads its base (the path it recorded, or base_path) and refuses any other.
+    Returns (model, the file's checkpoint dict)."""
+    from model import GPT, GPTConfig  # here, not at the top: train.py's DDP tests import this file alone
+    if os.path.isdir(path):
+        names = [n for n in ('prompt.pt', 'best.pt', 'ckpt.pt') if os.path.isfile(os.path.join(path, n))]
+        if not names:
+            raise FileNotFoundError(f"no prompt.pt, best.pt or ckpt.pt in {path}: train or fine-tune into it first")
+        path = os.path.join(path, names[0])
+    checkpoint = load_checkpoint(path, device, required_keys=())
+    if 'trained' not in checkpoint:  # a whole model
+        require_keys(checkpoint, MODEL_KEYS, path)
+        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model.load_state_dict(checkpoint['model'])
+        return model.to(device), checkpoint
+    adapted = checkpoint
+    require_keys(adapted, ('model_args', 'base_checkpoint', 'base_fingerprint'), path)
+    base = load_checkpoint(base_path or adapted['base_checkpoint'], device)
+    if fingerprint(base['model']) != adapted['base_fingerprint']:
+        raise ValueError(f"{path} was p-tuned on a different base model than {base_path or adapted['base_checkpoint']} "
+                         f"(weights fingerprint differs): load it with the base it was tuned on")
+    model = GPT(GPTConfig(**adapted['model_args']))
+    missing, unexpected = model.load_state_dict({**base['model'], **adapted['trained']}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} and its base do not make a whole model: missing {missing}, unexpected {unexpected}")
+    return model.to(device), adapted

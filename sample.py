@@ -1,0 +1,137 @@
+"""
+Generate text with a trained model: a pretraining run, a fine-tuned run or a p-tuned one (whose
+prompt.pt loads its base checkpoint by itself).
+
+    python sample.py --prompt "发烧三天了怎么办"                   # continue a text
+    python sample.py --dialogue --prompt "孩子发烧三天，咳嗽"        # the doctor's reply to a patient
+    python sample.py --out_dir=out-ptune --dialogue --interactive  # a consultation: patient turns from stdin
+"""
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from checkpoint import load_model
+from configurator import configure
+from train import autocast_context, resolve_device_and_dtype
+
+DEFAULTS = dict(
+    out_dir='out',          # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
+    checkpoint='',          # ... or this checkpoint / p-tuning file
+    base='',                # a p-tuning file's base checkpoint ('' = the path the file recorded)
+    data_dir='',            # where tokenizer.model is ('' = data/<dataset the run trained on>)
+    prompt='发烧三天了，还有点咳嗽，需要去医院吗？',
+    dialogue=False,         # the prompt is a patient's turn: generate the doctor's reply
+    interactive=False,      # with --dialogue: read further patient turns from stdin, keeping the history
+    num_samples=1,
+    max_new_tokens=200,
+    temperature=0.8,        # 0 = greedy
+    top_k=50,               # 0 = off
+    top_p=0.95,             # 1.0 = off
+    seed=1337,
+    device='auto',
+    stream=True,            # print each sample as it is generated
+)
+
+
+def load_tools(run, cfg):
+    """Tokenizer, and the tagger when the model reads tags (the same one prepare/ tagged the training data with)."""
+    from prepare.tokenizer import Tokenizer
+    from prepare.tagging import Tagger
+    from prepare.lexicon import lexicon_dir
+    config = run.get('config', {})
+    data_dir = cfg.data_dir or os.path.join('data', config.get('dataset', 'pretrain'))
+    tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
+    if not os.path.isfile(tokenizer_path):
+        raise SystemExit(f"no tokenizer at {tokenizer_path}: give --data_dir (a folder that prepare/ built)")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    needs_tags = run['model_args'].get('n_lexical') or run['model_args'].get('n_entity')
+    return tokenizer, Tagger(lexicon_dir()) if needs_tags else None
+
+
+def encode_context(text, tokenizer, tagger, model):
+    """Token ids and (when the model has the tables) lexical and entity ids, as (1, T) tensors."""
+    if tagger is None:
+        ids, lexical, entity = tokenizer.encode(text), None, None
+    else:
+        ids, lexical, entity = tagger.encode(tokenizer, text)
+    as_row = lambda xs: None if xs is None else torch.tensor([list(xs)], dtype=torch.long)
+    cfg = model.config
+    return as_row(ids), as_row(lexical) if cfg.n_lexical else None, as_row(entity) if cfg.n_entity else None
+
+
+def crop_to_context(idx, lexical, entity, room, max_new_tokens):
+    """Keep the newest tokens when the prompt would leave no room to generate (with a warning)."""
+    keep = max(room - max_new_tokens, room // 2)
+    if idx.size(1) <= keep:
+        return idx, lexical, entity
+    print(f"warning: the prompt has {idx.size(1)} tokens; keeping its last {keep} "
+          f"(context {room} tokens, {max_new_tokens} to generate)", file=sys.stderr)
+    crop = lambda x: None if x is None else x[:, -keep:]
+    return crop(idx), crop(lexical), crop(entity)
+
+
+def generate_reply(model, context, tools, cfg, run, generator):
+    """Generate num_samples continuations of context; returns their texts."""
+    tokenizer, tagger = tools
+    eot = tokenizer.eot_id
+    idx, lexical, entity = encode_context(context, tokenizer, tagger, model)
+    room = model.config.block_size - model.config.n_prompt
+    idx, lexical, entity = crop_to_context(idx, lexical, entity, room, cfg.max_new_tokens)
+    prompt_pos = None
+    if model.config.n_prompt and run.get('config', {}).get('prompt_position') == 'infix':
+        prompt_pos = torch.tensor([idx.size(1)])  # between the source and what is generated
+    device = next(model.parameters()).device
+    to = lambda x: None if x is None else x.to(device)
+    texts = []
+    for _ in range(cfg.num_samples):
+        with run['autocast']:
+            out = model.generate(to(idx), cfg.max_new_tokens, temperature=cfg.temperature,
+                                 top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
+                                 lexical=to(lexical), entity=to(entity), prompt_pos=to(prompt_pos),
+                                 eos_id=eot, generator=generator)
+        new = [t for t in out[0, idx.size(1):].tolist() if t != eot]
+        texts.append(tokenizer.decode(new))
+        if cfg.stream:
+            print(texts[-1] if cfg.dialogue else context + texts[-1], flush=True)
+            print('-' * 40, flush=True)
+    return texts
+
+
+def dialogue_turns(cfg):
+    """The patient's turns: the prompt, then (interactive) each non-empty line from stdin."""
+    yield cfg.prompt
+    if cfg.interactive:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+
+
+def main(argv=None):
+    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
+    device, dtype = resolve_device_and_dtype(cfg.device, 'auto')
+    try:
+        model, run = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error))
+    model.eval()
+    run['autocast'] = autocast_context('cuda' if device.startswith('cuda') else 'cpu', dtype)
+    tools = load_tools(run, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if not cfg.dialogue:
+        return generate_reply(model, cfg.prompt, tools, cfg, run, generator)
+    tokenizer = tools[0]
+    history, replies = '', []
+    for turn in dialogue_turns(cfg):
+        history += f"<patient>{turn}<doctor>"
+        if cfg.stream:
+            print(f"病人：{turn}\n医生：", end='', flush=True)
+        reply = generate_reply(model, history, tools, cfg, run, generator)[0]
+        history += reply
+        replies.append(reply)
+    return replies
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,279 @@
+"""Tests of finetune.py and sample.py on a small example set written here (hand-made dialogues,
+tagged by prepare's tagger with the real medical lexicon) and a tiny base checkpoint."""
+
+import io
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import sample
+from checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
+from model import GPT, GPTConfig
+from prepare.dataset import cut_examples, write_examples
+from prepare.lexicon import lexicon_dir
+from prepare.tagging import LEXICAL_MAP, Tagger, entity_map
+from prepare.tokenizer import normalize, train_char
+
+SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
+DIALOGUES = [
+    ([('patient', '孩子发烧三天了，咳嗽有痰。'), ('doctor', '体温多少度？有没有气喘？'),
+      ('patient', '三十八度五，没有气喘。'), ('doctor', '可能是上呼吸道感染，多喝水，观察体温。')], 0),
+    ([('patient', '最近总是头痛，晚上睡不好。'), ('doctor', '头痛多久了？血压高吗？'),
+      ('patient', '两周了，血压正常。'), ('doctor', '建议做头颅检查，注意休息。')], 1),
+    ([('patient', '腹泻两天，一天五六次。'), ('doctor', '有没有发烧？大便什么样？'),
+      ('patient', '不发烧，稀水样。'), ('doctor', '注意补液，可以吃蒙脱石散。')], 2),
+    ([('patient', '皮肤起了很多红疹，很痒。'), ('doctor', '吃过什么特别的东西吗？'),
+      ('patient', '昨天吃了海鲜。'), ('doctor', '可能是过敏，可以吃氯雷他定。')], 0),
+]
+LABELS = ['呼吸科', '神经科', '消化科']
+
+
+def dialogue(turns):
+    return ''.join(f'<{speaker}>{text}' for speaker, text in turns) + '<eot>'
+
+
+@pytest.fixture(scope='module')
+def tools(tmp_path_factory):
+    os.environ.setdefault('CMED_DATA', os.path.abspath(SHARED))
+    folder = tmp_path_factory.mktemp('tok')
+    texts = [text for turns, _ in DIALOGUES for _, text in turns] + [f'这属于{n}。' for n in LABELS]
+    tok = train_char(texts, str(folder / 'tokenizer.model'), vocab_size=400)
+    tok.file = folder / 'tokenizer.model'
+    return tok, Tagger(lexicon_dir())
+
+
+@pytest.fixture(scope='module')
+def data_dir(tools, tmp_path_factory):
+    """An example set in prepare's format: every dialogue in every split (small, but real bytes)."""
+    tok, tagger = tools
+    folder = tmp_path_factory.mktemp('data')
+    for split in ('train', 'val', 'test'):
+        examples = []
+        for turns, label in DIALOGUES:
+            ids, lexical, entity = tagger.encode(tok, dialogue(turns)[:-len('<eot>')])
+            examples += cut_examples(ids, lexical, entity, tok, label)
+        write_examples(str(folder), split, examples)
+    shutil.copy(tok.file, folder / 'tokenizer.model')
+    meta = dict(vocab_size=tok.vocab_size, special_ids=dict(patient=tok.patient_id, doctor=tok.doctor_id,
+                sep=tok.sep_id, eot=tok.eot_id), lexical_map=LEXICAL_MAP, entity_map=entity_map(),
+                label_names=LABELS)
+    (folder / 'meta.json').write_text(json.dumps(meta, ensure_ascii=False), encoding='utf-8')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def base_path(tools, data_dir, tmp_path_factory):
+    tok, _ = tools
+    torch.manual_seed(0)
+    model_args = dict(block_size=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
+                      dropout=0.0, bias=False, n_lexical=0, n_entity=0)
+    path = tmp_path_factory.mktemp('base') / 'best.pt'
+    save_checkpoint(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                         config=dict(dataset=str(data_dir))), str(path))
+    return path
+
+
+def config(**overrides):
+    return SimpleNamespace(**dict(finetune.DEFAULTS, **overrides))
+
+
+def finetune_args(base_path, data_dir, out_dir, *extra):
+    return [f'--init_from={base_path.parent}', f'--dataset={data_dir}', f'--out_dir={out_dir}', '--max_iters=4',
+            '--batch_size=2', '--eval_interval=2', '--warmup_iters=1', '--seed=1', *extra]
+
+
+# ----- building inputs -------------------------------------------------------------------------------
+
+def test_loss_mask_covers_exactly_the_reply(tools, data_dir):
+    tok, _ = tools
+    examples = finetune.load_split(str(data_dir), 'train')
+    special = dict(sep=tok.sep_id, eot=tok.eot_id)
+    second_reply = examples[1]  # dialogue 0, the doctor's second turn, with the whole history as source
+    x = finetune.build_input(second_reply, config(), 200, special)
+    scored = x['targets'][x['targets'] != -1]
+    assert tok.decode(scored.tolist()) == normalize('可能是上呼吸道感染，多喝水，观察体温。<eot>')
+    first_scored = np.flatnonzero(x['targets'] != -1)[0]
+    assert x['idx'][first_scored] == tok.doctor_id  # the reply is predicted from the doctor's speaker piece on
+    assert tok.decode(x['idx'][:first_scored + 1].tolist()) == \
+        normalize('<patient>孩子发烧三天了，咳嗽有痰。<doctor>体温多少度？有没有气喘？<patient>三十八度五，没有气喘。<doctor>')
+    assert x['prompt_pos'] == first_scored + 1 and x['class_pos'] == first_scored
+
+
+def test_crop_keeps_the_target_and_the_newest_source():
+    assert finetune.crop_window(50, 30, 60) == (0, 50)
+    assert finetune.crop_window(50, 30, 40) == (10, 50)   # 10 oldest source tokens go
+    assert finetune.crop_window(100, 30, 40) == (10, 50)  # a long target: source keeps half the window
+    assert finetune.crop_window(100, 5, 40) == (0, 40)
+
+
+def test_cropped_example_still_scores_only_reply_tokens(tools, data_dir):
+    tok, _ = tools
+    ex = finetune.load_split(str(data_dir), 'train')[1]  # a 20-token reply after a 45-token history
+    special = dict(sep=tok.sep_id, eot=tok.eot_id)
+    reply = normalize('可能是上呼吸道感染，多喝水，观察体温。<eot>')
+    x = finetune.build_input(ex, config(), 40, special)  # room for the whole reply: the history is cropped
+    assert len(x['idx']) == 40
+    assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == reply
+    # too little room: a window of 31 tokens keeps half for the history (15) and the reply's first 16
+    x = finetune.build_input(ex, config(), 30, special)
+    scored = tok.decode(x['targets'][x['targets'] != -1].tolist())
+    assert len(x['idx']) == 30 and reply.startswith(scored) and len(scored) == 16
+
+
+def test_classify_input_is_the_question_alone(tools, data_dir):
+    tok, _ = tools
+    ex = finetune.load_split(str(data_dir), 'train')[0]
+    x = finetune.build_input(ex, config(task='classify'), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
+    assert tok.decode(x['idx'].tolist()) == normalize('<patient>孩子发烧三天了，咳嗽有痰。<doctor>')
+    assert x['targets'] is None and x['class_pos'] == len(x['idx']) - 1 and x['label'] == 0
+
+
+def test_entity_splice_appends_entity_words_before_the_doctor_piece(tools, data_dir):
+    tok, _ = tools
+    ex = finetune.load_split(str(data_dir), 'train')[0]
+    x = finetune.build_input(ex, config(entity_splice=True), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
+    source = tok.decode(x['idx'][:x['prompt_pos']].tolist())
+    # the lexicon's symptoms in the question (the reply's 气喘 is not the source's to use)
+    assert source == normalize('<patient>孩子发烧三天了，咳嗽有痰。<sep>发烧<sep>咳嗽<doctor>')
+    assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == normalize('体温多少度？有没有气喘？<eot>')
+
+
+def test_label_text_target_is_the_label_sentence(tools, data_dir):
+    tok, _ = tools
+    ex = finetune.load_split(str(data_dir), 'train')[2]  # dialogue 1, first doctor turn: label 1
+    label_ids = tok.encode('这属于神经科。')
+    x = finetune.build_input(ex, config(task='label_text'), 200, dict(sep=tok.sep_id, eot=tok.eot_id), label_ids)
+    assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == normalize('这属于神经科。<eot>')
+
+
+def test_macro_f1_by_hand():
+    # class 0: precision 1/1, recall 1/2 -> F1 2/3; class 1: precision 1/2, recall 1/1 -> 2/3;
+    # class 2: its one example predicted as no class (-1) -> 0. Macro: (2/3 + 2/3 + 0) / 3 = 4/9
+    assert finetune.macro_f1([0, 1, 1, -1], [0, 0, 1, 2]) == pytest.approx(4 / 9)
+
+
+# ----- model building and losses ------------------------------------------------------------------------
+
+def test_new_zero_tables_leave_the_base_unchanged(tools, data_dir, base_path):
+    tok, _ = tools
+    base = load_checkpoint(str(base_path))
+    meta = json.loads((data_dir / 'meta.json').read_text(encoding='utf-8'))
+    model, args = finetune.build_model(config(lexical=True, entity=True, task='multitask', dropout=0.0), base, meta)
+    assert args['n_lexical'] == 4 and args['n_entity'] == 2 and args['n_classes'] == 3
+    plain = GPT(GPTConfig(**base['model_args']))
+    plain.load_state_dict(base['model'])
+    ex = finetune.load_split(str(data_dir), 'train')[0]
+    idx = torch.from_numpy(ex['tokens'])[None]
+    tags = dict(lexical=torch.from_numpy(ex['lexical'])[None], entity=torch.from_numpy(ex['entity'])[None])
+    assert tags['lexical'].any() and tags['entity'].any()
+    assert torch.equal(model.eval()(idx, all_logits=True, **tags)[0], plain.eval()(idx, all_logits=True)[0])
+
+
+def test_multitask_loss_is_the_weighted_sum(tools, data_dir, base_path):
+    tok, _ = tools
+    base = load_checkpoint(str(base_path))
+    meta = json.loads((data_dir / 'meta.json').read_text(encoding='utf-8'))
+    cfg = config(task='multitask', lambda_lm=0.3)
+    model, _ = finetune.build_model(cfg, base, meta)
+    model.eval()
+    examples = [ex for ex in finetune.load_split(str(data_dir), 'train') if ex['label'] >= 0]
+    inputs = [finetune.build_input(ex, cfg, 96, dict(sep=tok.sep_id, eot=tok.eot_id)) for ex in examples]
+    batch = finetune.collate(inputs, cfg, tok.eot_id, 'cpu')
+    loss, lm_loss, class_loss = finetune.task_loss(model, batch, cfg)
+    _, lm_alone = model(batch['idx'], targets=batch['targets'])
+    _, class_alone = model.classify(model.encode(batch['idx']), batch['class_pos'], batch['labels'])
+    assert torch.allclose(lm_loss, lm_alone) and torch.allclose(class_loss, class_alone)
+    assert torch.allclose(loss, class_alone + 0.3 * lm_alone)
+
+
+# ----- whole runs -------------------------------------------------------------------------------------
+
+def test_ptuning_run_trains_only_the_prompt_and_round_trips(base_path, data_dir, tmp_path):
+    out = tmp_path / 'pt'
+    result = finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=3',
+                                         '--prompt_position=infix', '--lexical', '--prompt_reparam=mlp'))
+    assert result['trainable_params'] < result['total_params']
+    assert np.isfinite([result['test_loss'], result['test_ppl'], result['test_bpc']]).all()
+    saved = load_checkpoint(str(out / 'prompt.pt'), required_keys=('trained',))
+    assert set(saved['trained']) == {'prompt.embedding', 'prompt.mlp.0.weight', 'prompt.mlp.0.bias',
+                                     'prompt.mlp.2.weight', 'prompt.mlp.2.bias', 'wle.weight'}
+    model, _ = load_model(str(out))
+    base = load_checkpoint(str(base_path))
+    state = model.state_dict()
+    for name, tensor in base['model'].items():  # frozen: bit-identical to the base
+        assert torch.equal(state[name], tensor), name
+    assert not torch.equal(saved['trained']['wle.weight'], torch.zeros_like(saved['trained']['wle.weight']))
+    line = json.loads((out / 'results.jsonl').read_text(encoding='utf-8').splitlines()[-1])
+    assert line['mode'] == 'ptune' and line['test_loss'] == result['test_loss']
+
+
+def test_ptuning_file_refuses_another_base(base_path, data_dir, tmp_path):
+    out = tmp_path / 'pt'
+    finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--max_iters=1'))
+    other = load_checkpoint(str(base_path))
+    other['model']['ln_f.weight'] = other['model']['ln_f.weight'] + 1e-3
+    other_path = tmp_path / 'other.pt'
+    save_checkpoint(other, str(other_path))
+    assert fingerprint(other['model']) != fingerprint(load_checkpoint(str(base_path))['model'])
+    with pytest.raises(ValueError, match='different base model'):
+        load_model(str(out / 'prompt.pt'), base_path=str(other_path))
+
+
+@pytest.mark.parametrize('task', ['classify', 'multitask', 'label_text'])
+def test_classification_runs_report_accuracy(base_path, data_dir, tmp_path, task):
+    result = finetune.main(finetune_args(base_path, data_dir, tmp_path / task, f'--task={task}'))
+    assert 0.0 <= result['test_acc'] <= 1.0 and 0.0 <= result['test_f1'] <= 1.0
+    assert ('test_loss' in result) == (task != 'classify')
+    assert result['trainable_params'] == result['total_params']
+
+
+def test_no_adaptation_evaluates_the_base(base_path, data_dir, tmp_path):
+    result = finetune.main(finetune_args(base_path, data_dir, tmp_path / 'none', '--mode=none'))
+    assert result['best_iter'] == 0 and np.isfinite(result['test_ppl'])
+    assert not (tmp_path / 'none' / 'ckpt.pt').exists()
+
+
+def test_bad_finetune_configs_are_refused(base_path, data_dir, tmp_path):
+    with pytest.raises(SystemExit, match='n_prompt > 0'):
+        finetune.main(finetune_args(base_path, data_dir, tmp_path, '--mode=ptune'))
+    with pytest.raises(SystemExit, match='mode must be one of'):
+        finetune.main(finetune_args(base_path, data_dir, tmp_path, '--mode=lora'))
+
+
+# ----- sample.py -------------------------------------------------------------------------------------
+
+def test_sample_continues_a_prompt(base_path, data_dir):
+    texts = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5',
+                         '--num_samples=2', '--seed=3'])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    again = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5',
+                         '--num_samples=2', '--seed=3'])
+    assert again == texts  # seeded
+
+
+def test_sample_dialogue_with_a_ptuned_entity_aware_model(base_path, data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'pt'
+    finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--entity',
+                                '--max_iters=1'))
+    monkeypatch.setattr('sys.stdin', io.StringIO('两周了，血压正常。\n\n'))
+    replies = sample.main([f'--out_dir={out}', '--dialogue', '--interactive', '--prompt=最近总是头痛。',
+                           '--max_new_tokens=4', '--temperature=0'])
+    assert len(replies) == 2  # the prompt's turn and one from stdin; the blank line is skipped
+    shown = capsys.readouterr().out
+    assert '病人：最近总是头痛。' in shown and '病人：两周了，血压正常。' in shown
+
+
+def test_sample_crops_a_long_prompt_with_a_warning(base_path, data_dir, capsys):
+    sample.main([f'--checkpoint={base_path}', '--prompt=' + '发烧' * 80, '--max_new_tokens=4'])
+    assert 'warning: the prompt has 160 tokens' in capsys.readouterr().err
+
+
+def test_sample_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match='no prompt.pt, best.pt or ckpt.pt'):
+        sample.main([f'--out_dir={tmp_path}'])
