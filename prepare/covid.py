@@ -109,17 +109,17 @@ def pretraining_consultations(src, skipped):
     raw_path = source_file(RAW, src)
     held_out_paths = [source_file(SPLIT_FILES[split], src) for split in ('val', 'test')]
     # a split dialogue opens with the patient's description (a field of the raw description, sometimes cut or
-    # re-worded: match its first 10 letters), then the dialogue, merged and re-punctuated. Both parts must
-    # match, since doctors' template replies ('可以') recur across consultations.
-    held_out = [(_content(turns[0][1])[:10], _content(text for _, text in turns[1:]))
+    # re-worded), then the dialogue, merged and re-punctuated. A consultation is held out when it has the same
+    # description (first 20 letters: a follow-up consultation repeats it), or the same dialogue and a
+    # description starting alike (the dialogue alone is not enough: doctors' template replies recur).
+    held_out = [(_content(turns[0][1]), _content(text for _, text in turns[1:]))
                 for p in held_out_paths for turns in read_split(p, skipped)]
     kept, seen, duplicates, removed = [], set(), 0, 0
     for consultation in read_raw(raw_path, skipped):
         text = dialogue_text(consultation['turns'])
         if text in seen:
             duplicates += 1
-        elif any(description in consultation['description'] and dialogue in consultation['dialogue']
-                 for description, dialogue in held_out):
+        elif any(_same_consultation(consultation, description, dialogue) for description, dialogue in held_out):
             removed += 1
         else:
             kept.append(consultation['turns'])
@@ -128,6 +128,12 @@ def pretraining_consultations(src, skipped):
     print(f'COVID raw: kept {len(kept)} consultations, removed {duplicates} duplicates and {removed} '
           f'holding one of the {len(held_out)} validation/test dialogues')
     return kept, report, [raw_path] + held_out_paths
+
+
+def _same_consultation(consultation, description, dialogue):
+    if len(description) >= 20 and description[:20] in consultation['description']:
+        return True
+    return description[:10] in consultation['description'] and dialogue in consultation['dialogue']
 
 
 def main():

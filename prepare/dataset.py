@@ -147,6 +147,8 @@ def build_example_set(args, splits, label_names, skipped, source_paths, started)
             tagged = tag_texts(list(zip(texts, [r['entities'] for r in records])), args.tokenizer_model, lexicon,
                                args.entity_types, args.workers)
             examples = [ex for r, t in zip(records, tagged) for ex in cut_examples(*t, tok, r['label'])]
+            if not examples:
+                raise DataError(f'the {split} split of {args.out} would be empty: no dialogue with a doctor turn')
             write_examples(folder, split, examples)
             ids, lexical, entity = (np.concatenate([ex[k] for ex in examples]) for k in range(3))
             counts[split] = {**split_counts(tok, ids, lexical, entity, len(records), texts),
