@@ -1,0 +1,334 @@
+"""
+How fast is the code? Training, generation and data preparation, measured on this machine.
+
+    python bench.py                                  # config/tiny.py's sizes on whatever device there is
+    python bench.py config/base.py --device=cuda     # any train.py config file, any train.py key
+    python bench.py --steps=50 --out=bench.json      # also write the numbers as JSON
+
+Prints Markdown tables:
+- training tokens/s and MFU, hand-written vs fused attention, float32 vs bfloat16. MFU is measured
+  against the device's bf16 peak on a known GPU, else against a matmul peak measured here (on a CPU:
+  at float32, said so in the output);
+- generation tokens/s with the KV cache vs full recompute (greedy, one model), and whether the two
+  produced the same tokens;
+- prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text.
+It trains on data/<dataset>/ when that has been prepared, else on random tokens (the output says which).
+A benchmark, not a test: it asserts nothing about speed.
+"""
+import json
+import os
+import platform
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import train
+from configurator import configure
+from model import GPT, GPTConfig
+from prepare.lexicon import lexicon_dir
+from prepare.sources import DataError, read_text, source_file
+from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
+from prepare.tokenizer import normalize, train_bpe
+from train import TAG_FILES, Windows, autocast_context, measure_matmul_flops, new_model_args, \
+    peak_flops_of, resolve_device_and_dtype
+
+# Every train.py key (so its config files work here); the sizes of config/tiny.py, which bench a
+# 2-core CPU in a minute or two.
+DEFAULTS = dict(
+    train.DEFAULTS,
+    n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, gradient_accumulation_steps=1,
+    vocab_size=8000,       # for random tokens, and the tokenizer trained when data/<dataset>/ has none
+    warmup_steps=3,        # untimed steps first: allocation, caches, torch.compile
+    steps=20,              # timed training steps per row
+    cpu_bf16_steps=5,      # CPUs without native bf16 run it many times slower: fewer timed steps there
+    gen_tokens=256,        # new tokens per generation
+    prepare_chars=300_000,  # characters of COVID dialogue text to tag; 0 skips that section
+    prepare_workers=2,     # processes for the multi-process prepare run
+    src='',                # folder of the raw data sets; '' = $CMED_DATA, else ../shared/data
+    out='',                # write the numbers to this JSON file too
+)
+PROMPT_TOKENS = 16  # generation starts from this many tokens of the data
+COVID_TEXT = 'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt'
+
+
+# ----------------------------------------------------------------------------- machine
+
+def cpu_name():
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()  # no such line (macOS, some ARM Linux)
+
+
+def machine_info(device, peak_flops_override):
+    """Device name, software, threads, and the peak FLOP/s that every MFU below is a fraction of."""
+    info = dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(), cpu_cores=os.cpu_count(),
+                cpu=cpu_name())
+    on_gpu = device.startswith('cuda')
+    info['device_name'] = torch.cuda.get_device_name(device) if on_gpu else info['cpu']
+    if peak_flops_override:
+        info['peak_flops'], info['peak_source'] = peak_flops_override, 'given (--peak_flops)'
+    elif on_gpu:
+        known = any(name in info['device_name'] for name in train.GPU_PEAK_FLOPS)
+        info['peak_flops'] = peak_flops_of(device, 'bfloat16')
+        info['peak_source'] = 'datasheet dense bf16' if known else 'measured bf16 512x512 matmul'
+    else:
+        # one peak for every row, so that float32 and bfloat16 MFU compare; bf16's own peak is shown beside it
+        info['peak_flops'] = best_matmul_flops(device, torch.float32)
+        info['peak_source'] = 'measured float32 512x512 matmul, best of 5'
+        info['bf16_matmul_flops'] = best_matmul_flops(device, torch.bfloat16)
+    return info
+
+
+def best_matmul_flops(device, dtype, tries=5):
+    # a peak is a best case: on a shared machine the best short burst is the one least slowed by others
+    return max(measure_matmul_flops(device, dtype) for _ in range(tries))
+
+
+def synchronize(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, warmup, repeats, device):
+    """Mean wall time of fn() over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+# ----------------------------------------------------------------------------- data
+
+class RandomTokens:
+    """Uniformly random tokens (and tags) in the shape of Windows' batches, for when no data is prepared."""
+
+    def __init__(self, model_args, batch_size, device):
+        self.model_args, self.batch_size, self.device = model_args, batch_size, device
+
+    def batch(self, split, rng):
+        T, V = self.model_args['block_size'], self.model_args['vocab_size']
+        windows = torch.from_numpy(rng.integers(0, V, size=(self.batch_size, T + 1)))  # (B, T+1)
+        inputs = {'idx': windows[:, :-1], 'targets': windows[:, 1:]}
+        for name in TAG_FILES:
+            n_tags = self.model_args[f"n_{name}"]
+            if n_tags:
+                inputs[name] = torch.from_numpy(rng.integers(0, n_tags, size=(self.batch_size, T)))
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
+
+
+def load_data(cfg, device):
+    """(model_args, batches, description): data/<dataset>/ when prepared, else random tokens."""
+    data_dir = os.path.join('data', cfg.dataset)
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if os.path.exists(meta_path) and os.path.exists(os.path.join(data_dir, 'train.bin')):
+        with open(meta_path, encoding='utf-8') as f:
+            model_args = new_model_args(cfg, json.load(f))
+        tag_inputs = [name for name in TAG_FILES if model_args[f"n_{name}"]]
+        n_tokens = os.path.getsize(os.path.join(data_dir, 'train.bin')) // 2  # uint16
+        description = f"{data_dir}/ (prepared: {n_tokens:,} training tokens)"
+        return model_args, Windows(data_dir, cfg.block_size, cfg.batch_size, tag_inputs, device), description
+    meta = {'vocab_size': cfg.vocab_size, 'lexical_map': LEXICAL_MAP, 'entity_map': entity_map()}
+    model_args = new_model_args(cfg, meta)
+    description = f"random tokens (no prepared {data_dir}/), vocab {cfg.vocab_size}"
+    return model_args, RandomTokens(model_args, cfg.batch_size, device), description
+
+
+# ----------------------------------------------------------------------------- training
+
+def bench_training(cfg, model_args, batches, device, attention, dtype, peak_flops):
+    """One row: seconds per optimizer step, tokens/s and MFU for one attention kind and precision."""
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.manual_seed(cfg.seed)  # the same initial weights in every row
+    model = GPT(GPTConfig(**dict(model_args, attention=attention))).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    step_model = torch.compile(model) if cfg.compile else model
+    autocast = autocast_context(device_type, dtype)
+    rng = np.random.default_rng(cfg.seed)  # the same batches in every row
+    accum = cfg.gradient_accumulation_steps
+
+    def step():  # what train.py does per iteration: accumulate, clip, step
+        for _ in range(accum):
+            with autocast:
+                _, loss = step_model(**batches.batch('train', rng))
+            (loss / accum).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    steps = cfg.steps if device_type == 'cuda' or dtype == 'float32' else min(cfg.steps, cfg.cpu_bf16_steps)
+    seconds = seconds_per_call(step, cfg.warmup_steps, steps, device)
+    tokens_per_step = cfg.batch_size * model_args['block_size'] * accum
+    return dict(attention=attention, dtype=dtype, steps=steps, ms_per_step=seconds * 1000,
+                tokens_per_s=tokens_per_step / seconds,
+                mfu=model.estimate_mfu(cfg.batch_size * accum, seconds, peak_flops))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def bench_generation(cfg, model_args, prompt, device, dtype):
+    """Greedy generation of gen_tokens with the KV cache and with full recompute, from one model."""
+    # past block_size generate() crops and rebuilds the cache every token, which would hide what the
+    # cache buys: give the model room for the whole generation
+    block_size = max(model_args['block_size'], prompt.size(1) + cfg.gen_tokens)
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(**dict(model_args, block_size=block_size))).to(device).eval()
+    autocast = autocast_context('cuda' if device.startswith('cuda') else 'cpu', dtype)
+    result = dict(new_tokens=cfg.gen_tokens, prompt_tokens=prompt.size(1), block_size=block_size, dtype=dtype,
+                  attention=model_args['attention'])
+    outputs = {}
+    for name, use_cache in (('cached', True), ('recompute', False)):
+        def generate(n_tokens):
+            with autocast:
+                return model.generate(prompt, n_tokens, temperature=0, use_cache=use_cache)
+        generate(8)  # warm-up: first calls allocate; a whole generation would double the bench's time
+        synchronize(device)
+        start = time.perf_counter()
+        outputs[name] = generate(cfg.gen_tokens)
+        synchronize(device)
+        result[f"{name}_tokens_per_s"] = cfg.gen_tokens / (time.perf_counter() - start)
+    result['speedup'] = result['cached_tokens_per_s'] / result['recompute_tokens_per_s']
+    result['tokens_match'] = torch.equal(outputs['cached'], outputs['recompute'])
+    return result
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def raw_data_folder(cfg):
+    # the Makefile's order: --src, then $CMED_DATA, then the read-only mirror beside the repo;
+    # prepare/ itself falls back to data/raw/ and then to downloading
+    return cfg.src or os.environ.get('CMED_DATA') or os.path.join('..', 'shared', 'data')
+
+
+def tokenizer_for_prepare(cfg, text, folder):
+    """(path, description): the prepared data set's tokenizer, else a BPE trained on the slice itself."""
+    prepared = os.path.join('data', cfg.dataset, 'tokenizer.model')
+    if os.path.exists(prepared):
+        return prepared, prepared
+    path = os.path.join(folder, 'tokenizer.model')
+    train_bpe(normalize(text).split('\n'), path, vocab_size=cfg.vocab_size)
+    return path, f"BPE, vocab {cfg.vocab_size}, trained on the slice (no {prepared})"
+
+
+def bench_prepare(cfg):
+    """chars/s of prepare.tagging.tag_texts (normalise, encode, jieba POS, lexicon entities), 1 vs N processes."""
+    src = raw_data_folder(cfg)
+    try:
+        text = read_text(source_file(COVID_TEXT, src))[:cfg.prepare_chars]
+        lexicon = lexicon_dir(src)
+    except DataError as error:  # no mirror and no network: the other sections still stand
+        return dict(available=False, reason=str(error))
+    # one job per consultation, as prepare reads them
+    jobs = [(record, ()) for record in text.split('\nid=') if record]
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer_path, tokenizer = tokenizer_for_prepare(cfg, text, folder)
+        # load jieba and the lexicon in this process first: forked workers inherit them, so both runs
+        # time the tagging itself, not jieba's start-up (a few seconds)
+        tag_texts(jobs[:1], tokenizer_path, lexicon, workers=1)
+        runs = {}
+        for workers in (1, cfg.prepare_workers):
+            start = time.perf_counter()
+            tagged = tag_texts(jobs, tokenizer_path, lexicon, workers=workers)
+            runs[workers] = (time.perf_counter() - start, tagged)
+    chars = sum(len(record) for record, _ in jobs)
+    (single_s, single_out), (multi_s, multi_out) = runs[1], runs[cfg.prepare_workers]
+    same = all(np.array_equal(a, b) for one, many in zip(single_out, multi_out) for a, b in zip(one, many))
+    return dict(available=True, source=COVID_TEXT, chars=chars, records=len(jobs), tokenizer=tokenizer,
+                workers=cfg.prepare_workers, single_seconds=single_s, multi_seconds=multi_s,
+                single_chars_per_s=chars / single_s, multi_chars_per_s=chars / multi_s,
+                speedup=single_s / multi_s, outputs_match=same)
+
+
+# ----------------------------------------------------------------------------- output
+
+def markdown(results):
+    sections = (machine_markdown(results['machine'], results['config']), training_markdown(results['train']),
+                generation_markdown(results['generate']), prepare_markdown(results['prepare']))
+    return '\n\n'.join('\n'.join(lines) for lines in sections)
+
+
+def machine_markdown(m, c):
+    bf16 = f"; a bfloat16 512x512 matmul ran at {m['bf16_matmul_flops'] / 1e12:.3f} TFLOP/s" \
+        if 'bf16_matmul_flops' in m else ''
+    return ["## Machine", "",
+            f"- device: {m['device']}, {m['device_name']}; torch {m['torch']}, {m['threads']} threads, "
+            f"{m['cpu_cores']} CPU cores",
+            f"- MFU is against {m['peak_flops'] / 1e12:.3f} TFLOP/s ({m['peak_source']}){bf16}",
+            f"- model: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, block {c['block_size']}, "
+            f"vocab {c['vocab_size']}, {c['params'] / 1e6:.2f}M parameters, random initial weights",
+            f"- {c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['block_size']} x "
+            f"{c['gradient_accumulation_steps']} accumulation){', torch.compile' if c['compile'] else ''}",
+            f"- data: {c['data']}"]
+
+
+def training_markdown(rows):
+    lines = ["## Training", "", "| attention | dtype | timed steps | ms/step | tokens/s | MFU |",
+             "|---|---|---:|---:|---:|---:|"]
+    return lines + [f"| {r['attention']} | {r['dtype']} | {r['steps']} | {r['ms_per_step']:,.1f} | "
+                    f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f}% |" for r in rows]
+
+
+def generation_markdown(g):
+    rows = [(mode, g[f"{key}_tokens_per_s"]) for mode, key in (('on', 'cached'), ('off (full recompute)', 'recompute'))]
+    return [f"## Generation: {g['new_tokens']} new tokens, greedy, batch 1, {g['prompt_tokens']}-token prompt, "
+            f"{g['dtype']}, {g['attention']} attention, block {g['block_size']}", "",
+            "| KV cache | tokens/s | ms/token |", "|---|---:|---:|"] + \
+        [f"| {mode} | {tokens_per_s:,.1f} | {1000 / tokens_per_s:.2f} |" for mode, tokens_per_s in rows] + \
+        ["", f"The cache is {g['speedup']:.1f}x faster; the same tokens with and without it: "
+             f"{'yes' if g['tokens_match'] else 'NO'}."]
+
+
+def prepare_markdown(p):
+    if p is None:
+        return ["## Prepare", "", "skipped (--prepare_chars=0)"]
+    if not p['available']:
+        return ["## Prepare", "", f"prepare not available: {p['reason']}"]
+    return ["## Prepare: tag + encode (prepare.tagging.tag_texts)", "",
+            f"{p['chars']:,} characters ({p['records']} consultations) of {p['source']}; "
+            f"tokenizer: {p['tokenizer']}", "",
+            "| processes | seconds | chars/s |", "|---:|---:|---:|",
+            f"| 1 | {p['single_seconds']:.2f} | {p['single_chars_per_s']:,.0f} |",
+            f"| {p['workers']} | {p['multi_seconds']:.2f} | {p['multi_chars_per_s']:,.0f} |", "",
+            f"{p['speedup']:.2f}x with {p['workers']} processes; the same output: "
+            f"{'yes' if p['outputs_match'] else 'NO'}."]
+
+
+def main(argv=None):
+    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
+    device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
+    # as train.py: float32 matmuls may use TF32 on Ampere+ GPUs
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    machine = machine_info(device, cfg.peak_flops)
+    model_args, batches, data = load_data(cfg, device)
+    config = dict(model_args, batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                  tokens_per_step=cfg.batch_size * model_args['block_size'] * cfg.gradient_accumulation_steps,
+                  params=GPT(GPTConfig(**model_args)).num_params(), compile=cfg.compile, data=data)
+    rows = [bench_training(cfg, model_args, batches, device, attention, precision, machine['peak_flops'])
+            for precision in ('float32', 'bfloat16') for attention in ('manual', 'fused')]
+    prompt = batches.batch('val', np.random.default_rng(cfg.seed))['idx'][:1, :PROMPT_TOKENS]  # (1, P)
+    generation = bench_generation(cfg, model_args, prompt, device, dtype)
+    preparation = bench_prepare(cfg) if cfg.prepare_chars > 0 else None
+    results = dict(machine=machine, config=config, train=rows, generate=generation, prepare=preparation,
+                   seconds=time.perf_counter() - started)
+    print(markdown(results))
+    print(f"\n(bench took {results['seconds']:.0f} s)")
+    if cfg.out:
+        with open(cfg.out, 'w', encoding='utf-8') as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
+    return results
+
+
+if __name__ == '__main__':
+    main()
