@@ -125,7 +125,7 @@ def tag_texts(jobs, tokenizer_path, lexicon_dir, entity_types=False, workers=2):
 
 def _collect(results, jobs):
     out = []
-    with tqdm(total=sum(len(text) for text, _ in jobs), unit='char', unit_scale=True, desc='tag') as bar:
+    with tqdm(total=sum(len(text) for text, _ in jobs), unit='char', unit_scale=True, desc='tag', mininterval=1) as bar:
         for result, (text, _) in zip(results, jobs):
             out.append(result)
             bar.update(len(text))
