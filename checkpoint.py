@@ -9,7 +9,9 @@ cannot run code. train.py writes these keys:
     config         the resolved run config
     optimizer      the optimizer's state_dict
     scaler         the fp16 gradient scaler's state_dict ({} when unused)
-    iter_num       the iteration the run continues from
+    iter_num       the iteration the run continues from; it is also the data position and the random
+                   state, since train.py draws each iteration's windows and dropout masks from
+                   (seed, rank, iter_num) alone
     best_val_loss  the best validation loss so far
 """
 import hashlib
