@@ -3,6 +3,7 @@
 CMED_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export CMED_DATA
 PY := .venv/bin/python
+PROMPT ?= 孩子发烧三天了，咳嗽有痰，需要去医院吗？
 
 .venv/installed: requirements.txt
 	python3 -m venv .venv
@@ -14,4 +15,20 @@ install: .venv/installed
 test: .venv/installed
 	$(PY) -m pytest -q
 
-.PHONY: install test
+data/pretrain/meta.json: | .venv/installed
+	$(PY) prepare/pretrain.py
+
+data/%/meta.json: data/pretrain/meta.json
+	$(PY) prepare/$*.py
+
+data: data/pretrain/meta.json data/covid/meta.json data/dxy/meta.json data/department/meta.json
+
+demo: data/pretrain/meta.json
+	$(PY) train.py config/tiny.py
+	$(PY) sample.py --out_dir=out/tiny --prompt="$(PROMPT)" --max_new_tokens=120
+	$(PY) sample.py --out_dir=out/tiny --dialogue --prompt="$(PROMPT)" --max_new_tokens=120
+
+reproduce-quick: data
+	$(PY) reproduce.py --quick
+
+.PHONY: install test data demo reproduce-quick

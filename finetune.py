@@ -30,9 +30,9 @@ from model import GPT, GPTConfig
 from train import autocast_context, learning_rate_at, load_char_counts, resolve_device_and_dtype
 
 DEFAULTS = dict(
-    init_from='out',            # out_dir of the pretraining run to adapt
+    init_from='out/tiny',       # out_dir of the pretraining run to adapt (default: the quick start's)
     init_checkpoint='best.pt',  # which of its checkpoints
-    out_dir='out-finetune',
+    out_dir='out/finetune',
     dataset='covid',            # data/<dataset>/: covid, dxy or department
     mode='full',                # 'full' (every weight trains), 'ptune' (only the prompt), 'none' (evaluate the base)
     task='dialogue',            # 'dialogue', 'classify', 'multitask' (classify + lambda_lm * LM) or 'label_text'

@@ -17,7 +17,7 @@ from configurator import configure
 from train import autocast_context, resolve_device_and_dtype
 
 DEFAULTS = dict(
-    out_dir='out',          # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
+    out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it; default: the quick start's) ...
     checkpoint='',          # ... or this checkpoint / p-tuning file
     base='',                # a p-tuning file's base checkpoint ('' = the path the file recorded)
     data_dir='',            # where tokenizer.model is ('' = data/<dataset the run trained on>)
