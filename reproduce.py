@@ -1,0 +1,459 @@
+"""
+The papers' tables in miniature, measured on 2 CPU cores:
+  Table 3 (CMed-GPT)  does domain pretraining help? pretrained vs randomly initialised, two sizes, and a
+                      character 5-gram Kneser-Ney model trained on the same pretraining text
+  Table 4 (CMed-GPT)  no adaptation vs full fine-tuning vs p-tuning, COVID-DDC and DXY
+  Table 5 (CMed-GPT)  p-tuning with 1, 25, 50, 75, 100 prompt vectors
+  Table 6 (CMed-GPT)  p-tuning + lexical / entity embeddings, and entity splicing
+  MEDI-BERPT          classification head alone vs multitask (class + lambda * LM) vs label as text
+  BioGPT              the soft prompt in front vs between source and target
+
+    python reproduce.py                              # about an hour on 2 CPU cores
+    python reproduce.py --quick                      # every table at toy size in minutes (CI: structure only)
+    python reproduce.py --pretrained_dir=out/mine    # use a finished pretraining run whose config matches
+
+Needs data/pretrain, data/covid, data/dxy and data/department (prepare/). Writes out_dir/results.json: every
+run's result dict (keyed by its command line), the pretraining runs, and the aggregated tables; prints the tables
+as Markdown. A run whose result is already in results.json is not run again, and an interrupted pretraining run
+resumes from its checkpoint, so a crash loses at most one run.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import finetune
+import train
+from checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from configurator import configure
+from model import GPT, GPTConfig
+from ngram import EOS, KneserNey
+
+DEFAULTS = dict(
+    quick=False,          # toy sizes and a few iterations: checks that every table fills with finite numbers
+    out_dir='out-reproduce',
+    seeds=0,              # fine-tuning seeds per cell; 0 = 3 (quick: 2)
+    pretrained_dir='',    # a finished pretraining run to use for whichever size its config matches
+    finetune_iters=0,     # 0 = the scale's
+)
+
+# Both sizes read 256-token windows (config/tiny.py has 128): 100 prompt vectors must leave room for the
+# dialogue. Batch 8 x 256 keeps tiny's 2,048 tokens per step.
+WINDOW = ['--block_size=256', '--batch_size=8']
+QUICK_PRETRAIN = ['--batch_size=4', '--max_iters=30', '--lr_decay_iters=30', '--warmup_iters=5', '--eval_interval=15',
+                  '--eval_iters=2', '--log_interval=10']
+SCALES = {
+    'full': dict(
+        sizes={'tiny': ['config/tiny.py', *WINDOW],
+               'mini': ['config/tiny.py', '--n_layer=2', '--n_head=2', '--n_embd=128', *WINDOW]},
+        seeds=3, finetune_iters=200, max_eval_examples=100, ngram_texts=0),
+    'quick': dict(
+        sizes={'toy-a': ['config/tiny.py', '--n_layer=1', '--n_head=2', '--n_embd=32', *QUICK_PRETRAIN],
+               'toy-b': ['config/tiny.py', '--n_layer=2', '--n_head=2', '--n_embd=48', *QUICK_PRETRAIN]},
+        seeds=2, finetune_iters=6, max_eval_examples=16, ngram_texts=300),
+}
+FULL_FINETUNE_LR = 3e-4  # the paper's 5e-5 is for a 768-wide model and 6 epochs; ours is small and short
+N_PROMPT = 25            # p-tuning rows that do not sweep the prompt length
+NGRAM_ORDER = 5
+# a pretraining run is reusable when its config equals the wanted one on every key but these
+PRETRAIN_KEYS_IGNORED = {'out_dir', 'init_from', 'log_interval', 'eval_interval', 'eval_iters',
+                         'always_save_checkpoint', 'device', 'compile', 'peak_flops'}
+
+
+# ----------------------------------------------------------------------------- the tables
+
+def table_specs(size_names):
+    """Each table: title, what its cells measure ('lm' or 'class'), rows of (label, run spec), notes."""
+    main = size_names[0]
+    def run(**spec):
+        return dict(dict(size=main, init='pretrained', dataset='covid', task='dialogue'), **spec)
+    ptune = dict(mode='ptune', n_prompt=N_PROMPT)
+    pretraining_rows = []
+    for size in size_names:
+        pretraining_rows += [(f"{size}: pretrained, fine-tuned on COVID", run(size=size, mode='full')),
+                             (f"{size}: random init, trained on COVID only", run(size=size, mode='full',
+                                                                                  init='scratch')),
+                             (f"{size}: pretrained, no adaptation", run(size=size, mode='none'))]
+    return [
+        dict(title='Table 3 analogue: does domain pretraining help? (COVID-DDC test, doctor replies)',
+             kind='lm', rows=pretraining_rows + [(f"character {NGRAM_ORDER}-gram Kneser-Ney, pretraining text",
+                                                  dict(ngram=NGRAM_ORDER, size=main))]),
+        dict(title='Table 4 analogue: no adaptation vs fine-tuning vs p-tuning', kind='lm',
+             rows=[(f"{dataset}: {label}", run(dataset=dataset, **spec)) for dataset in ('covid', 'dxy')
+                   for label, spec in (('no adaptation', dict(mode='none')), ('full fine-tuning', dict(mode='full')),
+                                       (f"p-tuning ({N_PROMPT} vectors)", ptune))]),
+        dict(title='Table 5 analogue: p-tuning, number of prompt vectors (COVID-DDC)', kind='lm',
+             rows=[(f"{n} vectors", run(mode='ptune', n_prompt=n)) for n in (1, 25, 50, 75, 100)]),
+        dict(title=f"Table 6 analogue: entity-aware p-tuning ({N_PROMPT} vectors, COVID-DDC)", kind='lm',
+             rows=[('p-tuning', run(**ptune)), ('+ lexical', run(**ptune, lexical=True)),
+                   ('+ entity', run(**ptune, entity=True)), ('+ lexical + entity', run(**ptune, lexical=True,
+                                                                                     entity=True)),
+                   ('entity splicing', run(**ptune, entity_splice=True))]),
+        dict(title='MEDI-BERPT analogue: classification, full fine-tuning (department QA; DXY disease)',
+             kind='class',
+             rows=[(f"{dataset}: {label}", run(dataset=dataset, mode='full', task=task))
+                   for dataset in ('department', 'dxy')
+                   for label, task in (('classification head alone', 'classify'),
+                                       ('multitask (class + 1.0 x LM)', 'multitask'),
+                                       ('label as text', 'label_text'))]),
+        dict(title=f"BioGPT analogue: where the soft prompt goes (p-tuning, {N_PROMPT} vectors, COVID-DDC)",
+             kind='lm', rows=[('in front of the source', run(**ptune)),
+                              ('between source and target', run(**ptune, prompt_position='infix'))]),
+    ]
+
+
+def is_deterministic(spec):
+    """Runs that train nothing give the same numbers for every seed: one evaluation is all there is."""
+    return 'ngram' in spec or spec['mode'] == 'none'
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def pretrain_config(argv):
+    with contextlib.redirect_stdout(None):  # configure prints the resolved config
+        return configure(train.DEFAULTS, argv)
+
+
+def finished_run(run_dir, wanted):
+    """The run's last checkpoint if it is the wanted config trained to the end, else None."""
+    path = os.path.join(run_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return None
+    last = load_checkpoint(path)
+    same = all(last['config'].get(k) == v for k, v in wanted.items() if k not in PRETRAIN_KEYS_IGNORED)
+    return last if same and last['iter_num'] >= wanted['max_iters'] else None
+
+
+def resumable(run_dir, wanted):
+    path = os.path.join(run_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return False
+    config = load_checkpoint(path)['config']
+    return all(config.get(k) == v for k, v in wanted.items() if k not in PRETRAIN_KEYS_IGNORED)
+
+
+def pretrain(name, argv, cfg, results):
+    """One pretrained model size: reused when a finished run of the same config exists, else trained
+    (continuing an interrupted run). Returns facts about it, recorded in results['pretraining']."""
+    run_dir = os.path.join(cfg.out_dir, f"pretrain-{name}")
+    wanted = pretrain_config(argv + [f"--out_dir={run_dir}"])
+    for candidate in filter(None, [cfg.pretrained_dir, run_dir]):
+        if finished_run(candidate, wanted) is not None:
+            print(f"pretraining {name}: reusing the finished run in {candidate}")
+            return describe_pretraining(candidate, results['pretraining'].get(name, {}).get('wall_time_s'))
+    resume = ['--init_from=resume'] if resumable(run_dir, wanted) else []
+    print(f"pretraining {name}: {' '.join(argv)} -> {run_dir} {'(resuming)' if resume else ''}", flush=True)
+    t0 = time.time()
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'stdout.log'), 'a') as log, contextlib.redirect_stdout(log):
+        train.main(argv + [f"--out_dir={run_dir}"] + resume)
+    return describe_pretraining(run_dir, round(time.time() - t0, 1))
+
+
+def describe_pretraining(run_dir, wall_time_s):
+    best = load_checkpoint(os.path.join(run_dir, 'best.pt'))
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        evals = [r for r in map(json.loads, f) if 'val_loss' in r]
+    best_eval = min(evals, key=lambda r: r['val_loss'])
+    params = GPT(GPTConfig(**best['model_args'])).num_params()
+    return dict(dir=run_dir, model_args=best['model_args'], params=params, iters=best['config']['max_iters'],
+                learning_rate=best['config']['learning_rate'], best_iter=best['iter_num'],
+                val_loss=best_eval['val_loss'], val_bpc=best_eval['val_bpc'], wall_time_s=wall_time_s,
+                fingerprint=fingerprint(best['model']))
+
+
+def scratch_checkpoint(pretrained, seed, cfg):
+    """A randomly initialised model of the pretrained one's size (a new init per seed), as a checkpoint
+    finetune.py can start from. Returns (init_from, init_checkpoint)."""
+    run_dir = os.path.join(cfg.out_dir, f"scratch-{os.path.basename(pretrained['dir'])}")
+    name = f"seed{seed}.pt"
+    if not os.path.exists(os.path.join(run_dir, name)):
+        os.makedirs(run_dir, exist_ok=True)
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**pretrained['model_args']))
+        save_checkpoint(dict(model=model.state_dict(), model_args=pretrained['model_args']),
+                        os.path.join(run_dir, name))
+    return run_dir, name
+
+
+# ----------------------------------------------------------------------------- the n-gram reference
+
+def ngram_training_texts(max_texts):
+    """The pretraining text as the n-gram sees it: train.bin decoded, cut at every special piece. The
+    n-gram has no speaker tokens, so each utterance (or book chapter) is one text: it learns how an
+    utterance starts and ends, as a test reply is scored from its start to its end marker."""
+    from prepare.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(os.path.join('data', 'pretrain', 'tokenizer.model'))
+    ids = np.fromfile(os.path.join('data', 'pretrain', 'train.bin'), dtype=np.uint16)
+    pieces = np.split(ids, np.flatnonzero(np.isin(ids, tokenizer.special_ids)))
+    texts = [tokenizer.decode(p[1:] if p[0] in tokenizer.special_ids else p) for p in pieces if len(p)]
+    texts = [t for t in texts if t]
+    return texts[:max_texts or None]
+
+
+def scored_replies(room):
+    """The COVID test replies exactly as a GPT without a prompt scores them: (text, whether <eot> is scored),
+    each reply cut where the GPT's window cuts it."""
+    from prepare.tokenizer import Tokenizer
+    data_dir = os.path.join('data', 'covid')
+    tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
+    with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
+        special = json.load(f)['special_ids']
+    as_dialogue = SimpleNamespace(task='dialogue', entity_splice=False)
+    replies = []
+    for ex in finetune.load_split(data_dir, 'test'):
+        targets = finetune.build_input(ex, as_dialogue, room, special)['targets']
+        scored = targets[targets != -1].tolist()
+        ends = scored[-1] == special['eot']
+        replies.append((tokenizer.decode(scored[:-1] if ends else scored), ends))
+    return replies
+
+
+def reply_bits(model, text, scores_end):
+    """Bits the n-gram spends on a reply: each character given the reply so far, then the end marker
+    where the GPT scores its <eot>."""
+    chars = list(text) + ([EOS] if scores_end else [])
+    return -sum(model.log_prob(text[:i], char) for i, char in enumerate(chars)) / math.log(2)
+
+
+def ngram_result(order, room, max_texts):
+    """The reference row: bits per character of the COVID test replies (per character of reply text, the
+    end markers' bits included, as the GPT's bits/char counts its <eot>)."""
+    t0 = time.time()
+    texts = ngram_training_texts(max_texts)
+    model = KneserNey(order).fit(texts)
+    replies = scored_replies(room)
+    bits = sum(reply_bits(model, text, ends) for text, ends in replies)
+    n_chars = sum(len(text) for text, _ in replies)
+    return dict(ngram=order, train_texts=len(texts),
+                train_chars=sum(map(len, texts)), test_replies=len(replies), test_chars=n_chars,
+                test_bpc=bits / n_chars, test_ppl=None, trainable_params=None,
+                ngrams=len(model.counts[order]), wall_time_s=round(time.time() - t0, 1))
+
+
+# ----------------------------------------------------------------------------- fine-tuning runs
+
+def finetune_argv(spec, seed, pretrained, scale, cfg):
+    """finetune.py's command line for one cell of a table and one seed."""
+    args = {k: v for k, v in spec.items() if k not in ('size', 'init')}
+    if spec['init'] == 'scratch':
+        init_from, init_checkpoint = scratch_checkpoint(pretrained, seed, cfg)
+        learning_rate = pretrained['learning_rate']  # trained from nothing: the pretraining recipe's rate
+    else:
+        init_from, init_checkpoint = pretrained['dir'], 'best.pt'
+        learning_rate = FULL_FINETUNE_LR if spec['mode'] == 'full' else 0.0  # 0: finetune.py's p-tuning rate
+    iters = cfg.finetune_iters or scale['finetune_iters']
+    args.update(init_from=init_from, init_checkpoint=init_checkpoint, out_dir=os.path.join(cfg.out_dir, 'finetune'),
+                max_iters=iters, warmup_iters=max(iters // 10, 1), eval_interval=max(iters // 2, 1),
+                learning_rate=learning_rate, max_eval_examples=scale['max_eval_examples'], seed=seed)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_key(argv, base_fingerprint):
+    """What identifies a result: the command line and the weights it started from."""
+    return ' '.join(argv) + f" @{base_fingerprint[:16]}"
+
+
+def run_finetune(argv, cfg):
+    log_path = os.path.join(cfg.out_dir, 'logs', hashlib.sha1(' '.join(argv).encode()).hexdigest()[:12] + '.log')
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, 'w') as log, contextlib.redirect_stdout(log):
+        result = finetune.main(argv)
+    return dict(result, log=log_path)
+
+
+def run_all(tables, seeds, pretrained, scale, cfg, results):
+    """Every (cell, seed) not yet in results['runs'], in table order; saves results after each.
+    Returns {row spec as json: [result keys]}."""
+    keys_of_spec = {}
+    todo = [(spec, seed) for table in tables for _, spec in table['rows']
+            for seed in (seeds[:1] if is_deterministic(spec) else seeds)]
+    for i, (spec, seed) in enumerate(todo):
+        spec_id = json.dumps(spec, sort_keys=True)
+        if 'ngram' in spec:  # test replies cut to the window of the size the GPT rows use
+            room = pretrained[spec['size']]['model_args']['block_size']
+            key = f"ngram order={spec['ngram']} texts={scale['ngram_texts']} room={room}"
+        else:
+            argv = finetune_argv(spec, seed, pretrained[spec['size']], scale, cfg)
+            key = run_key(argv, pretrained[spec['size']]['fingerprint'])
+        if key in keys_of_spec.setdefault(spec_id, []):
+            continue  # the same cell in two tables
+        keys_of_spec[spec_id].append(key)
+        if key in results['runs']:
+            continue
+        t0 = time.time()
+        if 'ngram' in spec:
+            result = ngram_result(spec['ngram'], room, scale['ngram_texts'])
+        else:
+            result = dict(run_finetune(argv, cfg), spec=spec)
+        results['runs'][key] = result
+        save_results(results, cfg)
+        print(f"[{i + 1}/{len(todo)}] {describe(spec)} seed {seed}: {summary_line(result)} "
+              f"({time.time() - t0:.0f}s)", flush=True)
+    return keys_of_spec
+
+
+def describe(spec):
+    return ' '.join(f"{k}={v}" for k, v in spec.items() if v not in (False, 0, 'prefix'))
+
+
+def summary_line(result):
+    parts = [f"{name} {result[key]:.4g}" for name, key in (('ppl', 'test_ppl'), ('bpc', 'test_bpc'),
+             ('acc', 'test_acc'), ('f1', 'test_f1')) if result.get(key) is not None]
+    return ', '.join(parts)
+
+
+# ----------------------------------------------------------------------------- aggregation and Markdown
+
+COLUMNS = {  # table kind -> (header, result key, format)
+    'lm': [('test PPL', 'test_ppl', '{:.2f}'), ('bits/char', 'test_bpc', '{:.3f}')],
+    'class': [('accuracy %', 'test_acc', '{:.1f}', 100), ('macro-F1 %', 'test_f1', '{:.1f}', 100)],
+}
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def format_cell(values, fmt, scale=1):
+    """'mean ± std' over seeds; a single value (an evaluation without training) alone; '—' for none."""
+    if not values or any(v is None for v in values):
+        return '—'
+    mean, std = mean_std([v * scale for v in values])
+    return fmt.format(mean) if len(values) == 1 else f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def format_count(n):
+    if n is None:
+        return '—'
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def aggregate_row(label, row_results, kind):
+    """One table row from its runs' result dicts: metric cells (mean ± std), trainable parameters, mean wall time."""
+    cells = [label]
+    for header, key, fmt, *scale in COLUMNS[kind]:
+        cells.append(format_cell([r.get(key) for r in row_results], fmt, *scale))
+    # finetune.py counts the parameters that would train; a run without adaptation trains none
+    trainable = {0 if r.get('mode') == 'none' else r['trainable_params'] for r in row_results}
+    cells.append(format_count(trainable.pop()) if len(trainable) == 1 else '/'.join(map(format_count, trainable)))
+    cells.append(f"{np.mean([r['wall_time_s'] for r in row_results]):.0f}")
+    cells.append(str(len(row_results)))
+    return cells
+
+
+def header(kind):
+    return ['run'] + [c[0] for c in COLUMNS[kind]] + ['trainable params', 'wall time s', 'seeds']
+
+
+def markdown_table(header_cells, rows):
+    lines = ['| ' + ' | '.join(header_cells) + ' |', '|' + '---|' * len(header_cells)]
+    return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def non_finite_cells(rows_results, kind):
+    """(row label, metric) of every metric value that is missing or not finite (the n-gram's PPL aside)."""
+    bad = []
+    for label, row_results in rows_results:
+        for _, key, *_ in COLUMNS[kind]:
+            for r in row_results:
+                if not (r.get(key) is None and 'ngram' in r) and \
+                        not (isinstance(r.get(key), (int, float)) and math.isfinite(r[key])):
+                    bad.append((label, key))
+    return sorted(set(bad))
+
+
+def pretraining_note(sizes_info):
+    facts = '; '.join(f"{name}: {format_count(p['params'])} parameters, {p['iters']} iterations, val bits/char "
+                      f"{p['val_bpc']:.3f}, {p['wall_time_s'] or '?'} s" for name, p in sizes_info.items())
+    return (f"Pretraining: one run per size (seed 1337; the compute budget), on data/pretrain ({facts}). "
+            f"± is the sample std over fine-tuning seeds (for random-init rows, over seeds of the init too); "
+            f"rows without ± train nothing and give the same numbers for every seed.")
+
+
+def ngram_verdict(rows_results):
+    """Says whether the best GPT row beats the n-gram, in bits per character."""
+    ngram = [r for _, rr in rows_results for r in rr if 'ngram' in r][0]
+    gpt = [(np.mean([r['test_bpc'] for r in rr]), label) for label, rr in rows_results if 'ngram' not in rr[0]]
+    best_bpc, best_label = min(gpt)
+    verdict = 'beats' if best_bpc < ngram['test_bpc'] else 'does NOT beat'
+    return (f"The best GPT row ({best_label}, {best_bpc:.3f} bits/char) {verdict} the n-gram "
+            f"({ngram['test_bpc']:.3f}). The GPT rows also see the dialogue history before each reply; the n-gram "
+            f"sees only the reply so far ({ngram['train_chars']:,} training characters, {ngram['ngrams']:,} "
+            f"distinct {NGRAM_ORDER}-grams; test: {ngram['test_replies']} replies, {ngram['test_chars']:,} "
+            f"characters, cut where the GPT's window cuts them). PPL is per token of the GPT's tokenizer, so the "
+            f"n-gram has none; bits/char compares them.")
+
+
+def render(tables, keys_of_spec, results):
+    """The Markdown of every table with its notes, and the aggregated rows for results.json."""
+    parts, aggregated, bad = [], [], []
+    for table in tables:
+        rows_results = [(label, [results['runs'][k] for k in keys_of_spec[json.dumps(spec, sort_keys=True)]])
+                        for label, spec in table['rows']]
+        rows = [aggregate_row(label, rr, table['kind']) for label, rr in rows_results]
+        notes = [pretraining_note(results['pretraining'])] if table is tables[0] else []
+        if any('ngram' in spec for _, spec in table['rows']):
+            notes.append(ngram_verdict(rows_results))
+        parts.append('\n\n'.join([f"### {table['title']}", markdown_table(header(table['kind']), rows), *notes]))
+        aggregated.append(dict(title=table['title'], header=header(table['kind']), rows=rows, notes=notes))
+        bad += [(table['title'], *cell) for cell in non_finite_cells(rows_results, table['kind'])]
+    return '\n\n'.join(parts), aggregated, bad
+
+
+# ----------------------------------------------------------------------------- results file
+
+def results_path(cfg):
+    return os.path.join(cfg.out_dir, 'results.json')
+
+
+def load_results(cfg):
+    if not os.path.exists(results_path(cfg)):
+        return dict(runs={}, pretraining={})
+    with open(results_path(cfg), encoding='utf-8') as f:
+        return json.load(f)
+
+
+def save_results(results, cfg):
+    """Atomic: an interrupted write leaves the previous results."""
+    temp_path = results_path(cfg) + '.tmp'
+    with open(temp_path, 'w', encoding='utf-8') as f:
+        json.dump(results, f, ensure_ascii=False, indent=1)
+    os.replace(temp_path, results_path(cfg))
+
+
+def main(argv=None):
+    t0 = time.time()
+    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
+    scale = SCALES['quick' if cfg.quick else 'full']
+    seeds = [1337 + i for i in range(cfg.seeds or scale['seeds'])]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    results = load_results(cfg)
+    results['config'] = dict(vars(cfg), scale=scale, seeds=seeds)
+    pretrained = {}
+    for name, size_argv in scale['sizes'].items():
+        pretrained[name] = pretrain(name, size_argv, cfg, results)
+        results['pretraining'][name] = pretrained[name]
+        save_results(results, cfg)
+    tables = table_specs(list(scale['sizes']))
+    keys_of_spec = run_all(tables, seeds, pretrained, scale, cfg, results)
+    results['pretraining'] = pretrained  # only this run's sizes
+    markdown, results['tables'], bad = render(tables, keys_of_spec, results)
+    results['markdown'] = markdown
+    save_results(results, cfg)
+    print('\n' + markdown)
+    print(f"\nresults in {results_path(cfg)}; {(time.time() - t0) / 60:.1f} min")
+    if bad:
+        raise SystemExit(f"missing or non-finite numbers: {bad}")
+
+
+if __name__ == '__main__':
+    main()

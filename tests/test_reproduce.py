@@ -1,0 +1,136 @@
+"""Tests of reproduce.py's bookkeeping: mean ± std, cells, Markdown tables, the n-gram's reply bits, run keys
+and command lines, all on hand-made result dicts (no training)."""
+import math
+
+import pytest
+
+import reproduce
+from ngram import KneserNey
+
+
+def lm_result(ppl, bpc, trainable=1000, wall=10.0, mode='full'):
+    return dict(test_ppl=ppl, test_bpc=bpc, trainable_params=trainable, wall_time_s=wall, mode=mode)
+
+
+def ngram_row_result(bpc):
+    return dict(ngram=5, test_bpc=bpc, test_ppl=None, trainable_params=None, wall_time_s=3.0, train_chars=1000,
+                ngrams=500, test_replies=4, test_chars=80)
+
+
+# ----- numbers and cells -----------------------------------------------------------------------------
+
+def test_mean_std_is_the_sample_std():
+    mean, std = reproduce.mean_std([1.0, 2.0, 3.0])
+    assert mean == 2.0 and std == pytest.approx(1.0)  # n - 1 in the denominator: population std is 0.816
+    assert reproduce.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_format_cell():
+    assert reproduce.format_cell([1.0, 2.0, 3.0], '{:.2f}') == '2.00 ± 1.00'
+    assert reproduce.format_cell([0.5, 0.7], '{:.1f}', 100) == '60.0 ± 14.1'  # a fraction shown as a percentage
+    assert reproduce.format_cell([4.25], '{:.2f}') == '4.25'                   # one evaluation: no ±
+    assert reproduce.format_cell([None], '{:.2f}') == '—'
+    assert reproduce.format_cell([], '{:.2f}') == '—'
+
+
+def test_format_count():
+    assert reproduce.format_count(3_360_000) == '3.36M'
+    assert reproduce.format_count(4_800) == '4.8k'
+    assert reproduce.format_count(32) == '32'
+    assert reproduce.format_count(None) == '—'
+
+
+def test_aggregate_row():
+    runs = [lm_result(10.0, 2.0, wall=10.0), lm_result(12.0, 2.2, wall=20.0), lm_result(14.0, 2.4, wall=30.0)]
+    assert reproduce.aggregate_row('full', runs, 'lm') == ['full', '12.00 ± 2.00', '2.200 ± 0.200', '1.0k', '20', '3']
+
+
+def test_aggregate_row_without_adaptation_trains_nothing():
+    row = reproduce.aggregate_row('none', [lm_result(9.0, 1.5, trainable=5000, mode='none')], 'lm')
+    assert row == ['none', '9.00', '1.500', '0', '10', '1']
+
+
+def test_aggregate_classification_row_in_percent():
+    runs = [dict(test_acc=0.8, test_f1=0.5, trainable_params=10, wall_time_s=1.0),
+            dict(test_acc=0.9, test_f1=0.7, trainable_params=10, wall_time_s=3.0)]
+    assert reproduce.aggregate_row('head', runs, 'class')[1:3] == ['85.0 ± 7.1', '60.0 ± 14.1']
+
+
+def test_markdown_table():
+    text = reproduce.markdown_table(['run', 'PPL'], [['a', '1.0'], ['b', '2.0']])
+    assert text.split('\n') == ['| run | PPL |', '|---|---|', '| a | 1.0 |', '| b | 2.0 |']
+
+
+# ----- checks and notes ------------------------------------------------------------------------------
+
+def test_non_finite_cells_are_found():
+    rows = [('ok', [lm_result(5.0, 1.0)]), ('nan', [lm_result(float('nan'), 1.0)]),
+            ('inf', [lm_result(5.0, math.inf)]), ('missing', [dict(trainable_params=1, wall_time_s=1)]),
+            ('n-gram', [ngram_row_result(2.0)])]  # the n-gram has no PPL, and that is fine
+    assert reproduce.non_finite_cells(rows, 'lm') == [('inf', 'test_bpc'), ('missing', 'test_bpc'),
+                                                       ('missing', 'test_ppl'), ('nan', 'test_ppl')]
+
+
+def test_ngram_verdict_says_which_wins():
+    rows = [('gpt', [lm_result(5.0, 1.9), lm_result(5.0, 2.1)]), ('n-gram', [ngram_row_result(2.5)])]
+    assert 'beats the n-gram' in reproduce.ngram_verdict(rows)
+    rows[1] = ('n-gram', [ngram_row_result(1.5)])
+    assert 'does NOT beat the n-gram' in reproduce.ngram_verdict(rows)
+
+
+def test_render_tables_from_results():
+    tables = [dict(title='T', kind='lm', rows=[('full', dict(size='s', mode='full')),
+                                               ('n-gram', dict(ngram=5, size='s'))])]
+    results = dict(runs={'a': lm_result(10.0, 2.0), 'b': lm_result(12.0, 2.2), 'g': ngram_row_result(3.0)},
+                   pretraining=dict(s=dict(params=1000, iters=5, val_bpc=4.0, wall_time_s=2.0)))
+    keys_of_spec = {'{"mode": "full", "size": "s"}': ['a', 'b'], '{"ngram": 5, "size": "s"}': ['g']}
+    markdown, aggregated, bad = reproduce.render(tables, keys_of_spec, results)
+    assert '| full | 11.00 ± 1.41 | 2.100 ± 0.141 | 1.0k | 10 | 2 |' in markdown
+    assert '| n-gram | — | 3.000 | — | 3 | 1 |' in markdown
+    assert 'beats the n-gram' in markdown and 'one run per size' in markdown
+    assert aggregated[0]['rows'][0][0] == 'full' and bad == []
+
+
+# ----- runs ------------------------------------------------------------------------------------------
+
+def test_reply_bits_match_the_ngram_models_own_scoring():
+    texts = ['发热三天，咳嗽。', '建议多喝水，注意休息。', '咳嗽有痰，发热。'] * 3
+    model = KneserNey(3).fit(texts)
+    reply = '发热，多喝水。'
+    bpc, n_chars = model.bits_per_char([reply])  # scores the end marker too
+    assert reproduce.reply_bits(model, reply, True) == pytest.approx(bpc * n_chars)
+    without_end = reproduce.reply_bits(model, reply, False)  # a reply cut by the window: no end marker scored
+    assert 0 < without_end < bpc * n_chars
+
+
+def test_only_runs_that_train_nothing_are_deterministic():
+    assert reproduce.is_deterministic(dict(mode='none'))
+    assert reproduce.is_deterministic(dict(ngram=5))
+    assert not reproduce.is_deterministic(dict(mode='ptune'))
+
+
+def test_finetune_command_lines(tmp_path):
+    cfg = reproduce.SimpleNamespace(out_dir=str(tmp_path), finetune_iters=0)
+    scale = dict(finetune_iters=40, max_eval_examples=16)
+    model_args = dict(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=False,
+                      n_lexical=0, n_entity=0)
+    pretrained = dict(dir=str(tmp_path / 'pretrain-s'), model_args=model_args, learning_rate=1e-3)
+    spec = dict(size='s', init='pretrained', dataset='covid', task='dialogue', mode='full')
+    argv = reproduce.finetune_argv(spec, 7, pretrained, scale, cfg)
+    assert '--mode=full' in argv and '--seed=7' in argv and '--max_iters=40' in argv
+    assert f'--learning_rate={reproduce.FULL_FINETUNE_LR}' in argv and '--init_checkpoint=best.pt' in argv
+    scratch = reproduce.finetune_argv(dict(spec, init='scratch'), 7, pretrained, scale, cfg)
+    assert '--learning_rate=0.001' in scratch  # trained from nothing: the pretraining rate
+    assert (tmp_path / 'scratch-pretrain-s' / 'seed7.pt').exists()
+    assert reproduce.run_key(argv, 'ab' * 32) != reproduce.run_key(scratch, 'ab' * 32)
+    assert reproduce.run_key(argv, 'ab' * 32) != reproduce.run_key(argv, 'cd' * 32)
+
+
+def test_table_specs_cover_the_papers_tables():
+    tables = reproduce.table_specs(['big', 'small'])
+    assert len(tables) == 6
+    for table in tables:
+        labels = [label for label, _ in table['rows']]
+        assert len(labels) == len(set(labels)), table['title']
+    assert len(tables[0]['rows']) == 2 * 3 + 1 and tables[0]['rows'][-1][1]['ngram'] == reproduce.NGRAM_ORDER
+    assert [spec['n_prompt'] for _, spec in tables[2]['rows']] == [1, 25, 50, 75, 100]
