@@ -349,9 +349,12 @@ def build_run(cfg):
     data_dir = os.path.join('data', cfg.dataset)
     checkpoint = None
     if cfg.init_from == 'resume':
-        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), device,
-                                     required_keys=('model', 'model_args', 'optimizer', 'scaler',
-                                                    'iter_num', 'best_val_loss'))
+        try:
+            checkpoint = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), device,
+                                         required_keys=('model', 'model_args', 'optimizer', 'scaler',
+                                                        'iter_num', 'best_val_loss'))
+        except (FileNotFoundError, ValueError) as error:  # a user's mistake, not a bug: no traceback
+            raise SystemExit(f"cannot resume: {error}")
         model_args = checkpoint['model_args']  # the architecture is the checkpoint's, whatever cfg says
     elif cfg.init_from == 'scratch':
         with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
