@@ -336,6 +336,22 @@ def log_progress(run, iter_num, loss, skipped, dt, seconds_per_iter):
 
 # ----------------------------------------------------------------------------- main
 
+def starting_point(cfg, data_dir, device):
+    """(model_args, checkpoint): out_dir/ckpt.pt's when resuming, else new ones and None."""
+    if cfg.init_from == 'scratch':
+        with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
+            return new_model_args(cfg, json.load(f)), None
+    if cfg.init_from != 'resume':
+        raise SystemExit(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+    try:
+        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), device,
+                                     required_keys=('model', 'model_args', 'optimizer', 'scaler',
+                                                    'iter_num', 'best_val_loss'))
+    except (FileNotFoundError, ValueError) as error:  # a user's mistake, not a bug: no traceback
+        raise SystemExit(f"cannot resume: {error}")
+    return checkpoint['model_args'], checkpoint  # the architecture is the checkpoint's, whatever cfg says
+
+
 def build_run(cfg):
     """Everything a training loop needs, in one namespace: model, optimizer, data, precision, ranks."""
     device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
@@ -347,20 +363,7 @@ def build_run(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: float32 speed for free
     torch.backends.cudnn.allow_tf32 = True
     data_dir = os.path.join('data', cfg.dataset)
-    checkpoint = None
-    if cfg.init_from == 'resume':
-        try:
-            checkpoint = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), device,
-                                         required_keys=('model', 'model_args', 'optimizer', 'scaler',
-                                                        'iter_num', 'best_val_loss'))
-        except (FileNotFoundError, ValueError) as error:  # a user's mistake, not a bug: no traceback
-            raise SystemExit(f"cannot resume: {error}")
-        model_args = checkpoint['model_args']  # the architecture is the checkpoint's, whatever cfg says
-    elif cfg.init_from == 'scratch':
-        with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
-            model_args = new_model_args(cfg, json.load(f))
-    else:
-        raise SystemExit(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+    model_args, checkpoint = starting_point(cfg, data_dir, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
@@ -369,7 +372,8 @@ def build_run(cfg):
     if checkpoint is not None:
         model.load_state_dict(checkpoint['model'])
         optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
+        if checkpoint['scaler']:  # {} from a run without fp16: the fresh scaler is right then
+            scaler.load_state_dict(checkpoint['scaler'])
     eval_model = torch.compile(model) if cfg.compile else model
     train_model = eval_model
     if world_size > 1:
