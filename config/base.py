@@ -23,7 +23,7 @@ beta2 = 0.95
 weight_decay = 0.1
 grad_clip = 0.5
 warmup_iters = 2000
-max_iters = 20000
+max_iters = 20000  # 1.3B tokens: sized for a paper-scale corpus; data/pretrain (1.2M) needs far fewer
 lr_decay_iters = 20000  # = max_iters: the cosine ends where training ends
 
 eval_interval = 500
