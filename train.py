@@ -88,6 +88,7 @@ def setup_distributed(device):
 def resolve_device_and_dtype(device, dtype):
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    check_device(device)
     if dtype == 'auto':
         # float32 on CPU: without AMX a CPU's bf16 matmuls run ~30x slower than float32
         # (with AMX, as on Sapphire Rapids, --dtype=bfloat16 is faster: measure before switching)
@@ -96,6 +97,15 @@ def resolve_device_and_dtype(device, dtype):
         else:
             dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     return device, dtype
+
+
+def check_device(device):
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f"device {device!r} asked for, but this PyTorch sees no CUDA GPU: use --device=cpu")
 
 
 def autocast_context(device_type, dtype):

@@ -274,6 +274,11 @@ def test_sample_crops_a_long_prompt_with_a_warning(base_path, data_dir, capsys):
     assert 'warning: the prompt has 160 tokens' in capsys.readouterr().err
 
 
+def test_sample_unknown_device_is_a_clear_error(base_path):
+    with pytest.raises(SystemExit, match="unknown device 'gpu'"):
+        sample.main([f'--checkpoint={base_path}', '--device=gpu'])
+
+
 def test_sample_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='no prompt.pt, best.pt or ckpt.pt'):
         sample.main([f'--out_dir={tmp_path}'])
