@@ -37,7 +37,7 @@ from ngram import EOS, KneserNey
 
 DEFAULTS = dict(
     quick=False,          # toy sizes and a few iterations: checks that every table fills with finite numbers
-    out_dir='out-reproduce',
+    out_dir='out-reproduce',  # --quick writes under out_dir/quick
     seeds=0,              # fine-tuning seeds per cell; 0 = 3 (quick: 2)
     pretrained_dir='',    # a finished pretraining run to use for whichever size its config matches
     finetune_iters=0,     # 0 = the scale's
@@ -52,7 +52,7 @@ SCALES = {
     'full': dict(
         sizes={'tiny': ['config/tiny.py', *WINDOW],
                'mini': ['config/tiny.py', '--n_layer=2', '--n_head=2', '--n_embd=128', *WINDOW]},
-        seeds=3, finetune_iters=200, max_eval_examples=100, ngram_texts=0),
+        seeds=3, finetune_iters=150, max_eval_examples=64, ngram_texts=0),
     'quick': dict(
         sizes={'toy-a': ['config/tiny.py', '--n_layer=1', '--n_head=2', '--n_embd=32', *QUICK_PRETRAIN],
                'toy-b': ['config/tiny.py', '--n_layer=2', '--n_head=2', '--n_embd=48', *QUICK_PRETRAIN]},
@@ -234,7 +234,16 @@ def ngram_result(order, room, max_texts):
     return dict(ngram=order, train_texts=len(texts),
                 train_chars=sum(map(len, texts)), test_replies=len(replies), test_chars=n_chars,
                 test_bpc=bits / n_chars, test_ppl=None, trainable_params=None,
-                ngrams=len(model.counts[order]), wall_time_s=round(time.time() - t0, 1))
+                ngrams=len(model.counts[order]), seen_fraction=seen_fraction(replies, texts),
+                wall_time_s=round(time.time() - t0, 1))
+
+
+def seen_fraction(replies, texts, width=12):
+    """The share of the replies' consecutive width-character pieces found verbatim in the training text: how
+    much of the test set an n-gram can simply remember."""
+    corpus = '\n'.join(texts)
+    pieces = [text[i:i + width] for text, _ in replies for i in range(0, len(text) - width + 1, width)]
+    return sum(piece in corpus for piece in pieces) / max(len(pieces), 1)
 
 
 # ----------------------------------------------------------------------------- fine-tuning runs
@@ -389,7 +398,8 @@ def ngram_verdict(rows_results):
             f"({ngram['test_bpc']:.3f}). The GPT rows also see the dialogue history before each reply; the n-gram "
             f"sees only the reply so far ({ngram['train_chars']:,} training characters, {ngram['ngrams']:,} "
             f"distinct {NGRAM_ORDER}-grams; test: {ngram['test_replies']} replies, {ngram['test_chars']:,} "
-            f"characters, cut where the GPT's window cuts them). PPL is per token of the GPT's tokenizer, so the "
+            f"characters, cut where the GPT's window cuts them; {ngram['seen_fraction']:.0%} of their 12-character "
+            f"pieces occur verbatim in the pretraining text). PPL is per token of the GPT's tokenizer, so the "
             f"n-gram has none; bits/char compares them.")
 
 
@@ -434,6 +444,8 @@ def main(argv=None):
     t0 = time.time()
     cfg = SimpleNamespace(**configure(DEFAULTS, argv))
     scale = SCALES['quick' if cfg.quick else 'full']
+    if cfg.quick:  # toy results apart from the real ones
+        cfg.out_dir = os.path.join(cfg.out_dir, 'quick')
     seeds = [1337 + i for i in range(cfg.seeds or scale['seeds'])]
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = load_results(cfg)

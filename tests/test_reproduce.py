@@ -14,7 +14,7 @@ def lm_result(ppl, bpc, trainable=1000, wall=10.0, mode='full'):
 
 def ngram_row_result(bpc):
     return dict(ngram=5, test_bpc=bpc, test_ppl=None, trainable_params=None, wall_time_s=3.0, train_chars=1000,
-                ngrams=500, test_replies=4, test_chars=80)
+                ngrams=500, test_replies=4, test_chars=80, seen_fraction=0.25)
 
 
 # ----- numbers and cells -----------------------------------------------------------------------------
@@ -101,6 +101,11 @@ def test_reply_bits_match_the_ngram_models_own_scoring():
     assert reproduce.reply_bits(model, reply, True) == pytest.approx(bpc * n_chars)
     without_end = reproduce.reply_bits(model, reply, False)  # a reply cut by the window: no end marker scored
     assert 0 < without_end < bpc * n_chars
+
+
+def test_seen_fraction_counts_pieces_found_in_training_text():
+    replies = [('abcdefgh', True), ('wxyz', False)]  # pieces of 4: abcd, efgh, wxyz
+    assert reproduce.seen_fraction(replies, ['..abcd..', 'wxyz'], width=4) == pytest.approx(2 / 3)
 
 
 def test_only_runs_that_train_nothing_are_deterministic():
