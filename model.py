@@ -382,7 +382,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, lexical=None,
-                 entity=None, prompt_pos=None, eos_id=None, use_cache=True, generator=None):
+                 entity=None, prompt_pos=None, eos_id=None, use_cache=True, generator=None, on_token=None):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new).
 
         With use_cache, each new token costs one position's worth of compute: keys and values of the
@@ -390,7 +390,8 @@ class GPT(nn.Module):
         and the cache is rebuilt (position embeddings are absolute, so cached keys cannot slide);
         use_cache=False recomputes everything each step and gives the same result. temperature 0 is
         greedy. Generated tokens get lexical and entity id 0. A row that emits eos_id keeps emitting
-        it; generation stops when every row has.
+        it; generation stops when every row has. on_token, if given, is called with each step's new
+        ids (B, 1), e.g. to stream them.
         """
         B = idx.size(0)
         tags = {name: (ids if ids is not None else torch.zeros_like(idx)) if table is not None else None
@@ -417,6 +418,8 @@ class GPT(nn.Module):
                 next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
                 finished |= next_id[:, 0] == eos_id
             idx = torch.cat([idx, next_id], dim=1)
+            if on_token is not None:
+                on_token(next_id)
             tags = {name: None if t is None else torch.cat([t, torch.zeros_like(next_id)], dim=1)
                     for name, t in tags.items()}
             if eos_id is not None and finished.all():

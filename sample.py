@@ -31,7 +31,7 @@ DEFAULTS = dict(
     top_p=0.95,             # 1.0 = off
     seed=1337,
     device='auto',
-    stream=True,            # print each sample as it is generated
+    stream=True,            # print the tokens as they are generated
 )
 
 
@@ -72,6 +72,25 @@ def crop_to_context(idx, lexical, entity, room, max_new_tokens):
     return crop(idx), crop(lexical), crop(entity)
 
 
+class StreamPrinter:
+    """Prints a sample's text as its tokens arrive. A character made of several byte pieces is
+    printed once all of them are there (decoding half of it gives the replacement character)."""
+
+    def __init__(self, tokenizer, eot_id):
+        self.tokenizer, self.eot_id = tokenizer, eot_id
+        self.ids, self.shown = [], 0
+
+    def __call__(self, next_id):
+        token = next_id[0, 0].item()
+        if token == self.eot_id:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith('\ufffd'):
+            print(text[self.shown:], end='', flush=True)
+            self.shown = len(text)
+
+
 def generate_reply(model, context, tools, cfg, run, generator):
     """Generate num_samples continuations of context; returns their texts."""
     tokenizer, tagger = tools
@@ -86,16 +105,18 @@ def generate_reply(model, context, tools, cfg, run, generator):
     to = lambda x: None if x is None else x.to(device)
     texts = []
     for _ in range(cfg.num_samples):
+        if cfg.stream and not cfg.dialogue:
+            print(context, end='', flush=True)
         with run['autocast']:
             out = model.generate(to(idx), cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
                                  lexical=to(lexical), entity=to(entity), prompt_pos=to(prompt_pos),
-                                 eos_id=eot, generator=generator)
+                                 eos_id=eot, generator=generator,
+                                 on_token=StreamPrinter(tokenizer, eot) if cfg.stream else None)
         new = [t for t in out[0, idx.size(1):].tolist() if t != eot]
         texts.append(tokenizer.decode(new))
         if cfg.stream:
-            print(texts[-1] if cfg.dialogue else context + texts[-1], flush=True)
-            print('-' * 40, flush=True)
+            print('\n' + '-' * 40, flush=True)
     return texts
 
 

@@ -269,6 +269,23 @@ def test_sample_dialogue_with_a_ptuned_entity_aware_model(base_path, data_dir, t
     assert '病人：最近总是头痛。' in shown and '病人：两周了，血压正常。' in shown
 
 
+def test_streamed_text_is_the_returned_text(base_path, data_dir, capsys):
+    texts = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=12', '--seed=5'])
+    assert capsys.readouterr().out.split('\n')[-3] == '孩子发烧' + texts[0]
+
+
+def test_stream_printer_waits_for_whole_characters(tools, capsys):
+    tok, _ = tools
+    printer = sample.StreamPrinter(tok, tok.eot_id)
+    pieces = tok.encode('发烧😷了')
+    assert len(pieces) == 7  # the emoji is not in the vocabulary: four byte pieces
+    shown = []
+    for piece in pieces + [tok.eot_id]:
+        printer(torch.tensor([[piece]]))
+        shown.append(capsys.readouterr().out)
+    assert shown == ['发', '烧', '', '', '', '😷', '了', '']
+
+
 def test_sample_crops_a_long_prompt_with_a_warning(base_path, data_dir, capsys):
     sample.main([f'--checkpoint={base_path}', '--prompt=' + '发烧' * 80, '--max_new_tokens=4'])
     assert 'warning: the prompt has 160 tokens' in capsys.readouterr().err

@@ -306,6 +306,14 @@ def test_generation_stops_at_eos():
     assert out.size(1) <= 11
 
 
+def test_on_token_sees_every_generated_token():
+    model = make_model()
+    idx, _, _ = random_batch(B=2, T=5, n_lexical=0, n_entity=0)
+    seen = []
+    out = model.generate(idx, max_new_tokens=7, temperature=0, on_token=seen.append)
+    assert torch.equal(torch.cat(seen, dim=1), out[:, 5:])
+
+
 def test_sampling_respects_top_k_and_top_p():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(200, 1)
     g = torch.Generator().manual_seed(0)
