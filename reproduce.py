@@ -120,22 +120,14 @@ def pretrain_config(argv):
         return configure(train.DEFAULTS, argv)
 
 
-def finished_run(run_dir, wanted):
-    """The run's last checkpoint if it is the wanted config trained to the end, else None."""
+def same_config_checkpoint(run_dir, wanted):
+    """The run's last checkpoint if the run has the wanted config (finished or not), else None."""
     path = os.path.join(run_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         return None
     last = load_checkpoint(path)
     same = all(last['config'].get(k) == v for k, v in wanted.items() if k not in PRETRAIN_KEYS_IGNORED)
-    return last if same and last['iter_num'] >= wanted['max_iters'] else None
-
-
-def resumable(run_dir, wanted):
-    path = os.path.join(run_dir, 'ckpt.pt')
-    if not os.path.isfile(path):
-        return False
-    config = load_checkpoint(path)['config']
-    return all(config.get(k) == v for k, v in wanted.items() if k not in PRETRAIN_KEYS_IGNORED)
+    return last if same else None
 
 
 def pretrain(name, argv, cfg, results):
@@ -144,10 +136,13 @@ def pretrain(name, argv, cfg, results):
     run_dir = os.path.join(cfg.out_dir, f"pretrain-{name}")
     wanted = pretrain_config(argv + [f"--out_dir={run_dir}"])
     for candidate in filter(None, [cfg.pretrained_dir, run_dir]):
-        if finished_run(candidate, wanted) is not None:
+        last = same_config_checkpoint(candidate, wanted)
+        if last is not None and last['iter_num'] >= wanted['max_iters']:
             print(f"pretraining {name}: reusing the finished run in {candidate}")
-            return describe_pretraining(candidate, results['pretraining'].get(name, {}).get('wall_time_s'))
-    resume = ['--init_from=resume'] if resumable(run_dir, wanted) else []
+            previous = results['pretraining'].get(name, {})
+            return describe_pretraining(candidate, previous.get('wall_time_s') if previous.get('dir') == candidate
+                                        else None)
+    resume = ['--init_from=resume'] if same_config_checkpoint(run_dir, wanted) is not None else []
     print(f"pretraining {name}: {' '.join(argv)} -> {run_dir} {'(resuming)' if resume else ''}", flush=True)
     t0 = time.time()
     os.makedirs(run_dir, exist_ok=True)
