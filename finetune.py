@@ -214,6 +214,8 @@ def build_model(cfg, base, meta):
 
 
 def set_trainable(model, cfg, train_tokens, rng):
+    if cfg.mode == 'none':  # evaluation only: nothing trains, and the count of trainable parameters says so
+        model.requires_grad_(False)
     if cfg.mode == 'ptune':
         model.freeze_for_ptuning(train_lexical=cfg.lexical, train_entity=cfg.entity)
     if cfg.n_prompt and cfg.prompt_init == 'tokens':

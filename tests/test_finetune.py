@@ -235,7 +235,7 @@ def test_classification_runs_report_accuracy(base_path, data_dir, tmp_path, task
 
 def test_no_adaptation_evaluates_the_base(base_path, data_dir, tmp_path):
     result = finetune.main(finetune_args(base_path, data_dir, tmp_path / 'none', '--mode=none'))
-    assert result['best_iter'] == 0 and np.isfinite(result['test_ppl'])
+    assert result['best_iter'] == 0 and np.isfinite(result['test_ppl']) and result['trainable_params'] == 0
     assert not (tmp_path / 'none' / 'ckpt.pt').exists()
 
 
