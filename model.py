@@ -389,9 +389,10 @@ class GPT(nn.Module):
         past stay in a KV cache. Once the context fills block_size, the oldest tokens are cropped
         and the cache is rebuilt (position embeddings are absolute, so cached keys cannot slide);
         use_cache=False recomputes everything each step and gives the same result. temperature 0 is
-        greedy. Generated tokens get lexical and entity id 0. A row that emits eos_id keeps emitting
-        it; generation stops when every row has. on_token, if given, is called with each step's new
-        ids (B, 1), e.g. to stream them.
+        greedy. Generated tokens get lexical and entity id 0. eos_id is one id or a list of them (e.g.
+        end of text and the speaker pieces, to stop at the end of a turn); a row that emits one keeps
+        emitting it, and generation stops when every row has. on_token, if given, is called with each
+        step's new ids (B, 1), e.g. to stream them.
         """
         B = idx.size(0)
         tags = {name: (ids if ids is not None else torch.zeros_like(idx)) if table is not None else None
@@ -400,6 +401,8 @@ class GPT(nn.Module):
         if room < 1:
             raise ValueError(f"n_prompt={self.config.n_prompt} leaves no room in block_size={self.config.block_size}")
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        stop_ids = None if eos_id is None else torch.as_tensor(eos_id, device=idx.device).flatten()
+        last_id = torch.zeros((B, 1), dtype=torch.long, device=idx.device)  # read only once a row finished
         cache = None
         for _ in range(max_new_tokens):
             if cache is not None and cache[0].length < self.config.block_size:
@@ -414,15 +417,16 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, crop:], lexical=_crop(tags['lexical'], crop),
                                  entity=_crop(tags['entity'], crop), prompt_pos=pos, kv_cache=cache)
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            if eos_id is not None:
-                next_id = torch.where(finished[:, None], torch.full_like(next_id, eos_id), next_id)
-                finished |= next_id[:, 0] == eos_id
+            if stop_ids is not None:
+                next_id = torch.where(finished[:, None], last_id, next_id)  # a finished row repeats its stop id
+                finished |= torch.isin(next_id[:, 0], stop_ids)
+                last_id = next_id
             idx = torch.cat([idx, next_id], dim=1)
             if on_token is not None:
                 on_token(next_id)
             tags = {name: None if t is None else torch.cat([t, torch.zeros_like(next_id)], dim=1)
                     for name, t in tags.items()}
-            if eos_id is not None and finished.all():
+            if stop_ids is not None and finished.all():
                 break
         return idx
 

@@ -76,13 +76,13 @@ class StreamPrinter:
     """Prints a sample's text as its tokens arrive. A character made of several byte pieces is
     printed once all of them are there (decoding half of it gives the replacement character)."""
 
-    def __init__(self, tokenizer, eot_id):
-        self.tokenizer, self.eot_id = tokenizer, eot_id
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
         self.ids, self.shown = [], 0
 
     def __call__(self, next_id):
         token = next_id[0, 0].item()
-        if token == self.eot_id:
+        if token in self.stop_ids:
             return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
@@ -95,6 +95,8 @@ def generate_reply(model, context, tools, cfg, run, generator):
     """Generate num_samples continuations of context; returns their texts."""
     tokenizer, tagger = tools
     eot = tokenizer.eot_id
+    # a reply ends where the next turn begins; a plain continuation only at the end of the text
+    stop_ids = [eot, tokenizer.patient_id, tokenizer.doctor_id] if cfg.dialogue else [eot]
     idx, lexical, entity = encode_context(context, tokenizer, tagger, model)
     room = model.config.block_size - model.config.n_prompt
     idx, lexical, entity = crop_to_context(idx, lexical, entity, room, cfg.max_new_tokens)
@@ -111,9 +113,9 @@ def generate_reply(model, context, tools, cfg, run, generator):
             out = model.generate(to(idx), cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
                                  lexical=to(lexical), entity=to(entity), prompt_pos=to(prompt_pos),
-                                 eos_id=eot, generator=generator,
-                                 on_token=StreamPrinter(tokenizer, eot) if cfg.stream else None)
-        new = [t for t in out[0, idx.size(1):].tolist() if t != eot]
+                                 eos_id=stop_ids, generator=generator,
+                                 on_token=StreamPrinter(tokenizer, stop_ids) if cfg.stream else None)
+        new = [t for t in out[0, idx.size(1):].tolist() if t not in stop_ids]
         texts.append(tokenizer.decode(new))
         if cfg.stream:
             print('\n' + '-' * 40, flush=True)

@@ -265,6 +265,7 @@ def test_sample_dialogue_with_a_ptuned_entity_aware_model(base_path, data_dir, t
     replies = sample.main([f'--out_dir={out}', '--dialogue', '--interactive', '--prompt=最近总是头痛。',
                            '--max_new_tokens=4', '--temperature=0'])
     assert len(replies) == 2  # the prompt's turn and one from stdin; the blank line is skipped
+    assert not any(piece in reply for reply in replies for piece in ('<patient>', '<doctor>', '<eot>'))
     shown = capsys.readouterr().out
     assert '病人：最近总是头痛。' in shown and '病人：两周了，血压正常。' in shown
 
@@ -276,7 +277,7 @@ def test_streamed_text_is_the_returned_text(base_path, data_dir, capsys):
 
 def test_stream_printer_waits_for_whole_characters(tools, capsys):
     tok, _ = tools
-    printer = sample.StreamPrinter(tok, tok.eot_id)
+    printer = sample.StreamPrinter(tok, [tok.eot_id])
     pieces = tok.encode('发烧😷了')
     assert len(pieces) == 7  # the emoji is not in the vocabulary: four byte pieces
     shown = []

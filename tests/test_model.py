@@ -306,6 +306,20 @@ def test_generation_stops_at_eos():
     assert out.size(1) <= 11
 
 
+def test_generation_stops_at_any_of_several_ids():
+    model = make_model()
+    idx, _, _ = random_batch(B=2, T=5, n_lexical=0, n_entity=0)
+    greedy = model.generate(idx, max_new_tokens=8, temperature=0)
+    stops = [greedy[0, 6].item(), greedy[1, 7].item()]  # row 0's second token, row 1's third
+    out = model.generate(idx, max_new_tokens=8, temperature=0, eos_id=stops)
+    for row in range(2):
+        new = out[row, 5:].tolist()
+        first = next(i for i, t in enumerate(new) if t in stops)
+        assert new[:first] == greedy[row, 5:5 + first].tolist()
+        assert all(t == new[first] for t in new[first:])
+    assert out.size(1) < 13
+
+
 def test_on_token_sees_every_generated_token():
     model = make_model()
     idx, _, _ = random_batch(B=2, T=5, n_lexical=0, n_entity=0)
