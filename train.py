@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from types import SimpleNamespace
 
@@ -222,7 +223,10 @@ def sum_over_ranks(values, world_size, device):
 
 
 def train_step(run, iter_num):
-    """One optimizer step over gradient_accumulation_steps micro-batches; returns (mean loss, skipped)."""
+    """One optimizer step over gradient_accumulation_steps micro-batches.
+
+    Returns (this rank's mean loss as a tensor on the device, whether fp16 skipped the step). The loss
+    stays on the device so that a GPU is not made to wait for it on every step."""
     # Windows and dropout masks are a function of (seed, rank, iteration) alone, so a resumed run
     # draws exactly what the uninterrupted one drew, with nothing but iter_num to restore.
     rng = window_rng(run, TRAIN_STREAM, iter_num)
@@ -238,11 +242,6 @@ def train_step(run, iter_num):
                 _, loss = run.train_model(**batch)
             run.scaler.scale(loss / run.accum_steps).backward()
         loss_sum += loss.detach()
-    loss = sum_over_ranks([loss_sum.item() / run.accum_steps], run.world_size, run.device)[0] / run.world_size
-    if not math.isfinite(loss) and not run.scaler.is_enabled():
-        raise SystemExit(f"stopping: non-finite training loss ({loss}) at iter {iter_num} with dtype "
-                         f"{run.dtype}; no checkpoint was written after it. Lower learning_rate or "
-                         f"check the data.")
     if run.cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
@@ -252,7 +251,17 @@ def train_step(run, iter_num):
     run.scaler.step(run.optimizer)  # with fp16, skips the step when a gradient is inf/nan
     run.scaler.update()             # ... and then lowers the scale: that is how we see the skip
     run.optimizer.zero_grad(set_to_none=True)
-    return loss, run.scaler.get_scale() < scale_before
+    return loss_sum / run.accum_steps, run.scaler.get_scale() < scale_before
+
+
+def mean_loss_over_ranks(run, loss, iter_num):
+    """The training loss averaged over ranks, as a number; stops the run if it is not finite."""
+    loss = sum_over_ranks([loss.item()], run.world_size, run.device)[0] / run.world_size
+    if not math.isfinite(loss) and not run.scaler.is_enabled():
+        raise SystemExit(f"stopping: non-finite training loss ({loss}) at iter {iter_num} with dtype "
+                         f"{run.dtype} (checked every log_interval={run.cfg.log_interval} iterations); "
+                         f"no checkpoint was written after it. Lower learning_rate or check the data.")
+    return loss
 
 
 @torch.no_grad()
@@ -290,6 +299,21 @@ def ranks_in_step_checksums(run):
     gathered = [torch.zeros_like(checksum) for _ in range(run.world_size)]
     dist.all_gather(gathered, checksum)
     return [c.item() for c in gathered]
+
+
+def leave_process_group():
+    """Leave torchrun's process group and end this process, skipping the interpreter's teardown."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Gloo releases a finished collective on one of its worker threads, which may happen after our
+    # wait() has returned. When Python owned the collective's tensors, that release takes the GIL, and
+    # if the interpreter is tearing down by then, Python 3.11 ends the thread mid-destructor and the
+    # process aborts ("terminate called without an active exception"; the gdb trace ends in
+    # ~AsyncAllgatherWork, run from ProcessGroupGloo::runLoop). DDP keeps the process group alive, so
+    # destroy_process_group() does not join those threads. Everything is written and flushed at this
+    # point, so exit at once and leave no teardown for the threads to race.
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------- output
@@ -415,6 +439,7 @@ def main(argv=None):
               f"MFU against a peak of {run.peak_flops / 1e9:,.0f} GFLOP/s")
     iter_num, best_val_loss = run.start_iter, run.best_val_loss
     loop_start = time.time()
+    interval_seconds, interval_iters = 0.0, 0  # training time since the last log line
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
             metrics, best_val_loss = evaluate_and_save(run, iter_num, best_val_loss)
@@ -422,19 +447,25 @@ def main(argv=None):
             break
         step_start = time.time()
         loss, skipped = train_step(run, iter_num)
-        if iter_num % cfg.log_interval == 0 or skipped:
+        log_now = iter_num % cfg.log_interval == 0 or skipped  # the same on every rank
+        if log_now:  # reading the loss waits for the device: only here, not every step
+            loss = mean_loss_over_ranks(run, loss, iter_num)
+        interval_seconds, interval_iters = interval_seconds + time.time() - step_start, interval_iters + 1
+        if log_now:
             seconds_per_iter = (time.time() - loop_start) / (iter_num - run.start_iter + 1)
-            log_progress(run, iter_num, loss, skipped, time.time() - step_start, seconds_per_iter)
+            log_progress(run, iter_num, loss, skipped, interval_seconds / interval_iters, seconds_per_iter)
+            interval_seconds, interval_iters = 0.0, 0
         iter_num += 1
     if run.world_size > 1:
         checksums = ranks_in_step_checksums(run)
         log(run, {'iter': iter_num, 'param_checksums': checksums},
             f"ranks in step: {len(set(checksums)) == 1} (weight checksums {checksums})")
-        dist.destroy_process_group()
     if run.rank == 0:
         print(f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
               f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; "
               f"checkpoints in {cfg.out_dir}/")
+    if run.world_size > 1:
+        leave_process_group()
 
 
 if __name__ == '__main__':

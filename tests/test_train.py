@@ -173,10 +173,14 @@ def test_each_rank_reads_different_windows(data_dir):
     assert rank0['lexical'].shape == rank0['idx'].shape
 
 
-def test_non_finite_loss_stops_float32_training_without_a_checkpoint(data_dir, tmp_path):
-    # an absurd learning rate blows the weights up after one step, so the next loss is nan or inf
-    with pytest.raises(SystemExit, match="non-finite training loss .* iter 1 .*float32"):
-        train.main(tiny_args(data_dir, tmp_path, learning_rate=1e30, warmup_iters=0, grad_clip=0.0))
+@pytest.mark.parametrize('log_interval, stop_iter', [(1, 1), (3, 3)])
+def test_non_finite_loss_stops_float32_training_without_a_checkpoint(data_dir, tmp_path, log_interval,
+                                                                     stop_iter):
+    # an absurd learning rate blows the weights up after one step, so the next loss is nan or inf;
+    # the loss is read (and checked) at logged iterations only, so the stop comes at the next of those
+    with pytest.raises(SystemExit, match=f"non-finite training loss .* iter {stop_iter} .*float32"):
+        train.main(tiny_args(data_dir, tmp_path, learning_rate=1e30, warmup_iters=0, grad_clip=0.0,
+                             log_interval=log_interval))
     assert not (tmp_path / 'ckpt.pt').exists() and not (tmp_path / 'best.pt').exists()
 
 
