@@ -6,9 +6,10 @@ How fast is the code? Training, generation and data preparation, measured on thi
     python bench.py --steps=50 --out=bench.json      # also write the numbers as JSON
 
 Prints Markdown tables:
-- training tokens/s and MFU, hand-written vs fused attention, float32 vs bfloat16. MFU is measured
-  against the device's bf16 peak on a known GPU, else against a matmul peak measured here (on a CPU:
-  at float32, said so in the output);
+- training tokens/s and MFU, hand-written vs fused attention, float32 vs bfloat16 (and float16 with the
+  gradient scaler on a GPU). Every row's MFU divides by the one peak train.py uses (common.peak_flops:
+  a known GPU's datasheet bf16 figure, else the best of five 2048x2048 matmuls in the dtype train.py
+  would choose here); the output says which;
 - generation tokens/s with the KV cache vs full recompute (greedy, one model), and whether the two
   produced the same tokens;
 - prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text.
@@ -25,21 +26,22 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import train
+from common import TAG_FILES, Windows, autocast_context, device_type, load_meta, measure_matmul_flops, \
+    new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype, synchronize
 from configurator import configure
 from model import GPT, GPTConfig
 from prepare.lexicon import lexicon_dir
 from prepare.sources import DataError, read_text, source_file
 from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
 from prepare.tokenizer import normalize, train_bpe
-from train import TAG_FILES, Windows, autocast_context, measure_matmul_flops, new_model_args, \
-    peak_flops_of, resolve_device_and_dtype
 
-# Every train.py key (so its config files work here); the sizes of config/tiny.py, which bench a
-# 2-core CPU in a minute or two.
+# The train.py keys a benchmark uses, at config/tiny.py's sizes (a 2-core CPU in a minute or two); a
+# train.py config file works here too: its other keys (out_dir, max_iters, ...) are listed and ignored.
 DEFAULTS = dict(
-    train.DEFAULTS,
-    n_layer=4, n_head=4, n_embd=192, block_size=128, batch_size=16, gradient_accumulation_steps=1,
+    dataset='pretrain', device='auto', dtype='auto', compile=False, seed=1337, peak_flops=0.0,
+    n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, bias=False, lexical=False, entity=False,
+    attention='fused', batch_size=16, gradient_accumulation_steps=1,
+    learning_rate=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=0.5,
     vocab_size=8000,       # for random tokens, and the tokenizer trained when data/<dataset>/ has none
     warmup_steps=3,        # untimed steps first: allocation, caches, torch.compile
     steps=20,              # timed training steps per row
@@ -73,26 +75,16 @@ def machine_info(device, peak_flops_override):
     info['device_name'] = torch.cuda.get_device_name(device) if on_gpu else info['cpu']
     if peak_flops_override:
         info['peak_flops'], info['peak_source'] = peak_flops_override, 'given (--peak_flops)'
-    elif on_gpu:
-        known = any(name in info['device_name'] for name in train.GPU_PEAK_FLOPS)
-        info['peak_flops'] = peak_flops_of(device, 'bfloat16')
-        info['peak_source'] = 'datasheet dense bf16' if known else 'measured bf16 512x512 matmul'
     else:
-        # one peak for every row, so that float32 and bfloat16 MFU compare; bf16's own peak is shown beside it
-        info['peak_flops'] = best_matmul_flops(device, torch.float32)
-        info['peak_source'] = 'measured float32 512x512 matmul, best of 5'
-        info['bf16_matmul_flops'] = best_matmul_flops(device, torch.bfloat16)
+        # one peak for every row, so that float32 and bfloat16 MFU compare: the peak train.py divides by
+        # in the dtype it would choose here; on a CPU the other dtype's matmul speed is shown beside it
+        _, dtype, _ = resolve_device_and_dtype(device, 'auto')
+        info['peak_flops'], info['peak_source'] = peak_flops(device, dtype)
+        if not on_gpu:
+            other = 'bfloat16' if dtype == 'float32' else 'float32'
+            info['other_dtype'] = other
+            info['other_matmul_flops'] = measure_matmul_flops(device, getattr(torch, other), 2048)
     return info
-
-
-def best_matmul_flops(device, dtype, tries=5):
-    # a peak is a best case: on a shared machine the best short burst is the one least slowed by others
-    return max(measure_matmul_flops(device, dtype) for _ in range(tries))
-
-
-def synchronize(device):
-    if device.startswith('cuda'):
-        torch.cuda.synchronize(device)
 
 
 def seconds_per_call(fn, warmup, repeats, device):
@@ -129,10 +121,8 @@ class RandomTokens:
 def load_data(cfg, device):
     """(model_args, batches, description): data/<dataset>/ when prepared, else random tokens."""
     data_dir = os.path.join('data', cfg.dataset)
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if os.path.exists(meta_path) and os.path.exists(os.path.join(data_dir, 'train.bin')):
-        with open(meta_path, encoding='utf-8') as f:
-            model_args = new_model_args(cfg, json.load(f))
+    if os.path.exists(os.path.join(data_dir, 'meta.json')) and os.path.exists(os.path.join(data_dir, 'train.bin')):
+        model_args = new_model_args(cfg, load_meta(data_dir))
         tag_inputs = [name for name in TAG_FILES if model_args[f"n_{name}"]]
         n_tokens = os.path.getsize(os.path.join(data_dir, 'train.bin')) // 2  # uint16
         description = f"{data_dir}/ (prepared: {n_tokens:,} training tokens)"
@@ -147,26 +137,25 @@ def load_data(cfg, device):
 
 def bench_training(cfg, model_args, batches, device, attention, dtype, peak_flops):
     """One row: seconds per optimizer step, tokens/s and MFU for one attention kind and precision."""
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
     torch.manual_seed(cfg.seed)  # the same initial weights in every row
     model = GPT(GPTConfig(**dict(model_args, attention=attention))).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device_type(device))
+    scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == 'float16')
     step_model = torch.compile(model) if cfg.compile else model
-    autocast = autocast_context(device_type, dtype)
+    autocast = autocast_context(device, dtype)
     rng = np.random.default_rng(cfg.seed)  # the same batches in every row
     accum = cfg.gradient_accumulation_steps
 
-    def step():  # what train.py does per iteration: accumulate, clip, step
+    def step():  # what train.py does per iteration: accumulate, then clip and step (fp16: with the scaler)
         for _ in range(accum):
             with autocast:
                 _, loss = step_model(**batches.batch('train', rng))
-            (loss / accum).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss / accum).backward()
+        optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip, cfg.learning_rate)
 
-    steps = cfg.steps if device_type == 'cuda' or dtype == 'float32' else min(cfg.steps, cfg.cpu_bf16_steps)
+    on_gpu = device.startswith('cuda')
+    steps = cfg.steps if on_gpu or dtype == 'float32' else min(cfg.steps, cfg.cpu_bf16_steps)
     seconds = seconds_per_call(step, cfg.warmup_steps, steps, device)
     tokens_per_step = cfg.batch_size * model_args['block_size'] * accum
     return dict(attention=attention, dtype=dtype, steps=steps, ms_per_step=seconds * 1000,
@@ -183,7 +172,7 @@ def bench_generation(cfg, model_args, prompt, device, dtype):
     block_size = max(model_args['block_size'], prompt.size(1) + cfg.gen_tokens)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**dict(model_args, block_size=block_size))).to(device).eval()
-    autocast = autocast_context('cuda' if device.startswith('cuda') else 'cpu', dtype)
+    autocast = autocast_context(device, dtype)
     result = dict(new_tokens=cfg.gen_tokens, prompt_tokens=prompt.size(1), block_size=block_size, dtype=dtype,
                   attention=model_args['attention'])
     outputs = {}
@@ -258,12 +247,12 @@ def markdown(results):
 
 
 def machine_markdown(m, c):
-    bf16 = f"; a bfloat16 512x512 matmul ran at {m['bf16_matmul_flops'] / 1e12:.3f} TFLOP/s" \
-        if 'bf16_matmul_flops' in m else ''
+    other = f"; a {m['other_dtype']} 2048x2048 matmul ran at {m['other_matmul_flops'] / 1e12:.3f} TFLOP/s" \
+        if 'other_dtype' in m else ''
     return ["## Machine", "",
             f"- device: {m['device']}, {m['device_name']}; torch {m['torch']}, {m['threads']} threads, "
             f"{m['cpu_cores']} CPU cores",
-            f"- MFU is against {m['peak_flops'] / 1e12:.3f} TFLOP/s ({m['peak_source']}){bf16}",
+            f"- MFU is against {m['peak_flops'] / 1e12:.3f} TFLOP/s ({m['peak_source']}){other}",
             f"- model: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, block {c['block_size']}, "
             f"vocab {c['vocab_size']}, {c['params'] / 1e6:.2f}M parameters, random initial weights",
             f"- {c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['block_size']} x "
@@ -304,8 +293,8 @@ def prepare_markdown(p):
 
 
 def main(argv=None):
-    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
-    device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
+    cfg = SimpleNamespace(**configure(DEFAULTS, argv, file_keys_elsewhere=True))
+    device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     # as train.py: float32 matmuls may use TF32 on Ampere+ GPUs
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -315,8 +304,9 @@ def main(argv=None):
     config = dict(model_args, batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                   tokens_per_step=cfg.batch_size * model_args['block_size'] * cfg.gradient_accumulation_steps,
                   params=GPT(GPTConfig(**model_args)).num_params(), compile=cfg.compile, data=data)
+    precisions = ('float32', 'bfloat16', 'float16') if device.startswith('cuda') else ('float32', 'bfloat16')
     rows = [bench_training(cfg, model_args, batches, device, attention, precision, machine['peak_flops'])
-            for precision in ('float32', 'bfloat16') for attention in ('manual', 'fused')]
+            for precision in precisions for attention in ('manual', 'fused')]
     prompt = batches.batch('val', np.random.default_rng(cfg.seed))['idx'][:1, :PROMPT_TOKENS]  # (1, P)
     generation = bench_generation(cfg, model_args, prompt, device, dtype)
     preparation = bench_prepare(cfg) if cfg.prepare_chars > 0 else None

@@ -22,15 +22,17 @@ TRUE_WORDS = {'true', '1', 'yes', 'on'}
 FALSE_WORDS = {'false', '0', 'no', 'off'}
 
 
-def configure(defaults, argv=None):
-    """Return a new dict: defaults, then the config file, then the overrides. Prints the result."""
+def configure(defaults, argv=None, file_keys_elsewhere=False):
+    """Return a new dict: defaults, then the config file, then the overrides. Prints the result.
+    file_keys_elsewhere: the config file may hold keys for another script (bench.py reads train.py's
+    config files); those are listed and ignored instead of refused."""
     config = dict(defaults)
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ('-h', '--help'):
         print(usage(defaults))
         raise SystemExit(0)
     if args and not args[0].startswith('-'):
-        config.update(read_config_file(args.pop(0), config))
+        config.update(read_config_file(args.pop(0), config, file_keys_elsewhere))
     for key, text in split_overrides(args, defaults):
         # typed from the script's default, not the config file's value: `learning_rate = 1` in a
         # file must not make `--learning_rate=3e-4` an int
@@ -39,15 +41,25 @@ def configure(defaults, argv=None):
     return config
 
 
-def read_config_file(path, config):
+def config_file_values(path):
     """Execute a config file and return its top-level names (modules and _private names skipped)."""
     if not os.path.isfile(path):
         raise SystemExit(f"config file not found: {path}")
     namespace = {'__file__': path}
     with open(path, encoding='utf-8') as f:
         exec(compile(f.read(), path, 'exec'), namespace)
-    overrides = {key: value for key, value in namespace.items()
-                 if not key.startswith('_') and not isinstance(value, types.ModuleType)}
+    return {key: value for key, value in namespace.items()
+            if not key.startswith('_') and not isinstance(value, types.ModuleType)}
+
+
+def read_config_file(path, config, file_keys_elsewhere=False):
+    """The config file's values, each checked against the script's keys."""
+    overrides = config_file_values(path)
+    if file_keys_elsewhere:
+        ignored = sorted(key for key in overrides if key not in config)
+        if ignored:
+            print(f"{path}: ignoring keys this script does not use: {', '.join(ignored)}")
+        return {key: value for key, value in overrides.items() if key in config}
     for key in overrides:
         check_known(key, config, where=path)
     return overrides

@@ -351,11 +351,13 @@ class GPT(nn.Module):
             x = self._token_outputs(x, self._prompt_positions(prompt_pos, B, T, idx.device))
         return x
 
-    def lm_head_loss(self, h, targets=None, all_logits=False):
-        """Logits over the vocabulary and, given targets (-1 = not scored), the mean cross-entropy."""
+    def lm_head_loss(self, h, targets=None, all_logits=False, reduction='mean'):
+        """Logits over the vocabulary and, given targets (-1 = not scored), the cross-entropy (the mean over
+        scored tokens, or with reduction='sum' their total)."""
         if targets is not None:
             logits = self.lm_head(h)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
             return logits, loss
         # generating: only the last position is needed, unless asked for all
         return self.lm_head(h if all_logits else h[:, [-1], :]), None

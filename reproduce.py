@@ -12,28 +12,31 @@ The papers' tables in miniature, measured on 2 CPU cores:
     python reproduce.py --quick                      # every table at toy size in minutes (CI: structure only)
     python reproduce.py --pretrained_dir=out/mine    # use a finished pretraining run whose config matches
 
-Needs data/pretrain, data/covid, data/dxy and data/department (prepare/). Writes out_dir/results.json: every
-run's result dict (keyed by its command line), the pretraining runs, and the aggregated tables; prints the tables
-as Markdown. A run whose result is already in results.json is not run again, and an interrupted pretraining run
-resumes from its checkpoint, so a crash loses at most one run.
+Needs data/pretrain, data/covid, data/dxy and data/department (prepare/). Every training run is train.py or
+finetune.py in a child process, given its settings as a config file kept beside its log (rerun it with
+`python finetune.py that_file.py`). Writes out_dir/results.json: every run's result dict (keyed by its settings
+and base weights), the pretraining runs, and the aggregated tables; prints the tables as Markdown. A run whose
+result is already in results.json is not run again, and an interrupted pretraining run resumes from its
+checkpoint, so a crash loses at most one run.
 """
-import contextlib
 import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-import finetune
-import train
 from checkpoint import fingerprint, load_checkpoint, save_checkpoint
-from configurator import configure
+from common import load_meta
+from configurator import config_file_values, configure
 from model import GPT, GPTConfig
 from ngram import EOS, KneserNey
+from tasks import build_input, load_split
 
 DEFAULTS = dict(
     quick=False,              # toy sizes and a few iterations: checks that every table fills with finite numbers
@@ -43,21 +46,21 @@ DEFAULTS = dict(
     finetune_iters=0,         # 0 = the scale's
 )
 
-# Both sizes read 256-token windows (config/tiny.py has 128): 100 prompt vectors must leave room for the
-# dialogue. Batch 8 x 256 keeps tiny's 2,048 tokens per step.
-WINDOW = ['--block_size=256', '--batch_size=8']
-QUICK_PRETRAIN = ['--batch_size=4', '--max_iters=30', '--lr_decay_iters=30', '--warmup_iters=5', '--eval_interval=15',
-                  '--eval_iters=2', '--log_interval=10']
+# Each size is config/tiny.py with overrides. Both full sizes read 256-token windows (config/tiny.py has
+# 128): 100 prompt vectors must leave room for the dialogue. Batch 8 x 256 keeps tiny's 2,048 tokens per step.
+WINDOW = dict(block_size=256, batch_size=8)
+QUICK_PRETRAIN = dict(batch_size=4, max_iters=30, lr_decay_iters=30, warmup_iters=5, eval_interval=15, eval_iters=2,
+                      log_interval=10)
 SCALES = {
     'full': dict(
-        sizes={'tiny': ['config/tiny.py', *WINDOW],
-               'mini': ['config/tiny.py', '--n_layer=2', '--n_head=2', '--n_embd=128', *WINDOW]},
+        sizes={'tiny': dict(WINDOW), 'mini': dict(n_layer=2, n_head=2, n_embd=128, **WINDOW)},
         seeds=3, finetune_iters=150, max_eval_examples=64, ngram_texts=0),
     'quick': dict(
-        sizes={'toy-a': ['config/tiny.py', '--n_layer=1', '--n_head=2', '--n_embd=32', *QUICK_PRETRAIN],
-               'toy-b': ['config/tiny.py', '--n_layer=2', '--n_head=2', '--n_embd=48', *QUICK_PRETRAIN]},
+        sizes={'toy-a': dict(n_layer=1, n_head=2, n_embd=32, **QUICK_PRETRAIN),
+               'toy-b': dict(n_layer=2, n_head=2, n_embd=48, **QUICK_PRETRAIN)},
         seeds=2, finetune_iters=6, max_eval_examples=16, ngram_texts=300),
 }
+SIZE_CONFIG = 'config/tiny.py'
 # the paper's 5e-5 is for a 768-wide model and 6 epochs; ours is small and short (3e-4 and 1e-3 reached the
 # same COVID val loss in a 200-step trial)
 FULL_FINETUNE_LR = 3e-4
@@ -73,40 +76,40 @@ PRETRAIN_KEYS_IGNORED = {'out_dir', 'init_from', 'log_interval', 'eval_interval'
 def table_specs(size_names):
     """Each table: title, what its cells measure ('lm' or 'class'), rows of (label, run spec), notes."""
     main = size_names[0]
-    def run(**spec):
+    def cell(**spec):
         return dict(dict(size=main, init='pretrained', dataset='covid', task='dialogue'), **spec)
     ptune = dict(mode='ptune', n_prompt=N_PROMPT)
     pretraining_rows = []
     for size in size_names:
-        pretraining_rows += [(f"{size}: pretrained, fine-tuned on COVID", run(size=size, mode='full')),
-                             (f"{size}: random init, trained on COVID only", run(size=size, mode='full',
+        pretraining_rows += [(f"{size}: pretrained, fine-tuned on COVID", cell(size=size, mode='full')),
+                             (f"{size}: random init, trained on COVID only", cell(size=size, mode='full',
                                                                                   init='scratch')),
-                             (f"{size}: pretrained, no adaptation", run(size=size, mode='none'))]
+                             (f"{size}: pretrained, no adaptation", cell(size=size, mode='none'))]
     return [
         dict(title='Table 3 analogue: does domain pretraining help? (COVID-DDC test, doctor replies)',
              kind='lm', rows=pretraining_rows + [(f"character {NGRAM_ORDER}-gram Kneser-Ney, pretraining text",
                                                   dict(ngram=NGRAM_ORDER, size=main))]),
         dict(title='Table 4 analogue: no adaptation vs fine-tuning vs p-tuning', kind='lm',
-             rows=[(f"{dataset}: {label}", run(dataset=dataset, **spec)) for dataset in ('covid', 'dxy')
+             rows=[(f"{dataset}: {label}", cell(dataset=dataset, **spec)) for dataset in ('covid', 'dxy')
                    for label, spec in (('no adaptation', dict(mode='none')), ('full fine-tuning', dict(mode='full')),
                                        (f"p-tuning ({N_PROMPT} vectors)", ptune))]),
         dict(title='Table 5 analogue: p-tuning, number of prompt vectors (COVID-DDC)', kind='lm',
-             rows=[(f"{n} vectors", run(mode='ptune', n_prompt=n)) for n in (1, 25, 50, 75, 100)]),
+             rows=[(f"{n} vectors", cell(mode='ptune', n_prompt=n)) for n in (1, 25, 50, 75, 100)]),
         dict(title=f"Table 6 analogue: entity-aware p-tuning ({N_PROMPT} vectors, COVID-DDC)", kind='lm',
-             rows=[('p-tuning', run(**ptune)), ('+ lexical', run(**ptune, lexical=True)),
-                   ('+ entity', run(**ptune, entity=True)), ('+ lexical + entity', run(**ptune, lexical=True,
+             rows=[('p-tuning', cell(**ptune)), ('+ lexical', cell(**ptune, lexical=True)),
+                   ('+ entity', cell(**ptune, entity=True)), ('+ lexical + entity', cell(**ptune, lexical=True,
                                                                                      entity=True)),
-                   ('entity splicing', run(**ptune, entity_splice=True))]),
+                   ('entity splicing', cell(**ptune, entity_splice=True))]),
         dict(title='MEDI-BERPT analogue: classification, full fine-tuning (department QA; DXY disease)',
              kind='class',
-             rows=[(f"{dataset}: {label}", run(dataset=dataset, mode='full', task=task))
+             rows=[(f"{dataset}: {label}", cell(dataset=dataset, mode='full', task=task))
                    for dataset in ('department', 'dxy')
                    for label, task in (('classification head alone', 'classify'),
                                        ('multitask (class + 1.0 x LM)', 'multitask'),
                                        ('label as text', 'label_text'))]),
         dict(title=f"BioGPT analogue: where the soft prompt goes (p-tuning, {N_PROMPT} vectors, COVID-DDC)",
-             kind='lm', rows=[('in front of the source', run(**ptune)),
-                              ('between source and target', run(**ptune, prompt_position='infix'))]),
+             kind='lm', rows=[('in front of the source', cell(**ptune)),
+                              ('between source and target', cell(**ptune, prompt_position='infix'))]),
     ]
 
 
@@ -115,15 +118,34 @@ def is_deterministic(spec):
     return 'ngram' in spec or spec['mode'] == 'none'
 
 
+# ----------------------------------------------------------------------------- running the scripts
+
+def run_script(script, settings, run_dir, log_name):
+    """Run train.py or finetune.py in a child process on `settings`, written as a config file (the
+    project's plain-Python config format) beside its log: each run is isolated (its memory is freed when
+    it ends, a crash stops only it) and its config file is the exact command to run it again."""
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, f"{log_name}.py")
+    with open(config_path, 'w', encoding='utf-8') as f:
+        f.write(f"# written by reproduce.py: python {script} {config_path}\n")
+        f.write(''.join(f"{key} = {value!r}\n" for key, value in settings.items()))
+    log_path = os.path.join(run_dir, f"{log_name}.log")
+    with open(log_path, 'a', encoding='utf-8') as log:
+        finished = subprocess.run([sys.executable, script, config_path], stdout=log, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
+        raise SystemExit(f"{script} failed (exit {finished.returncode}) on {config_path}: see {log_path}")
+    return log_path
+
+
 # ----------------------------------------------------------------------------- pretraining
 
-def pretrain_config(argv):
-    with contextlib.redirect_stdout(None):  # configure prints the resolved config
-        return configure(train.DEFAULTS, argv)
+def pretrain_settings(size_overrides, run_dir):
+    """Every train.py key reproduce sets for one size: config/tiny.py's values, then the size's."""
+    return dict(config_file_values(SIZE_CONFIG), **size_overrides, out_dir=run_dir)
 
 
 def same_config_checkpoint(run_dir, wanted):
-    """The run's last checkpoint if the run has the wanted config (finished or not), else None."""
+    """The run's last checkpoint if the run has the wanted settings (finished or not), else None."""
     path = os.path.join(run_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         return None
@@ -132,11 +154,11 @@ def same_config_checkpoint(run_dir, wanted):
     return last if same else None
 
 
-def pretrain(name, argv, cfg, results):
+def pretrain(name, size_overrides, cfg, results):
     """One pretrained model size: reused when a finished run of the same config exists, else trained
     (continuing an interrupted run). Returns facts about it, recorded in results['pretraining']."""
     run_dir = os.path.join(cfg.out_dir, f"pretrain-{name}")
-    wanted = pretrain_config(argv + [f"--out_dir={run_dir}"])
+    wanted = pretrain_settings(size_overrides, run_dir)
     for candidate in filter(None, [cfg.pretrained_dir, run_dir]):
         last = same_config_checkpoint(candidate, wanted)
         if last is not None and last['iter_num'] >= wanted['max_iters']:
@@ -144,12 +166,10 @@ def pretrain(name, argv, cfg, results):
             previous = results['pretraining'].get(name, {})
             return describe_pretraining(candidate, previous.get('wall_time_s') if previous.get('dir') == candidate
                                         else None)
-    resume = ['--init_from=resume'] if same_config_checkpoint(run_dir, wanted) is not None else []
-    print(f"pretraining {name}: {' '.join(argv)} -> {run_dir} {'(resuming)' if resume else ''}", flush=True)
+    resume = same_config_checkpoint(run_dir, wanted) is not None
+    print(f"pretraining {name}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}", flush=True)
     t0 = time.time()
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'stdout.log'), 'a') as log, contextlib.redirect_stdout(log):
-        train.main(argv + [f"--out_dir={run_dir}"] + resume)
+    run_script('train.py', dict(wanted, init_from='resume' if resume else 'scratch'), run_dir, 'pretrain')
     return describe_pretraining(run_dir, round(time.time() - t0, 1))
 
 
@@ -200,12 +220,11 @@ def scored_replies(room):
     from prepare.tokenizer import Tokenizer
     data_dir = os.path.join('data', 'covid')
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
-    with open(os.path.join(data_dir, 'meta.json'), encoding='utf-8') as f:
-        special = json.load(f)['special_ids']
+    special = load_meta(data_dir)['special_ids']
     as_dialogue = SimpleNamespace(task='dialogue', entity_splice=False)
     replies = []
-    for ex in finetune.load_split(data_dir, 'test'):
-        targets = finetune.build_input(ex, as_dialogue, room, special)['targets']
+    for ex in load_split(data_dir, 'test'):
+        targets = build_input(ex, as_dialogue, room, special)['targets']
         scored = targets[targets != -1].tolist()
         ends = scored[-1] == special['eot']
         replies.append((tokenizer.decode(scored[:-1] if ends else scored), ends))
@@ -245,9 +264,9 @@ def seen_fraction(replies, texts, width=12):
 
 # ----------------------------------------------------------------------------- fine-tuning runs
 
-def finetune_argv(spec, seed, pretrained, scale, cfg):
-    """finetune.py's command line for one cell of a table and one seed."""
-    args = {k: v for k, v in spec.items() if k not in ('size', 'init')}
+def finetune_settings(spec, seed, pretrained, scale, cfg):
+    """finetune.py's settings for one cell of a table and one seed (out_dir aside: see run_finetune)."""
+    settings = {k: v for k, v in spec.items() if k not in ('size', 'init')}
     if spec['init'] == 'scratch':
         init_from, init_checkpoint = scratch_checkpoint(pretrained, seed, cfg)
         learning_rate = pretrained['learning_rate']  # trained from nothing: the pretraining recipe's rate
@@ -255,22 +274,23 @@ def finetune_argv(spec, seed, pretrained, scale, cfg):
         init_from, init_checkpoint = pretrained['dir'], 'best.pt'
         learning_rate = FULL_FINETUNE_LR if spec['mode'] == 'full' else 0.0  # 0: finetune.py's p-tuning rate
     iters = cfg.finetune_iters or scale['finetune_iters']
-    args.update(init_from=init_from, init_checkpoint=init_checkpoint, out_dir=os.path.join(cfg.out_dir, 'finetune'),
-                max_iters=iters, warmup_iters=max(iters // 10, 1), eval_interval=max(iters // 2, 1),
-                learning_rate=learning_rate, max_eval_examples=scale['max_eval_examples'], seed=seed)
-    return [f"--{k}={v}" for k, v in args.items()]
+    settings.update(init_from=init_from, init_checkpoint=init_checkpoint, max_iters=iters,
+                    warmup_iters=max(iters // 10, 1), eval_interval=max(iters // 2, 1), learning_rate=learning_rate,
+                    max_eval_examples=scale['max_eval_examples'], seed=seed)
+    return settings
 
 
-def run_key(argv, base_fingerprint):
-    """What identifies a result: the command line and the weights it started from."""
-    return ' '.join(argv) + f" @{base_fingerprint[:16]}"
+def run_key(settings, base_fingerprint):
+    """What identifies a result: the settings and the weights it started from."""
+    return json.dumps(settings, sort_keys=True) + f" @{base_fingerprint[:16]}"
 
 
-def run_finetune(argv, cfg):
-    log_path = os.path.join(cfg.out_dir, 'logs', hashlib.sha1(' '.join(argv).encode()).hexdigest()[:12] + '.log')
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, 'w') as log, contextlib.redirect_stdout(log):
-        result = finetune.main(argv)
+def run_finetune(settings, key, cfg):
+    """One fine-tuning run in its own folder (named by its key); returns the result line it wrote."""
+    run_dir = os.path.join(cfg.out_dir, 'finetune', hashlib.sha1(key.encode()).hexdigest()[:12])
+    log_path = run_script('finetune.py', dict(settings, out_dir=run_dir), run_dir, 'finetune')
+    with open(os.path.join(run_dir, 'results.jsonl'), encoding='utf-8') as f:
+        result = json.loads(f.read().splitlines()[-1])
     return dict(result, log=log_path)
 
 
@@ -286,8 +306,8 @@ def run_all(tables, seeds, pretrained, scale, cfg, results):
             room = pretrained[spec['size']]['model_args']['block_size']
             key = f"ngram order={spec['ngram']} texts={scale['ngram_texts']} room={room}"
         else:
-            argv = finetune_argv(spec, seed, pretrained[spec['size']], scale, cfg)
-            key = run_key(argv, pretrained[spec['size']]['fingerprint'])
+            settings = finetune_settings(spec, seed, pretrained[spec['size']], scale, cfg)
+            key = run_key(settings, pretrained[spec['size']]['fingerprint'])
         if key in keys_of_spec.setdefault(spec_id, []):
             continue  # the same cell in two tables
         keys_of_spec[spec_id].append(key)
@@ -297,7 +317,7 @@ def run_all(tables, seeds, pretrained, scale, cfg, results):
         if 'ngram' in spec:
             result = ngram_result(spec['ngram'], room, scale['ngram_texts'])
         else:
-            result = dict(run_finetune(argv, cfg), spec=spec)
+            result = dict(run_finetune(settings, key, cfg), spec=spec)
         results['runs'][key] = result
         save_results(results, cfg)
         print(f"[{i + 1}/{len(todo)}] {describe(spec)} seed {seed}: {summary_line(result)} "
@@ -448,8 +468,8 @@ def main(argv=None):
     results = load_results(cfg)
     results['config'] = dict(vars(cfg), scale=scale, seeds=seeds)
     pretrained = {}
-    for name, size_argv in scale['sizes'].items():
-        pretrained[name] = pretrain(name, size_argv, cfg, results)
+    for name, size_overrides in scale['sizes'].items():
+        pretrained[name] = pretrain(name, size_overrides, cfg, results)
         results['pretraining'][name] = pretrained[name]
         save_results(results, cfg)
     tables = table_specs(list(scale['sizes']))

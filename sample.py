@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import torch
 
 from checkpoint import load_model
+from common import autocast_context, resolve_device_and_dtype
 from configurator import configure
-from train import autocast_context, resolve_device_and_dtype
 
 DEFAULTS = dict(
     out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it; default: the quick start's) ...
@@ -35,18 +35,18 @@ DEFAULTS = dict(
 )
 
 
-def load_tools(run, cfg):
+def load_tools(checkpoint, cfg):
     """Tokenizer, and the tagger when the model reads tags (the same one prepare/ tagged the training data with)."""
     from prepare.tokenizer import Tokenizer
     from prepare.tagging import Tagger
     from prepare.lexicon import lexicon_dir
-    config = run.get('config', {})
+    config = checkpoint.get('config', {})
     data_dir = cfg.data_dir or os.path.join('data', config.get('dataset', 'pretrain'))
     tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
     if not os.path.isfile(tokenizer_path):
         raise SystemExit(f"no tokenizer at {tokenizer_path}: give --data_dir (a folder that prepare/ built)")
     tokenizer = Tokenizer.load(tokenizer_path)
-    needs_tags = run['model_args'].get('n_lexical') or run['model_args'].get('n_entity')
+    needs_tags = checkpoint['model_args'].get('n_lexical') or checkpoint['model_args'].get('n_entity')
     return tokenizer, Tagger(lexicon_dir()) if needs_tags else None
 
 
@@ -72,6 +72,20 @@ def crop_to_context(idx, lexical, entity, room, max_new_tokens):
     return crop(idx), crop(lexical), crop(entity)
 
 
+def render(tokenizer, ids):
+    """The text of generated ids for a reader: a speaker piece starts a new line labelled 病人： or 医生：,
+    the separator a new line (generation ends at <eot>, so it is never among the ids)."""
+    marks = {tokenizer.patient_id: '\n病人：', tokenizer.doctor_id: '\n医生：', tokenizer.sep_id: '\n'}
+    parts, pending = [], []
+    for token in ids:
+        if token in marks:
+            parts += [tokenizer.decode(pending), marks[token]]
+            pending = []
+        else:
+            pending.append(token)
+    return ''.join(parts + [tokenizer.decode(pending)])
+
+
 class StreamPrinter:
     """Prints a sample's text as its tokens arrive. A character made of several byte pieces is
     printed once all of them are there (decoding half of it gives the replacement character)."""
@@ -85,13 +99,13 @@ class StreamPrinter:
         if token in self.stop_ids:
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = render(self.tokenizer, self.ids)
         if not text.endswith('\ufffd'):
             print(text[self.shown:], end='', flush=True)
             self.shown = len(text)
 
 
-def generate_reply(model, context, tools, cfg, run, generator):
+def generate_reply(model, context, tools, cfg, checkpoint, autocast, generator):
     """Generate num_samples continuations of context; returns their texts."""
     tokenizer, tagger = tools
     eot = tokenizer.eot_id
@@ -101,7 +115,7 @@ def generate_reply(model, context, tools, cfg, run, generator):
     room = model.config.block_size - model.config.n_prompt
     idx, lexical, entity = crop_to_context(idx, lexical, entity, room, cfg.max_new_tokens)
     prompt_pos = None
-    if model.config.n_prompt and run.get('config', {}).get('prompt_position') == 'infix':
+    if model.config.n_prompt and checkpoint.get('config', {}).get('prompt_position') == 'infix':
         prompt_pos = torch.tensor([idx.size(1)])  # between the source and what is generated
     device = next(model.parameters()).device
     to = lambda x: None if x is None else x.to(device)
@@ -109,14 +123,14 @@ def generate_reply(model, context, tools, cfg, run, generator):
     for _ in range(cfg.num_samples):
         if cfg.stream and not cfg.dialogue:
             print(context, end='', flush=True)
-        with run['autocast']:
+        with autocast:
             out = model.generate(to(idx), cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
                                  lexical=to(lexical), entity=to(entity), prompt_pos=to(prompt_pos),
                                  eos_id=stop_ids, generator=generator,
                                  on_token=StreamPrinter(tokenizer, stop_ids) if cfg.stream else None)
         new = [t for t in out[0, idx.size(1):].tolist() if t not in stop_ids]
-        texts.append(tokenizer.decode(new))
+        texts.append(render(tokenizer, new))
         if cfg.stream:
             print('\n' + '-' * 40, flush=True)
     return texts
@@ -133,24 +147,24 @@ def dialogue_turns(cfg):
 
 def main(argv=None):
     cfg = SimpleNamespace(**configure(DEFAULTS, argv))
-    device, dtype = resolve_device_and_dtype(cfg.device, 'auto')
+    device, dtype, _ = resolve_device_and_dtype(cfg.device, 'auto')
     try:
-        model, run = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
+        model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error))
     model.eval()
-    run['autocast'] = autocast_context('cuda' if device.startswith('cuda') else 'cpu', dtype)
-    tools = load_tools(run, cfg)
+    autocast = autocast_context(device, dtype)
+    tools = load_tools(checkpoint, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if not cfg.dialogue:
-        return generate_reply(model, cfg.prompt, tools, cfg, run, generator)
+        return generate_reply(model, cfg.prompt, tools, cfg, checkpoint, autocast, generator)
     tokenizer = tools[0]
     history, replies = '', []
     for turn in dialogue_turns(cfg):
         history += f"<patient>{turn}<doctor>"
         if cfg.stream:
             print(f"病人：{turn}\n医生：", end='', flush=True)
-        reply = generate_reply(model, history, tools, cfg, run, generator)[0]
+        reply = generate_reply(model, history, tools, cfg, checkpoint, autocast, generator)[0]
         history += reply
         replies.append(reply)
     return replies

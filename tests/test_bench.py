@@ -54,11 +54,11 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
     for row in results['train']:
         assert_positive_numbers(row, TRAIN_NUMBERS)
     assert_positive_numbers(results['generate'], GENERATE_NUMBERS)
-    assert isinstance(results['generate']['tokens_match'], bool)
+    assert results['generate']['tokens_match'] is True  # the KV cache changes the speed, never the tokens
     if has_mirror:
         prepare = results['prepare']
         assert prepare['available'] is True, prepare
         assert_positive_numbers(prepare, PREPARE_NUMBERS)
-        assert isinstance(prepare['outputs_match'], bool)
+        assert prepare['outputs_match'] is True  # more processes, the same bytes
     else:
         assert results['prepare'] is None

@@ -13,6 +13,7 @@ import torch
 
 import finetune
 import sample
+import tasks
 from checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
 from model import GPT, GPTConfig
 from prepare.dataset import cut_examples, write_examples
@@ -92,10 +93,10 @@ def finetune_args(base_path, data_dir, out_dir, *extra):
 
 def test_loss_mask_covers_exactly_the_reply(tools, data_dir):
     tok, _ = tools
-    examples = finetune.load_split(str(data_dir), 'train')
+    examples = tasks.load_split(str(data_dir), 'train')
     special = dict(sep=tok.sep_id, eot=tok.eot_id)
     second_reply = examples[1]  # dialogue 0, the doctor's second turn, with the whole history as source
-    x = finetune.build_input(second_reply, config(), 200, special)
+    x = tasks.build_input(second_reply, config(), 200, special)
     scored = x['targets'][x['targets'] != -1]
     assert tok.decode(scored.tolist()) == normalize('可能是上呼吸道感染，多喝水，观察体温。<eot>')
     first_scored = np.flatnonzero(x['targets'] != -1)[0]
@@ -106,38 +107,38 @@ def test_loss_mask_covers_exactly_the_reply(tools, data_dir):
 
 
 def test_crop_keeps_the_target_and_the_newest_source():
-    assert finetune.crop_window(50, 30, 60) == (0, 50)
-    assert finetune.crop_window(50, 30, 40) == (10, 50)   # 10 oldest source tokens go
-    assert finetune.crop_window(100, 30, 40) == (10, 50)  # a long target: source keeps half the window
-    assert finetune.crop_window(100, 5, 40) == (0, 40)
+    assert tasks.crop_window(50, 30, 60) == (0, 50)
+    assert tasks.crop_window(50, 30, 40) == (10, 50)   # 10 oldest source tokens go
+    assert tasks.crop_window(100, 30, 40) == (10, 50)  # a long target: source keeps half the window
+    assert tasks.crop_window(100, 5, 40) == (0, 40)
 
 
 def test_cropped_example_still_scores_only_reply_tokens(tools, data_dir):
     tok, _ = tools
-    ex = finetune.load_split(str(data_dir), 'train')[1]  # a 20-token reply after a 45-token history
+    ex = tasks.load_split(str(data_dir), 'train')[1]  # a 20-token reply after a 45-token history
     special = dict(sep=tok.sep_id, eot=tok.eot_id)
     reply = normalize('可能是上呼吸道感染，多喝水，观察体温。<eot>')
-    x = finetune.build_input(ex, config(), 40, special)  # room for the whole reply: the history is cropped
+    x = tasks.build_input(ex, config(), 40, special)  # room for the whole reply: the history is cropped
     assert len(x['idx']) == 40
     assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == reply
     # too little room: a window of 31 tokens keeps half for the history (15) and the reply's first 16
-    x = finetune.build_input(ex, config(), 30, special)
+    x = tasks.build_input(ex, config(), 30, special)
     scored = tok.decode(x['targets'][x['targets'] != -1].tolist())
     assert len(x['idx']) == 30 and reply.startswith(scored) and len(scored) == 16
 
 
 def test_classify_input_is_the_question_alone(tools, data_dir):
     tok, _ = tools
-    ex = finetune.load_split(str(data_dir), 'train')[0]
-    x = finetune.build_input(ex, config(task='classify'), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
+    ex = tasks.load_split(str(data_dir), 'train')[0]
+    x = tasks.build_input(ex, config(task='classify'), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
     assert tok.decode(x['idx'].tolist()) == normalize('<patient>孩子发烧三天了，咳嗽有痰。<doctor>')
     assert x['targets'] is None and x['class_pos'] == len(x['idx']) - 1 and x['label'] == 0
 
 
 def test_entity_splice_appends_entity_words_before_the_doctor_piece(tools, data_dir):
     tok, _ = tools
-    ex = finetune.load_split(str(data_dir), 'train')[0]
-    x = finetune.build_input(ex, config(entity_splice=True), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
+    ex = tasks.load_split(str(data_dir), 'train')[0]
+    x = tasks.build_input(ex, config(entity_splice=True), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
     source = tok.decode(x['idx'][:x['prompt_pos']].tolist())
     # the lexicon's symptoms in the question (the reply's 气喘 is not the source's to use)
     assert source == normalize('<patient>孩子发烧三天了，咳嗽有痰。<sep>发烧<sep>咳嗽<doctor>')
@@ -146,16 +147,16 @@ def test_entity_splice_appends_entity_words_before_the_doctor_piece(tools, data_
 
 def test_label_text_target_is_the_label_sentence(tools, data_dir):
     tok, _ = tools
-    ex = finetune.load_split(str(data_dir), 'train')[2]  # dialogue 1, first doctor turn: label 1
+    ex = tasks.load_split(str(data_dir), 'train')[2]  # dialogue 1, first doctor turn: label 1
     label_ids = tok.encode('这属于神经科。')
-    x = finetune.build_input(ex, config(task='label_text'), 200, dict(sep=tok.sep_id, eot=tok.eot_id), label_ids)
+    x = tasks.build_input(ex, config(task='label_text'), 200, dict(sep=tok.sep_id, eot=tok.eot_id), label_ids)
     assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == normalize('这属于神经科。<eot>')
 
 
 def test_macro_f1_by_hand():
     # class 0: precision 1/1, recall 1/2 -> F1 2/3; class 1: precision 1/2, recall 1/1 -> 2/3;
     # class 2: its one example predicted as no class (-1) -> 0. Macro: (2/3 + 2/3 + 0) / 3 = 4/9
-    assert finetune.macro_f1([0, 1, 1, -1], [0, 0, 1, 2]) == pytest.approx(4 / 9)
+    assert tasks.macro_f1([0, 1, 1, -1], [0, 0, 1, 2]) == pytest.approx(4 / 9)
 
 
 # ----- model building and losses ------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_new_zero_tables_leave_the_base_unchanged(tools, data_dir, base_path):
     assert args['n_lexical'] == 4 and args['n_entity'] == 2 and args['n_classes'] == 3
     plain = GPT(GPTConfig(**base['model_args']))
     plain.load_state_dict(base['model'])
-    ex = finetune.load_split(str(data_dir), 'train')[0]
+    ex = tasks.load_split(str(data_dir), 'train')[0]
     idx = torch.from_numpy(ex['tokens'])[None]
     tags = dict(lexical=torch.from_numpy(ex['lexical'])[None], entity=torch.from_numpy(ex['entity'])[None])
     assert tags['lexical'].any() and tags['entity'].any()
@@ -182,10 +183,10 @@ def test_multitask_loss_is_the_weighted_sum(tools, data_dir, base_path):
     cfg = config(task='multitask', lambda_lm=0.3)
     model, _ = finetune.build_model(cfg, base, meta)
     model.eval()
-    examples = [ex for ex in finetune.load_split(str(data_dir), 'train') if ex['label'] >= 0]
-    inputs = [finetune.build_input(ex, cfg, 96, dict(sep=tok.sep_id, eot=tok.eot_id)) for ex in examples]
-    batch = finetune.collate(inputs, cfg, tok.eot_id, 'cpu')
-    loss, lm_loss, class_loss = finetune.task_loss(model, batch, cfg)
+    examples = [ex for ex in tasks.load_split(str(data_dir), 'train') if ex['label'] >= 0]
+    inputs = [tasks.build_input(ex, cfg, 96, dict(sep=tok.sep_id, eot=tok.eot_id)) for ex in examples]
+    batch = tasks.collate(inputs, cfg, tok.eot_id, 'cpu')
+    loss, lm_loss, class_loss = tasks.task_loss(model, batch, cfg)
     _, lm_alone = model(batch['idx'], targets=batch['targets'])
     _, class_alone = model.classify(model.encode(batch['idx']), batch['class_pos'], batch['labels'])
     assert torch.allclose(lm_loss, lm_alone) and torch.allclose(class_loss, class_alone)
@@ -226,11 +227,31 @@ def test_ptuning_file_refuses_another_base(base_path, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize('task', ['classify', 'multitask', 'label_text'])
-def test_classification_runs_report_accuracy(base_path, data_dir, tmp_path, task):
+def test_classification_runs_report_accuracy(tools, base_path, data_dir, tmp_path, task):
     result = finetune.main(finetune_args(base_path, data_dir, tmp_path / task, f'--task={task}'))
-    assert 0.0 <= result['test_acc'] <= 1.0 and 0.0 <= result['test_f1'] <= 1.0
     assert ('test_loss' in result) == (task != 'classify')
     assert result['trainable_params'] == result['total_params']
+    # the reported accuracy and F1 are those of the saved model, predicted here by hand from each question
+    tok, _ = tools
+    model, _ = load_model(str(tmp_path / task))
+    model.eval()
+    sentences = [f'这属于{name}。' for name in LABELS]
+    predictions, labels = [], []
+    for ex in tasks.load_split(str(data_dir), 'test'):
+        if ex['label'] < 0:
+            continue
+        question = torch.from_numpy(ex['tokens'][:int(np.argmax(ex['mask']))])[None]  # (1, T): up to <doctor>
+        if task == 'label_text':
+            out = model.generate(question, 8, temperature=0, eos_id=tok.eot_id)
+            text = tok.decode([t for t in out[0, question.size(1):].tolist() if t != tok.eot_id])
+            predictions.append(sentences.index(text) if text in sentences else -1)
+        else:
+            class_logits, _ = model.classify(model.encode(question), torch.tensor([question.size(1) - 1]))
+            predictions.append(int(class_logits.argmax()))
+        labels.append(ex['label'])
+    assert len(labels) == len(DIALOGUES)
+    assert result['test_acc'] == pytest.approx(np.mean(np.array(predictions) == labels))
+    assert result['test_f1'] == pytest.approx(tasks.macro_f1(predictions, labels))
 
 
 def test_no_adaptation_evaluates_the_base(base_path, data_dir, tmp_path):
@@ -248,10 +269,16 @@ def test_bad_finetune_configs_are_refused(base_path, data_dir, tmp_path):
 
 # ----- sample.py -------------------------------------------------------------------------------------
 
-def test_sample_continues_a_prompt(base_path, data_dir):
+def test_sample_continues_a_prompt(tools, base_path, data_dir):
+    tok, _ = tools
+    greedy = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5', '--temperature=0'])
+    model, _ = load_model(str(base_path))
+    prompt = torch.tensor([tok.encode('孩子发烧')])
+    expected = model.eval().generate(prompt, 5, temperature=0, eos_id=[tok.eot_id])[0, prompt.size(1):].tolist()
+    assert greedy == [sample.render(tok, [t for t in expected if t != tok.eot_id])]
     texts = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5',
                          '--num_samples=2', '--seed=3'])
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == 2 and all(texts)
     again = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5',
                          '--num_samples=2', '--seed=3'])
     assert again == texts  # seeded
@@ -268,6 +295,12 @@ def test_sample_dialogue_with_a_ptuned_entity_aware_model(base_path, data_dir, t
     assert not any(piece in reply for reply in replies for piece in ('<patient>', '<doctor>', '<eot>'))
     shown = capsys.readouterr().out
     assert '病人：最近总是头痛。' in shown and '病人：两周了，血压正常。' in shown
+
+
+def test_speaker_pieces_render_as_labelled_lines(tools):
+    tok, _ = tools
+    ids = tok.encode('<patient>发烧三天<sep>咳嗽<doctor>多喝水')
+    assert sample.render(tok, ids) == '\n病人：发烧三天\n咳嗽\n医生：多喝水'
 
 
 def test_streamed_text_is_the_returned_text(base_path, data_dir, capsys):

@@ -1,11 +1,14 @@
 """Tests of reproduce.py's bookkeeping: mean ± std, cells, Markdown tables, the n-gram's reply bits, run keys
 and command lines, all on hand-made result dicts (no training)."""
 import math
+from pathlib import Path
 
 import pytest
 
 import reproduce
 from ngram import KneserNey
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lm_result(ppl, bpc, trainable=1000, wall=10.0, mode='full'):
@@ -114,21 +117,32 @@ def test_only_runs_that_train_nothing_are_deterministic():
     assert not reproduce.is_deterministic(dict(mode='ptune'))
 
 
-def test_finetune_command_lines(tmp_path):
+def test_finetune_settings(tmp_path):
     cfg = reproduce.SimpleNamespace(out_dir=str(tmp_path), finetune_iters=0)
     scale = dict(finetune_iters=40, max_eval_examples=16)
     model_args = dict(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=False,
                       n_lexical=0, n_entity=0)
     pretrained = dict(dir=str(tmp_path / 'pretrain-s'), model_args=model_args, learning_rate=1e-3)
     spec = dict(size='s', init='pretrained', dataset='covid', task='dialogue', mode='full')
-    argv = reproduce.finetune_argv(spec, 7, pretrained, scale, cfg)
-    assert '--mode=full' in argv and '--seed=7' in argv and '--max_iters=40' in argv
-    assert f'--learning_rate={reproduce.FULL_FINETUNE_LR}' in argv and '--init_checkpoint=best.pt' in argv
-    scratch = reproduce.finetune_argv(dict(spec, init='scratch'), 7, pretrained, scale, cfg)
-    assert '--learning_rate=0.001' in scratch  # trained from nothing: the pretraining rate
+    settings = reproduce.finetune_settings(spec, 7, pretrained, scale, cfg)
+    assert settings['mode'] == 'full' and settings['seed'] == 7 and settings['max_iters'] == 40
+    assert settings['learning_rate'] == reproduce.FULL_FINETUNE_LR and settings['init_checkpoint'] == 'best.pt'
+    scratch = reproduce.finetune_settings(dict(spec, init='scratch'), 7, pretrained, scale, cfg)
+    assert scratch['learning_rate'] == 0.001  # trained from nothing: the pretraining rate
     assert (tmp_path / 'scratch-pretrain-s' / 'seed7.pt').exists()
-    assert reproduce.run_key(argv, 'ab' * 32) != reproduce.run_key(scratch, 'ab' * 32)
-    assert reproduce.run_key(argv, 'ab' * 32) != reproduce.run_key(argv, 'cd' * 32)
+    assert reproduce.run_key(settings, 'ab' * 32) != reproduce.run_key(scratch, 'ab' * 32)
+    assert reproduce.run_key(settings, 'ab' * 32) != reproduce.run_key(settings, 'cd' * 32)
+
+
+def test_run_script_writes_a_config_file_the_script_reads(tmp_path, monkeypatch):
+    """A child run gets its settings as a config file; a failing run stops reproduce with its log's path."""
+    monkeypatch.chdir(ROOT)
+    settings = dict(init_from=str(tmp_path / 'nothing'), out_dir=str(tmp_path / 'out'), max_iters=1)
+    with pytest.raises(SystemExit, match='finetune.py failed'):
+        reproduce.run_script('finetune.py', settings, str(tmp_path / 'run'), 'finetune')
+    written = (tmp_path / 'run' / 'finetune.py').read_text(encoding='utf-8')
+    assert f"max_iters = 1\n" in written and f"out_dir = {str(tmp_path / 'out')!r}\n" in written
+    assert 'max_iters' in (tmp_path / 'run' / 'finetune.log').read_text(encoding='utf-8')  # the child printed it
 
 
 def test_table_specs_cover_the_papers_tables():

@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and friends are flat files at the repo root
 
+import common  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from configurator import configure  # noqa: E402
@@ -128,8 +129,8 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- train.py
 
 def test_learning_rate_warms_up_decays_and_holds():
-    cfg = SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
-    lrs = [train.learning_rate_at(it, cfg) for it in range(200)]
+    lrs = [common.learning_rate_at(it, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+           for it in range(200)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))            # rising during warm-up
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine midpoint
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))      # falling
@@ -165,7 +166,7 @@ def test_resumed_run_matches_uninterrupted_run(data_dir, tmp_path):
 
 
 def test_each_rank_reads_different_windows(data_dir):
-    windows = train.Windows(str(data_dir), 16, 4, ['lexical'], 'cpu')
+    windows = common.Windows(str(data_dir), 16, 4, ['lexical'], 'cpu')
     runs = [SimpleNamespace(cfg=SimpleNamespace(seed=0), rank=rank) for rank in (0, 1)]
     rank0, rank1 = (windows.batch('train', train.window_rng(run, train.TRAIN_STREAM, 5)) for run in runs)
     assert not torch.equal(rank0['idx'], rank1['idx'])
