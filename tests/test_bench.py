@@ -33,7 +33,7 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
     out = tmp_path / 'bench.json'
     # a dataset that does not exist: random tokens, whatever has been prepared in data/
     args = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
-            '--vocab_size=2000', '--warmup_steps=1', '--steps=2', '--cpu_bf16_steps=1', '--gen_tokens=8',
+            '--vocab_size=2000', '--warmup_steps=1', '--steps=2', '--cpu_bf16_steps=1', '--gen_tokens=24',
             '--peak_flops=1e10', f'--dataset={tmp_path / "no_data"}', f'--src={MIRROR}', f'--out={out}',
             f'--prepare_chars={3000 if has_mirror else 0}']
     threads = torch.get_num_threads()
