@@ -9,6 +9,7 @@ the character offsets of the tokens index the same string that jieba segments.
 """
 import io
 import json
+import os
 import re
 import string
 import unicodedata
@@ -17,7 +18,7 @@ from collections import Counter
 import numpy as np
 import sentencepiece as spm
 
-from prepare.sources import atomic_write
+from prepare.sources import DataError, atomic_write
 
 SPECIALS = ['<patient>', '<doctor>', '<sep>', '<eot>']
 MAX_VOCAB = 65536  # ids are stored as uint16
@@ -156,12 +157,14 @@ _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73
 
 def import_bert_vocab(vocab_path, path):
     """Store a BERT vocab.txt (one piece per line, line number = id) as tokenizer.model; returns the tokenizer."""
+    if not os.path.isfile(vocab_path):
+        raise DataError(f"no tokenizer {vocab_path!r}: give 'bpe', 'char' or the path of a BERT vocab.txt")
     with open(vocab_path, encoding='utf-8') as f:
         pieces = [line.rstrip('\n') for line in f]
     missing = [p for p in ['[UNK]', '[CLS]', *BERT_SPECIALS.values()] if p not in pieces]
-    if missing:
-        raise ValueError(f'{vocab_path} is not a BERT vocabulary this project can use: no {", ".join(missing)}')
-    check_vocab_size(len(pieces))
+    if missing or len(pieces) >= MAX_VOCAB:
+        raise DataError(f'{vocab_path} is not a BERT vocabulary this project can use: '
+                        + (f'no {", ".join(missing)}' if missing else f'{len(pieces)} pieces, ids must fit uint16'))
     atomic_write(path, json.dumps({'kind': 'bert', 'pieces': pieces}, ensure_ascii=False).encode())
     return Tokenizer.load(path)
 
