@@ -61,6 +61,8 @@ def model_args_from_config(hf_config, path):
         if not ok:
             raise ValueError(f"{path}: unsupported {key}={hf_config.get(key)!r} (this model needs {what})")
     need('model_type', hf_config.get('model_type') == 'gpt2', "a GPT-2 model, model_type 'gpt2'")
+    for key in ('n_embd', 'n_head', 'n_layer', 'n_positions', 'vocab_size'):
+        need(key, isinstance(hf_config.get(key), int) and hf_config[key] > 0, 'a positive integer')
     n_embd, n_head = hf_config['n_embd'], hf_config['n_head']
     need('n_inner', hf_config.get('n_inner') in (None, 4 * n_embd), f'n_inner = 4 * n_embd = {4 * n_embd}')
     need('activation_function', hf_config.get('activation_function', 'gelu_new') in ACTIVATIONS,
