@@ -40,6 +40,7 @@ class GPTConfig:
     prompt_reparam: str = 'none'  # 'none', 'mlp' or 'lstm': P-tuning's re-parameterisation of the prompt
     n_classes: int = 0        # classification head outputs; 0 = no head
     attention: str = 'manual'  # 'manual' (hand-written reference) or 'fused' (scaled_dot_product_attention)
+    activation: str = 'gelu'  # MLP: 'gelu' (exact, erf) or 'gelu_tanh' (GPT-2's tanh approximation, HF's gelu_new)
 
 
 class LayerKVCache:
@@ -119,8 +120,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        assert config.activation in ('gelu', 'gelu_tanh'), f"activation must be 'gelu' or 'gelu_tanh', not {config.activation!r}"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate='tanh' if config.activation == 'gelu_tanh' else 'none')
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

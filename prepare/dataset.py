@@ -104,7 +104,7 @@ def split_counts(tok, ids, lexical, entity, records, texts):
     """Counts for meta.json: tokens, characters (of the decoded text, specials excluded), tag distributions."""
     return {'tokens': len(ids), 'chars': int(tok.char_counts()[ids].sum()), 'records': records,
             'input_chars': sum(len(t) for t in texts),
-            'entity_tokens': int((entity > 0).sum()),
+            'entity_tokens': int((entity > 0).sum()), 'unk_tokens': int((ids == tok.unk_id).sum()),
             'lexical_tokens': {name: int((lexical == i).sum()) for name, i in LEXICAL_MAP.items()}}
 
 

@@ -1,6 +1,6 @@
 """The default pretraining set from all sources -> data/pretrain/ (tokenizer included).
 
-    python prepare/pretrain.py [--src DIR] [--tokenizer bpe|char] [--vocab_size 8000]
+    python prepare/pretrain.py [--src DIR] [--tokenizer bpe|char|PATH/vocab.txt] [--vocab_size 8000]
 
 Documents: COVID raw consultations (minus duplicates and minus the validation/test dialogues of the official
 split), DXY and department QA training consultations (their validation/test parts stay out too), and the
@@ -21,7 +21,7 @@ from prepare.dataset import arg_parser, atomic_dir, dialogue_text, run, split_co
 from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
 from prepare.sources import Skipped
 from prepare.tagging import tag_texts
-from prepare.tokenizer import SPECIALS, check_vocab_size, train_bpe, train_char
+from prepare.tokenizer import SPECIALS, check_vocab_size, import_bert_vocab, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
 
@@ -68,7 +68,8 @@ def print_summary(counts, timings, skipped):
 def main():
     started = time.time()
     parser = arg_parser(__doc__, 'pretrain', example_set=False)
-    parser.add_argument('--tokenizer', choices=['bpe', 'char'], default='bpe', help='SentencePiece BPE or characters')
+    parser.add_argument('--tokenizer', default='bpe',
+                        help="'bpe' (SentencePiece), 'char', or a BERT vocab.txt (GPT2-Chinese's, for continued pretraining)")
     parser.add_argument('--vocab_size', type=int, default=8000, help='must be < 65536 (ids are uint16)')
     parser.add_argument('--char_coverage', type=float, default=0.9995,
                         help='BPE: share of characters that get a piece; the rarest fall back to bytes')
@@ -88,8 +89,11 @@ def main():
     with atomic_dir(args.out) as folder:
         tokenizer_path = os.path.join(folder, 'tokenizer.model')
         train_lines = training_lines(documents[i][0] for i in splits['train'])
-        tok = (train_bpe(train_lines, tokenizer_path, args.vocab_size, args.char_coverage) if args.tokenizer == 'bpe'
-               else train_char(train_lines, tokenizer_path, args.vocab_size))
+        if args.tokenizer not in ('bpe', 'char'):
+            tok = import_bert_vocab(args.tokenizer, tokenizer_path)
+        else:
+            tok = (train_bpe(train_lines, tokenizer_path, args.vocab_size, args.char_coverage) if args.tokenizer == 'bpe'
+                   else train_char(train_lines, tokenizer_path, args.vocab_size))
         timings['tokenizer'] = time.time() - started - sum(timings.values())
         tagged = tag_texts(documents, tokenizer_path, lexicon, args.entity_types, args.workers)
         timings['tag'] = time.time() - started - sum(timings.values())

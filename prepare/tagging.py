@@ -56,6 +56,8 @@ class Tagger:
         special = np.isin(ids, tok.special_ids)
         lexical = np.where(special, 0, self.lexical_per_char(text)[begins])
         entity = np.where(special, 0, self.entity_per_char(text, extra_entities)[begins])
+        if tok.bos_id is not None:  # a document starts with the piece the model was trained to start from
+            ids, lexical, entity = (np.concatenate([[first], x]) for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity)))
         return ids, lexical.astype(np.int64), entity.astype(np.int64)
 
     def lexical_per_char(self, text):

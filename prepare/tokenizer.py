@@ -1,5 +1,6 @@
-"""Tokenizers behind one interface: SentencePiece BPE (the default, an in-domain vocabulary) or one piece per
-character (the GPT2-Chinese-style comparison point).
+"""Tokenizers behind one interface: SentencePiece BPE (the default, an in-domain vocabulary), one piece per
+character (the GPT2-Chinese-style comparison point), or GPT2-Chinese's own BERT character vocabulary (BertVocab,
+at the end of this file) for continued pretraining from an imported model.
 
 Both share one id layout: 0 <unk> (never produced: byte fallback covers every character), 1-4 the special
 pieces, 5-260 the 256 byte pieces, then the learned pieces. Text is normalised here (see normalize) and
@@ -8,14 +9,16 @@ the character offsets of the tokens index the same string that jieba segments.
 """
 import io
 import json
+import os
 import re
+import string
 import unicodedata
 from collections import Counter
 
 import numpy as np
 import sentencepiece as spm
 
-from prepare.sources import atomic_write
+from prepare.sources import DataError, atomic_write
 
 SPECIALS = ['<patient>', '<doctor>', '<sep>', '<eot>']
 MAX_VOCAB = 65536  # ids are stored as uint16
@@ -76,6 +79,7 @@ class Tokenizer:
         self.vocab_size = len(pieces)
         self.patient_id, self.doctor_id, self.sep_id, self.eot_id = (pieces.index(s) for s in SPECIALS)
         self.special_ids = np.array([self.patient_id, self.doctor_id, self.sep_id, self.eot_id])
+        self.unk_id, self.bos_id = 0, None  # <unk> is never produced (byte fallback); documents need no start piece
         self._bytes = [_piece_bytes(p) for p in pieces]
         counts = self.char_counts()
         # characters each id spans in the normalised input text: like char_counts, but a special piece
@@ -89,7 +93,8 @@ class Tokenizer:
         with open(path, 'rb') as f:
             data = f.read()
         if data.startswith(b'{'):
-            return cls('char', json.loads(data)['pieces'])
+            stored = json.loads(data)
+            return BertVocab(stored['pieces']) if stored['kind'] == 'bert' else cls('char', stored['pieces'])
         sp = spm.SentencePieceProcessor(model_proto=data)
         return cls('bpe', [sp.id_to_piece(i) for i in range(sp.get_piece_size())], sp)
 
@@ -139,3 +144,160 @@ def _piece_chars(i, piece):
     if piece in _BYTE_OF:
         return int(_BYTE_OF[piece] < 0x80 or _BYTE_OF[piece] >= 0xC0)
     return len(piece)
+
+
+# ----------------------------------------------------------------------------- GPT2-Chinese's BERT vocabulary
+
+# Our pieces -> reserved entries of the BERT vocabulary, so that an imported model needs no new embedding row.
+BERT_SPECIALS = {'<patient>': '[unused1]', '<doctor>': '[unused2]', '<sep>': '[unused3]', '<eot>': '[SEP]'}
+BERT_MAX_WORD = 100  # longer words become one [UNK], as in BertTokenizer
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # the blocks BERT gives one token per character
+
+
+def import_bert_vocab(vocab_path, path):
+    """Store a BERT vocab.txt (one piece per line, line number = id) as tokenizer.model; returns the tokenizer."""
+    if not os.path.isfile(vocab_path):
+        raise DataError(f"no tokenizer {vocab_path!r}: give 'bpe', 'char' or the path of a BERT vocab.txt")
+    with open(vocab_path, encoding='utf-8') as f:
+        pieces = [line.rstrip('\n') for line in f]
+    missing = [p for p in ['[UNK]', '[CLS]', *BERT_SPECIALS.values()] if p not in pieces]
+    if missing or len(pieces) >= MAX_VOCAB:
+        raise DataError(f'{vocab_path} is not a BERT vocabulary this project can use: '
+                        + (f'no {", ".join(missing)}' if missing else f'{len(pieces)} pieces, ids must fit uint16'))
+    atomic_write(path, json.dumps({'kind': 'bert', 'pieces': pieces}, ensure_ascii=False).encode())
+    return Tokenizer.load(path)
+
+
+class BertVocab:
+    """BertTokenizer's tokenization with a BERT vocab.txt, behind the Tokenizer interface.
+
+    As UER-py tokenized the corpus its GPT2-Chinese models were trained on (uer/utils/tokenizers.py: BertTokenizer
+    with --do_lower_case "true", its default): control characters are dropped, whitespace separates words and is
+    itself dropped, every CJK character is a word of its own, Latin letters are lower-cased with accents
+    stripped, punctuation is a word of its own, and each word is cut into the longest pieces of the vocabulary
+    (continuations spelt '##...'); a word with no such cut is one [UNK]. UER's data also framed each document as
+    [CLS] ... [SEP]: <eot> is [SEP], and bos_id ([CLS]) is put in front of every document by prepare/tagging.py.
+
+    For bits per character (char_counts) a piece counts its characters ('##' excluded), [UNK] counts 1 (it is
+    nearly always one rare character or symbol) and the special pieces 0. The whitespace BERT drops is not
+    counted, so on text with spaces the denominator is smaller and bits/char a little higher than for the
+    tokenizers that keep every character: the comparison errs against this tokenizer, never for it.
+    """
+
+    kind = 'bert'
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+        self.vocab_size = len(pieces)
+        self._id = {p: i for i, p in enumerate(pieces)}
+        self.patient_id, self.doctor_id, self.sep_id, self.eot_id = (self._id[BERT_SPECIALS[s]] for s in SPECIALS)
+        self.unk_id, self.bos_id = self._id['[UNK]'], self._id['[CLS]']
+        self.special_ids = np.array([self.patient_id, self.doctor_id, self.sep_id, self.eot_id, self.bos_id])
+        self._text = {i: '' if p.startswith('[') and p.endswith(']') else p.removeprefix('##')
+                      for i, p in enumerate(pieces)}
+        self._text.update({self._id[b]: s for s, b in BERT_SPECIALS.items()})
+        self._text[self.unk_id] = '\ufffd'
+
+    def encode(self, text):
+        return self.encode_offsets(text)[1].tolist()
+
+    def encode_offsets(self, text):
+        """(normalised text, ids (N,) int64, begins (N,) int64): begins[i] is the index in the normalised text
+        of the first character of token i. No [CLS] here: see bos_id."""
+        text = normalize(text)
+        ids, begins, start = [], [], 0
+        for part in _SPECIAL_SPLIT.split(text):
+            if part in BERT_SPECIALS:
+                ids.append(self._id[BERT_SPECIALS[part]])
+                begins.append(start)
+            else:
+                for word in _bert_words(part, start):
+                    self._wordpiece(word, ids, begins)
+            start += len(part)
+        return text, np.array(ids, dtype=np.int64), np.array(begins, dtype=np.int64)
+
+    def _wordpiece(self, word, ids, begins):
+        """Greedy longest-match-first pieces of one word [(char, index in text)], appended to ids and begins."""
+        chars = ''.join(c for c, _ in word)
+        if len(chars) > BERT_MAX_WORD:
+            ids.append(self.unk_id)
+            begins.append(word[0][1])
+            return
+        found, start = [], 0
+        while start < len(chars):
+            for end in range(len(chars), start, -1):
+                piece_id = self._id.get(chars[start:end] if start == 0 else '##' + chars[start:end])
+                if piece_id is not None:
+                    found.append((piece_id, word[start][1]))
+                    start = end
+                    break
+            else:  # no piece fits here: the whole word is unknown
+                found = [(self.unk_id, word[0][1])]
+                break
+        ids.extend(i for i, _ in found)
+        begins.extend(b for _, b in found)
+
+    def decode(self, ids):
+        """Pieces joined; a space between two words that BERT could only have split at whitespace."""
+        out = []
+        for i in ids:
+            piece, text = self.pieces[i], self._text[i]
+            if out and text and not piece.startswith('##') and _wordy(out[-1][-1:]) and _wordy(text[:1]):
+                out.append(' ')
+            if text:
+                out.append(text)
+        return ''.join(out)
+
+    def char_counts(self):
+        """(vocab_size,) int64: characters each id stands for in the scored text (see the class docstring)."""
+        counts = np.array([len(self._text[i]) for i in range(self.vocab_size)], dtype=np.int64)
+        counts[self.special_ids] = 0
+        return counts
+
+
+def _bert_words(text, offset):
+    """BERT's basic tokenization of text: words as lists of (char, index of its source character + offset)."""
+    word = []
+    for i, ch in enumerate(text, start=offset):
+        if ch in '\x00\ufffd' or (ch not in '\t\n\r' and unicodedata.category(ch) in ('Cc', 'Cf')):
+            continue  # dropped without ending the word, as BERT's _clean_text does
+        if _is_space(ch):
+            if word:
+                yield word
+            word = []
+        elif any(lo <= ord(ch) <= hi for lo, hi in _CJK):
+            if word:
+                yield word
+            yield [(ch, i)]
+            word = []
+        else:
+            for c in _lower_unaccented(ch):
+                if _is_punctuation(c):
+                    if word:
+                        yield word
+                    yield [(c, i)]
+                    word = []
+                else:
+                    word.append((c, i))
+    if word:
+        yield word
+
+
+def _lower_unaccented(ch):
+    return ''.join(c for c in unicodedata.normalize('NFD', ch.lower()) if unicodedata.category(c) != 'Mn')
+
+
+def _is_space(ch):
+    return ch in ' \t\n\r' or unicodedata.category(ch) == 'Zs'
+
+
+def _is_punctuation(ch):
+    """BERT's punctuation: the ASCII characters that are not letters, digits or spaces, and Unicode P*."""
+    return ch in string.punctuation or unicodedata.category(ch).startswith('P')
+
+
+def _wordy(text):
+    """Does this (one-character) text belong to a word that only whitespace could have ended?"""
+    return bool(text) and not _is_punctuation(text) and not _is_space(text) and not any(
+        lo <= ord(text) <= hi for lo, hi in _CJK)

@@ -1,0 +1,273 @@
+"""convert.py and the BERT vocabulary against the real transformers library (installed, never downloading):
+imported GPT-2 computes transformers' logits, exported models load in transformers, the BERT tokenizer gives
+BertTokenizer's ids on the shared text, and what must be refused is refused."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ['HF_HUB_OFFLINE'] = '1'  # nothing may download
+transformers = pytest.importorskip('transformers')
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from checkpoint import load_model, save_checkpoint  # noqa: E402
+from convert import export_hf, import_hf  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from prepare.tokenizer import Tokenizer, import_bert_vocab, normalize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()
+VOCAB = DATA / 'gpt2_chinese' / 'vocab.txt'
+TINY = dict(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+
+
+def random_hf_model(seed=0, **config):
+    """A tiny GPT2LMHeadModel with every tensor random (biases and LayerNorms too, so none can be ignored)."""
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY, 'activation_function': 'gelu_new',
+                                                                 'bos_token_id': 0, 'eos_token_id': 1, **config}))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    return hf.eval()
+
+
+def save_hf(hf, folder, as_pickle):
+    """The model as transformers writes it (model.safetensors), or as the released GPT2-Chinese folders hold
+    it: pytorch_model.bin with the tied lm_head and the old causal-mask buffers among the weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if as_pickle:
+        hf.config.to_json_file(folder / 'config.json')
+        state = dict(hf.state_dict())
+        n = hf.config.n_positions
+        for i in range(hf.config.n_layer):
+            state[f'transformer.h.{i}.attn.bias'] = torch.tril(torch.ones(n, n))[None, None]
+            state[f'transformer.h.{i}.attn.masked_bias'] = torch.tensor(-1e4)
+        torch.save(state, folder / 'pytorch_model.bin')
+    else:
+        hf.save_pretrained(folder)
+    return folder
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def our_logits(model, idx):
+    with torch.no_grad():
+        return model(idx, all_logits=True)[0]
+
+
+@pytest.mark.parametrize('as_pickle', [True, False], ids=['pytorch_model.bin', 'model.safetensors'])
+def test_imported_gpt2_computes_transformers_logits(tmp_path, as_pickle):
+    hf = random_hf_model()
+    import_hf(str(save_hf(hf, tmp_path / 'hf', as_pickle)), str(tmp_path / 'out'))
+    model, checkpoint = load_model(str(tmp_path / 'out'))
+    model.eval()
+    assert checkpoint['model_args']['activation'] == 'gelu_tanh' and checkpoint['model_args']['block_size'] == 32
+    idx = torch.randint(0, 97, (3, 32), generator=torch.Generator().manual_seed(1))
+    delta = (our_logits(model, idx) - hf_logits(hf, idx)).abs().max().item()
+    assert delta < 1e-4, delta
+    # one token at a time through the KV cache: each step's logits are transformers' at that position
+    cache, steps = model.new_kv_cache(), []
+    with torch.no_grad():
+        steps.append(model(idx[:, :20], kv_cache=cache, all_logits=True)[0])
+        for t in range(20, 32):
+            steps.append(model(idx[:, t:t + 1], kv_cache=cache, all_logits=True)[0])
+    assert (torch.cat(steps, dim=1) - hf_logits(hf, idx)).abs().max().item() < 1e-4
+    # greedy generation, with and without our cache, picks transformers' tokens
+    prompt = idx[:, :6]
+    expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None,
+                           attention_mask=torch.ones_like(prompt))
+    for use_cache in (True, False):
+        assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=use_cache), expected)
+
+
+def trained_model(tmp_path, steps=5):
+    """A model of this project's own kind (no biases, exact GELU) after a few AdamW steps, saved as a run."""
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=False,
+                n_lexical=0, n_entity=0, attention='manual')
+    model = GPT(GPTConfig(**args))
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    data = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        _, loss = model(data[:, :-1], targets=data[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    run = tmp_path / 'run'
+    run.mkdir()
+    save_checkpoint(dict(model=model.state_dict(), model_args=args, config={}), str(run / 'best.pt'))
+    return model.eval(), run
+
+
+def test_model_trained_here_exports_to_transformers_and_back(tmp_path):
+    model, run = trained_model(tmp_path)
+    export_hf(str(run), str(tmp_path / 'hf'))
+    config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+    assert config['activation_function'] == 'gelu'  # exact GELU, what this model computes
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf')).eval()
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(3))
+    assert (our_logits(model, idx) - hf_logits(hf, idx)).abs().max().item() < 1e-4
+    # import(export(model)): every tensor comes back bit for bit; the biases it lacked come back as zeros
+    import_hf(str(tmp_path / 'hf'), str(tmp_path / 'back'))
+    back, _ = load_model(str(tmp_path / 'back'))
+    original, returned = model.state_dict(), back.state_dict()
+    for name, tensor in original.items():
+        assert torch.equal(returned[name], tensor), name
+    added = set(returned) - set(original)
+    assert added and all(name.endswith('.bias') and not returned[name].any() for name in added)
+
+
+def test_import_export_import_is_exact_for_gpt2(tmp_path):
+    hf = random_hf_model(seed=4)
+    import_hf(str(save_hf(hf, tmp_path / 'hf', as_pickle=False)), str(tmp_path / 'a'))
+    export_hf(str(tmp_path / 'a'), str(tmp_path / 'hf2'))
+    original = load_file(str(tmp_path / 'hf' / 'model.safetensors'))
+    exported = load_file(str(tmp_path / 'hf2' / 'model.safetensors'))
+    assert set(exported) == set(original) - {'lm_head.weight'}
+    assert all(torch.equal(exported[k], original[k]) for k in exported)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_refuses_configs_gpt2_does_not_compute(tmp_path):
+    folder = save_hf(random_hf_model(), tmp_path / 'hf', as_pickle=False)
+    config = json.loads((folder / 'config.json').read_text())
+    for key, value in [('model_type', 'llama'), ('n_inner', 100), ('activation_function', 'relu'),
+                       ('scale_attn_by_inverse_layer_idx', True), ('reorder_and_upcast_attn', True),
+                       ('layer_norm_epsilon', 1e-6)]:
+        (folder / 'config.json').write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=key):
+            import_hf(str(folder), str(tmp_path / 'out'))
+
+
+def test_refuses_shape_mismatch_and_missing_or_unexpected_tensors(tmp_path):
+    folder = save_hf(random_hf_model(), tmp_path / 'hf', as_pickle=False)
+    weights = load_file(str(folder / 'model.safetensors'))
+    cases = [({**weights, 'transformer.h.1.mlp.c_fc.weight': torch.zeros(32, 100)}, 'transformer.h.1.mlp.c_fc.weight has shape'),
+             ({k: v for k, v in weights.items() if k != 'transformer.ln_f.bias'}, 'missing tensor transformer.ln_f.bias'),
+             ({**weights, 'transformer.h.0.attn.q_norm.weight': torch.ones(8)}, 'unexpected tensor transformer.h.0.attn.q_norm')]
+    for state, message in cases:
+        save_file(state, str(folder / 'model.safetensors'))
+        with pytest.raises(ValueError, match=message):
+            import_hf(str(folder), str(tmp_path / 'out'))
+
+
+class RunsCode:
+    """Unpickling this would call os.system: a pickle that carries code, as a malicious download would."""
+    marker = None
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_refuses_a_pickle_with_code_and_never_runs_it(tmp_path):
+    folder = save_hf(random_hf_model(), tmp_path / 'hf', as_pickle=True)
+    RunsCode.marker = tmp_path / 'it-ran'
+    state = torch.load(folder / 'pytorch_model.bin', weights_only=True)
+    torch.save({**state, 'payload': RunsCode()}, folder / 'pytorch_model.bin')
+    result = subprocess.run([sys.executable, 'convert.py', f'--hf_dir={folder}', f'--out_dir={tmp_path / "out"}'],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and not RunsCode.marker.exists()
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and 'refused' in error[0] and 'pytorch_model.bin' in error[0], result.stderr
+    assert not (tmp_path / 'out' / 'best.pt').exists()
+
+
+def test_export_refuses_tag_tables_unless_dropped(tmp_path):
+    model, run = trained_model(tmp_path, steps=1)
+    args = dict(torch.load(run / 'best.pt', weights_only=True)['model_args'], n_lexical=4, n_entity=2)
+    tagged = GPT(GPTConfig(**args))
+    tagged.load_state_dict(model.state_dict(), strict=False)
+    save_checkpoint(dict(model=tagged.state_dict(), model_args=args, config={}), str(run / 'best.pt'))
+    with pytest.raises(ValueError, match='a lexical table, an entity table'):
+        export_hf(str(run), str(tmp_path / 'hf'))
+    assert not (tmp_path / 'hf').exists()
+    export_hf(str(run), str(tmp_path / 'hf'), drop_extras=True)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf')).eval()
+    idx = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(5))
+    assert (our_logits(model, idx) - hf_logits(hf, idx)).abs().max().item() < 1e-4  # tables at zero: same model
+
+
+# ----------------------------------------------------------------------------- the BERT vocabulary
+
+def shared_lines(n, seed=0):
+    """n lines sampled from the shared medical and general text, plus lines made to hit the edge cases."""
+    texts = [(DATA / name).read_text(encoding=encoding) for name, encoding in [
+        ('covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt', 'utf-8'), ('general_zh/CLUECorpusSmall_sampled.txt', 'utf-8'),
+        ('medical_book/fever.txt', 'utf-8'), ('department_qa/im_sample_gb18030.csv', 'gb18030'),
+        ('dxy_dialog/dxy_dialog_data_dialog_v2.txt', 'utf-8')]]
+    imcs = json.loads((DATA / 'imcs21' / 'attr_dev.json').read_text(encoding='utf-8'))
+    texts.append('\n'.join(turn['sentence'] for record in imcs.values() for turn in record['dialogue']))
+    lines = [line for text in texts for line in text.split('\n') if line.strip()]
+    lines = [line[:2000] for line in random.Random(seed).sample(lines, n)]
+    return lines + ['COVID-19患者，体温38.5℃ Héllo naïve CAFÉ x²  unaffable 😀 ΑΣ 𠀀 ﹏ ¥100',
+                    'a' * 150 + ' ok', 'tab\there\x00x\u200bq\ufffdr', 'İstanbul ǅ ﬁ Ⅻ ①', '']
+
+
+@pytest.fixture(scope='module')
+def bert_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('bert') / 'tokenizer.model'
+    import_bert_vocab(str(VOCAB), str(path))
+    return path
+
+
+@pytest.fixture(scope='module')
+def bert(bert_file):
+    return Tokenizer.load(str(bert_file))
+
+
+def test_bert_vocab_gives_berttokenizer_ids_on_shared_text(bert):
+    reference = transformers.BertTokenizer(str(VOCAB))
+    lines = shared_lines(3000)
+    for line in lines:
+        text = normalize(line)
+        assert bert.encode(text) == reference.encode(text, add_special_tokens=False), text[:80]
+    ids = [i for line in lines for i in bert.encode(line)]
+    assert 0 < ids.count(bert.unk_id) < 0.005 * len(ids)  # rare characters do hit [UNK], seldom
+
+
+def test_bert_vocab_round_trips_what_it_can_represent(bert):
+    checked = 0
+    for line in shared_lines(3000, seed=1):
+        text, ids, begins = bert.encode_offsets(line)
+        assert np.all(np.diff(begins) > 0) and (len(begins) == 0 or begins[-1] < len(text))
+        if bert.unk_id in ids:
+            continue  # [UNK] stands for text that is gone
+        assert bert.encode(bert.decode(ids)) == ids.tolist()  # spaces, case: the ids survive a trip through text
+        if text == text.lower() and not any(ch.isspace() for ch in text):
+            assert bert.decode(ids) == text
+            checked += 1
+    assert checked > 1000
+
+
+def test_bert_vocab_fits_the_tokenizer_interface(bert, bert_file):
+    assert bert.kind == 'bert' and json.loads(bert_file.read_text(encoding='utf-8'))['kind'] == 'bert'
+    text = '<patient>发烧38.5度<doctor>多喝水<sep>ok<eot>'
+    text, ids, begins = bert.encode_offsets(text)
+    pieces = [bert.pieces[i] for i in ids]
+    assert pieces == ['[unused1]', '发', '烧', '38', '.', '5', '度', '[unused2]', '多', '喝', '水', '[unused3]', 'ok', '[SEP]']
+    assert [text[b] for b in begins] == ['<', '发', '烧', '3', '.', '5', '度', '<', '多', '喝', '水', '<', 'o', '<']
+    assert bert.decode(ids) == '<patient>发烧38.5度<doctor>多喝水<sep>ok<eot>'
+    counts = bert.char_counts()
+    assert counts[ids].sum() == len('发烧38.5度多喝水ok')  # speakers, separators and [SEP] are markup
+    assert counts[bert.unk_id] == 1 and counts[bert.bos_id] == 0 and bert.vocab_size == 21128
+    assert (bert.bos_id, bert.eot_id, bert.unk_id) == (101, 102, 100)
+
+
+
+def test_tagged_documents_start_with_cls_as_uer_trained(bert):
+    from prepare.lexicon import lexicon_dir
+    from prepare.tagging import Tagger
+    ids, lexical, entity = Tagger(lexicon_dir(str(DATA))).encode(bert, '<patient>发烧咳嗽<doctor>多喝水')
+    assert ids[0] == bert.bos_id and lexical[0] == 0 and entity[0] == 0
+    assert ids[1:].tolist() == bert.encode('<patient>发烧咳嗽<doctor>多喝水') and entity[1:].any()
