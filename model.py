@@ -253,15 +253,11 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW over the trainable parameters; weight decay only on 2-D weight matrices of linear
         maps (not biases, norms, embedding tables or the soft prompt)."""
-        embeddings = [self.wte.weight, self.wpe.weight]  # wte is also the (tied) LM head
-        embeddings += [t.weight for t in (self.wle, self.wee) if t is not None]
-        if self.prompt is not None:
-            embeddings.append(self.prompt.embedding)
-        no_decay_ids = {id(p) for p in embeddings}
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in trainable if p.dim() >= 2 and id(p) not in no_decay_ids]
-        decay_ids = {id(p) for p in decay}
-        no_decay = [p for p in trainable if id(p) not in decay_ids]
+        # named_parameters lists a tied matrix once, under its first name: wte.weight (also the LM head)
+        tables = ('wte.weight', 'wpe.weight', 'wle.weight', 'wee.weight', 'prompt.embedding')
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        decay = [p for name, p in trainable if p.dim() >= 2 and name not in tables]
+        no_decay = [p for name, p in trainable if p.dim() < 2 or name in tables]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
         use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
@@ -280,19 +276,23 @@ class GPT(nn.Module):
     # ----- the forward pass --------------------------------------------------------------------
 
     def _tag_embedding(self, table, ids, idx, name):
-        if table is None:
-            if ids is not None:
-                raise ValueError(f"{name} ids were given but the model has no {name} table (n_{name}=0)")
-            return 0
-        return table(torch.zeros_like(idx) if ids is None else ids)
+        if table is None and ids is not None:
+            raise ValueError(f"{name} ids were given but the model has no {name} table (n_{name}=0)")
+        return 0 if table is None else table(torch.zeros_like(idx) if ids is None else ids)
 
-    def _prompt_positions(self, prompt_pos, B, T, device):
-        if prompt_pos is None:
-            return torch.zeros(B, dtype=torch.long, device=device)
-        prompt_pos = torch.as_tensor(prompt_pos, dtype=torch.long, device=device).expand(B)
-        if prompt_pos.min() < 0 or prompt_pos.max() > T:
-            raise ValueError(f"prompt_pos must lie in [0, {T}] for {T} tokens, got {prompt_pos.tolist()}")
-        return prompt_pos
+    def _prompt_span(self, prompt_pos, idx, past_len):
+        """(B, T + P) bool, True where the P prompt vectors sit: before token prompt_pos[b] of row b
+        (None: in front). None when no prompt is inserted now (none in the model, or already cached)."""
+        if self.prompt is None or past_len:
+            if prompt_pos is not None:
+                raise ValueError("prompt_pos was given but no prompt is inserted (n_prompt=0, or it is already cached)")
+            return None
+        (B, T), device = idx.size(), idx.device
+        start = torch.as_tensor(0 if prompt_pos is None else prompt_pos, dtype=torch.long, device=device).expand(B)
+        if start.min() < 0 or start.max() > T:
+            raise ValueError(f"prompt_pos must lie in [0, {T}] for {T} tokens, got {start.tolist()}")
+        e = torch.arange(T + self.config.n_prompt, device=device)[None, :] - start[:, None]  # (B, T + P)
+        return (e >= 0) & (e < self.config.n_prompt)
 
     def embed(self, idx, lexical=None, entity=None, prompt_pos=None, past_len=0):
         """The block input E = wte(idx) + wpe(pos) + wle(lexical) + wee(entity), soft prompt inserted.
@@ -301,13 +301,18 @@ class GPT(nn.Module):
         (None: in front). past_len: positions already in the KV cache (the prompt is then in there).
         Returns (B, T + P, C), P = n_prompt if the prompt is inserted now, else 0.
         """
-        B, T = idx.size()
+        return self._embed(idx, lexical, entity, self._prompt_span(prompt_pos, idx, past_len), past_len)
+
+    def _embed(self, idx, lexical, entity, span, past_len):
+        (B, T), P, C = idx.size(), self.config.n_prompt, self.config.n_embd
         x = self.wte(idx) + self._tag_embedding(self.wle, lexical, idx, 'lexical') \
             + self._tag_embedding(self.wee, entity, idx, 'entity')
-        if self.prompt is not None and past_len == 0:
-            x = self._insert_prompt(x, self._prompt_positions(prompt_pos, B, T, idx.device))
-        elif prompt_pos is not None:
-            raise ValueError("prompt_pos was given but no prompt is inserted (n_prompt=0, or it is already cached)")
+        if span is not None:
+            # prompt positions carry lexical and entity id 0, like any untagged token
+            zero_tags = sum(t.weight[0] for t in (self.wle, self.wee) if t is not None)
+            prompt = (self.prompt() + zero_tags).to(x.dtype).expand(B, P, C)
+            # scatter: the tokens keep their order in the places outside the span, the prompt fills it
+            x = x.new_zeros(B, T + P, C).scatter(1, _places(~span, T, C), x).scatter(1, _places(span, P, C), prompt)
         n_pos = past_len + x.size(1)
         if n_pos > self.config.block_size:
             raise ValueError(f"sequence of {n_pos} positions (tokens + {self.config.n_prompt} prompt vectors) "
@@ -315,43 +320,27 @@ class GPT(nn.Module):
         pos = torch.arange(past_len, n_pos, dtype=torch.long, device=idx.device)
         return self.drop(x + self.wpe(pos))
 
-    def _insert_prompt(self, x, prompt_pos):
-        """Put the P prompt vectors into x (B, T, C) before token prompt_pos[b] of each row b."""
-        B, T, C = x.size()
-        P = self.config.n_prompt
-        # prompt positions carry lexical and entity id 0, like any untagged token
-        zero_tags = sum(t.weight[0] for t in (self.wle, self.wee) if t is not None)
-        prompt = (self.prompt() + zero_tags).to(x.dtype).expand(B, P, C)
-        stacked = torch.cat([x, prompt], dim=1)  # (B, T + P, C): tokens, then the prompt
-        # for each expanded position e, where to read it from in `stacked`
-        e = torch.arange(T + P, device=x.device)[None, :]  # (1, T + P)
-        start = prompt_pos[:, None]                        # (B, 1)
-        source = torch.where(e < start, e, torch.where(e < start + P, T + e - start, e - P))  # (B, T + P)
-        return stacked.gather(1, source[:, :, None].expand(B, T + P, C))
-
-    def _token_outputs(self, h, prompt_pos):
-        """Drop the prompt from the hidden states h (B, T + P, C), giving (B, T, C) aligned with the tokens.
-        Output t predicts token t+1, so the token just before the prompt is represented by the last prompt
-        vector (that is how the prompt conditions the first target token); tokens after the prompt by their
-        own state, P positions further on."""
-        B, TP, C = h.size()
-        P = self.config.n_prompt
-        t = torch.arange(TP - P, device=h.device)[None, :]   # (1, T)
-        read = t + P * (t >= prompt_pos[:, None] - 1)         # (B, T)
-        return h.gather(1, read[:, :, None].expand(B, TP - P, C))
-
     def encode(self, idx, lexical=None, entity=None, prompt_pos=None, kv_cache=None):
         """Final hidden states (B, T, C), aligned with idx whatever prompt was inserted."""
         past_len = kv_cache[0].length if kv_cache is not None else 0
-        inserting_prompt = self.prompt is not None and past_len == 0
-        x = self.embed(idx, lexical, entity, prompt_pos, past_len)
+        span = self._prompt_span(prompt_pos, idx, past_len)  # once per forward: in with it, then out
+        x = self._embed(idx, lexical, entity, span, past_len)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache[i] if kv_cache is not None else None)
         x = self.ln_f(x)
-        if inserting_prompt:
-            B, T = idx.size()
-            x = self._token_outputs(x, self._prompt_positions(prompt_pos, B, T, idx.device))
-        return x
+        if span is None:
+            return x
+        # The alignment rule: output t is the state that predicts token t+1. A token's own state does
+        # that, except for the token just before an infix prompt: the state that precedes token t+1
+        # there is the LAST prompt vector, which has read the whole prompt. So the readout is every
+        # token's position, with the token before the prompt swapped for the last prompt position
+        # (that one sits between the same neighbours, so the order is kept). A prefix prompt has no
+        # token before it: its states are simply not read.
+        next_in_span = F.pad(span[:, 1:], (0, 1))      # (B, T + P): the next position holds the prompt
+        before_prompt = ~span & next_in_span           # the token just before an infix prompt
+        last_prompt = span & ~next_in_span & before_prompt.any(dim=1, keepdim=True)
+        readout = (~span & ~before_prompt) | last_prompt  # T places per row
+        return x.gather(1, _places(readout, idx.size(1), x.size(-1)))
 
     def lm_head_loss(self, h, targets=None, all_logits=False, reduction='mean'):
         """Logits over the vocabulary and, given targets (-1 = not scored), the cross-entropy (the mean over
@@ -390,17 +379,18 @@ class GPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new).
 
         With use_cache, each new token costs one position's worth of compute: keys and values of the
-        past stay in a KV cache. Once the context fills block_size, the oldest tokens are cropped
-        and the cache is rebuilt (position embeddings are absolute, so cached keys cannot slide);
-        use_cache=False recomputes everything each step and gives the same result. temperature 0 is
-        greedy. Generated tokens get lexical and entity id 0. eos_id is one id or a list of them (e.g.
+        past stay in a KV cache (rebuilt after cropping, below); use_cache=False recomputes everything
+        each step and gives the same result. temperature 0 is greedy. Generated tokens get lexical and entity id 0. eos_id is one id or a list of them (e.g.
         end of text and the speaker pieces, to stop at the end of a turn); a row that emits one keeps
         emitting it, and generation stops when every row has. on_token, if given, is called with each
         step's new ids (B, 1), e.g. to stream them.
         """
         B = idx.size(0)
-        tags = {name: (ids if ids is not None else torch.zeros_like(idx)) if table is not None else None
+        # tag ids for the whole generation, padded once: every generated token gets id 0
+        tags = {name: None if table is None else F.pad(torch.zeros_like(idx) if ids is None else ids, (0, max_new_tokens))
                 for name, ids, table in (('lexical', lexical, self.wle), ('entity', entity, self.wee))}
+        def tags_of(start, end):
+            return {name: None if t is None else t[:, start:end] for name, t in tags.items()}
         room = self.config.block_size - self.config.n_prompt  # tokens that fit beside the prompt
         if room < 1:
             raise ValueError(f"n_prompt={self.config.n_prompt} leaves no room in block_size={self.config.block_size}")
@@ -409,17 +399,18 @@ class GPT(nn.Module):
         last_id = torch.zeros((B, 1), dtype=torch.long, device=idx.device)  # read only once a row finished
         cache = None
         for _ in range(max_new_tokens):
+            T = idx.size(1)
             if cache is not None and cache[0].length < self.config.block_size:
-                # one new token: its tags are 0, so the tables add their row 0
-                logits, _ = self(idx[:, -1:], lexical=_last(tags['lexical']), entity=_last(tags['entity']),
-                                 kv_cache=cache)
+                logits, _ = self(idx[:, -1:], kv_cache=cache, **tags_of(T - 1, T))  # one new token
             else:
-                crop = max(0, idx.size(1) - room)
+                # (re)start: the whole context, cropped to the newest tokens that fit beside the prompt.
+                # Position embeddings are absolute, so once the oldest token is cropped every cached
+                # key has moved one position: the cache cannot slide and is rebuilt instead.
+                crop = max(0, T - room)
                 pos = None if prompt_pos is None or self.prompt is None else \
                     (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
                 cache = self.new_kv_cache() if use_cache else None
-                logits, _ = self(idx[:, crop:], lexical=_crop(tags['lexical'], crop),
-                                 entity=_crop(tags['entity'], crop), prompt_pos=pos, kv_cache=cache)
+                logits, _ = self(idx[:, crop:], prompt_pos=pos, kv_cache=cache, **tags_of(crop, T))
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if stop_ids is not None:
                 next_id = torch.where(finished[:, None], last_id, next_id)  # a finished row repeats its stop id
@@ -428,19 +419,15 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
             if on_token is not None:
                 on_token(next_id)
-            tags = {name: None if t is None else torch.cat([t, torch.zeros_like(next_id)], dim=1)
-                    for name, t in tags.items()}
             if stop_ids is not None and finished.all():
                 break
         return idx
 
 
-def _last(ids):
-    return None if ids is None else ids[:, -1:]
-
-
-def _crop(ids, start):
-    return None if ids is None else ids[:, start:]
+def _places(mask, n, C):
+    """Indices of the n True entries of each row of mask (B, L), in order, expanded to (B, n, C) for
+    gather/scatter. A stable sort finds them instead of mask indexing, so no device-to-host sync."""
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :n, None].expand(-1, -1, C)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
