@@ -33,7 +33,8 @@ from model import GPT, GPTConfig
 from prepare.lexicon import lexicon_dir
 from prepare.sources import DataError, read_text, source_file
 from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
-from prepare.tokenizer import normalize, train_bpe
+from prepare.text import normalize
+from prepare.tokenizer import train_bpe
 
 # The train.py keys a benchmark uses, at config/tiny.py's sizes (a 2-core CPU in a minute or two); a
 # train.py config file works here too: its other keys (out_dir, max_iters, ...) are listed and ignored.

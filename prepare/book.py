@@ -1,8 +1,8 @@
 """Medical book text (medical_book/fever.txt, a 传染病学 textbook): pretraining documents, one per chapter."""
 import re
 
-from prepare.dataset import clean
 from prepare.sources import read_text, source_file
+from prepare.text import clean
 
 FILE = 'medical_book/fever.txt'
 _CHAPTER = re.compile(r'第.{1,3}章')  # 第一章, 第二章, 第—章 (sic)

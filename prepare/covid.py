@@ -14,8 +14,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python prepare/covid.py`
 
-from prepare.dataset import arg_parser, build_example_set, clean, dialogue_text, run
+from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
 from prepare.sources import DataError, Skipped, read_text, source_file
+from prepare.text import clean, dialogue_text
 
 RAW = 'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt'
 SPLIT_FILES = {'train': 'covid_dialog_zh/train_data.json', 'val': 'covid_dialog_zh/validate_data.json',
@@ -147,4 +148,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run(main)
+    exit_on_data_error(main)

@@ -1,6 +1,6 @@
-"""Shared by the per-source scripts: cleaning, splits, example cutting and writing a data/<name>/ folder.
+"""Shared by the per-source scripts: splits, example cutting and writing a data/<name>/ folder.
 
-On disk (see INTERFACES.md): {split}.bin uint16 ids; {split}.lex.bin, {split}.ent.bin uint8 tags of the same
+On disk: {split}.bin uint16 ids; {split}.lex.bin, {split}.ent.bin uint8 tags of the same
 length; for example sets also {split}.mask.bin uint8 (1 on target tokens), {split}.offsets.npy int64 (N+1,)
 and {split}.labels.npy int64 (N,); tokenizer.model; meta.json. A folder is built under a temporary name and
 renamed into place at the end, so a failed build leaves the previous folder (or none), never half of one.
@@ -19,22 +19,8 @@ import numpy as np
 from prepare.lexicon import lexicon_dir, lexicon_files
 from prepare.sources import DataError, sha256
 from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
-from prepare.tokenizer import Tokenizer, normalize
-
-# tags such as <br>, <p class=...>, </div>; our own speaker pieces are added after cleaning
-_HTML_TAG = re.compile(r'</?[a-zA-Z][^<>]*>')
-
-
-def clean(text):
-    """One field of a record: no HTML tags, normalised characters, no blank or padded lines."""
-    text = normalize(_HTML_TAG.sub('', text))
-    return '\n'.join(line.strip() for line in text.split('\n') if line.strip())
-
-
-def dialogue_text(turns):
-    """[(speaker, text)] -> '<patient>...<doctor>...' (speaker is 'patient' or 'doctor')."""
-    return ''.join(f'<{speaker}>{text}' for speaker, text in turns)
-
+from prepare.text import dialogue_text
+from prepare.tokenizer import Tokenizer
 
 def stratified_split(labels, fractions, seed):
     """{split: sorted indices}. Within each label, a seeded shuffle; then round(n * fraction) indices go to each
@@ -161,7 +147,7 @@ def build_example_set(args, splits, label_names, skipped, source_paths, started)
     print(f'wrote {args.out} in {timings["total"]:.1f}s')
 
 
-def run(main):
+def exit_on_data_error(main):
     """Run a script's main: bad input ends it with the message (file and line), not a traceback."""
     try:
         main()

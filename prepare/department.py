@@ -14,8 +14,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python prepare/department.py`
 
-from prepare.dataset import arg_parser, build_example_set, clean, run, stratified_split
+from prepare.dataset import arg_parser, build_example_set, exit_on_data_error, stratified_split
 from prepare.sources import DataError, Skipped, read_text, source_file
+from prepare.text import clean
 
 FILE = 'department_qa/im_sample_gb18030.csv'
 ENCODING = 'gb18030'
@@ -61,4 +62,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run(main)
+    exit_on_data_error(main)

@@ -15,8 +15,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python prepare/dxy.py`
 
-from prepare.dataset import arg_parser, build_example_set, clean, run, stratified_split
+from prepare.dataset import arg_parser, build_example_set, exit_on_data_error, stratified_split
 from prepare.sources import DataError, Skipped, read_text, source_file
+from prepare.text import clean
 
 FILE = 'dxy_dialog/dxy_dialog_data_dialog_v2.txt'
 VAL_FRACTION, SEED = 0.1, 1337
@@ -76,4 +77,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run(main)
+    exit_on_data_error(main)

@@ -2,7 +2,7 @@
 import os
 
 from prepare.sources import read_text, source_file
-from prepare.tokenizer import normalize
+from prepare.text import normalize
 
 # a term listed in two files takes the type of the earlier one (427 terms are both symptom and disease)
 ENTITY_TYPES = ['symptom', 'disease', 'drug', 'check', 'department']

@@ -17,10 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 
 from prepare import book, covid, department, dxy
-from prepare.dataset import arg_parser, atomic_dir, dialogue_text, run, split_counts, write_meta, write_tokens
+from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, split_counts, write_meta, write_tokens
 from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
 from prepare.sources import Skipped
 from prepare.tagging import tag_texts
+from prepare.text import dialogue_text
 from prepare.tokenizer import SPECIALS, check_vocab_size, import_bert_vocab, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
@@ -111,4 +112,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run(main)
+    exit_on_data_error(main)

@@ -23,7 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from prepare.lexicon import ENTITY_TYPES, read_lexicon
-from prepare.tokenizer import Tokenizer, normalize
+from prepare.text import normalize
+from prepare.tokenizer import Tokenizer
 
 LEXICAL_MAP = {'other': 0, 'noun': 1, 'verb': 2, 'adjective': 3}
 _LEXICAL_OF_LETTER = {'n': 1, 'v': 2, 'a': 3}

@@ -19,6 +19,7 @@ import numpy as np
 import sentencepiece as spm
 
 from prepare.sources import DataError, atomic_write
+from prepare.text import normalize
 
 SPECIALS = ['<patient>', '<doctor>', '<sep>', '<eot>']
 MAX_VOCAB = 65536  # ids are stored as uint16
@@ -26,14 +27,6 @@ MIN_VOCAB = 1 + len(SPECIALS) + 256 + 1  # layout above plus at least one learne
 BYTE_PIECES = [f'<0x{b:02X}>' for b in range(256)]
 _BYTE_OF = {p: b for b, p in enumerate(BYTE_PIECES)}
 _SPECIAL_SPLIT = re.compile('(' + '|'.join(map(re.escape, SPECIALS)) + ')')
-_SPACES = re.compile(r'[^\S\n]+')  # whitespace runs other than newlines
-
-
-def normalize(text):
-    """NFKC (full-width letters, digits, punctuation and spaces -> half-width), newline line ends, one space
-    for any run of spaces. U+2581 becomes a space because SentencePiece uses it as its space symbol."""
-    text = unicodedata.normalize('NFKC', text).replace('\r\n', '\n').replace('\r', '\n')
-    return _SPACES.sub(' ', text.replace('\u2581', ' '))
 
 
 def check_vocab_size(vocab_size):

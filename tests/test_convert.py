@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from convert import export_hf, import_hf  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from prepare.tokenizer import Tokenizer, import_bert_vocab, normalize  # noqa: E402
+from prepare.text import normalize  # noqa: E402
+from prepare.tokenizer import Tokenizer, import_bert_vocab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()

@@ -19,7 +19,8 @@ from model import GPT, GPTConfig
 from prepare.dataset import cut_examples, write_examples
 from prepare.lexicon import lexicon_dir
 from prepare.tagging import LEXICAL_MAP, Tagger, entity_map
-from prepare.tokenizer import normalize, train_char
+from prepare.text import normalize
+from prepare.tokenizer import train_char
 
 SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
 DIALOGUES = [

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from prepare import covid, department, dxy
-from prepare.dataset import atomic_dir, cut_examples, dialogue_text, stratified_split, write_examples, write_tokens
+from prepare.dataset import atomic_dir, cut_examples, stratified_split, write_examples, write_tokens
+from prepare.text import dialogue_text
 from prepare.sources import DataError, Skipped, atomic_write, download, read_text, source_file
 from prepare.tagging import Tagger, tag_texts
-from prepare.tokenizer import Tokenizer, check_vocab_size, normalize, train_bpe, train_char
+from prepare.text import normalize
+from prepare.tokenizer import Tokenizer, check_vocab_size, train_bpe, train_char
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()
@@ -367,7 +369,14 @@ def test_scripts_build_every_set(small_src, tmp_path):
         run_script(name, *common, '--out', str(out / name))
         meta = json.loads((out / name / 'meta.json').read_text())
         n_labels = len(meta['label_names'])
-        assert n_labels == {'covid': 0, 'dxy': 5, 'department': n_labels}[name] and (name == 'covid') == (n_labels == 0)
+        # the labels are the distinct departments of the well-formed rows of the small file (covid has none)
+        rows = list(csv.reader(io.StringIO((small_src / department.FILE).read_bytes().decode('gb18030'))))[1:]
+        departments = {r[0] for r in rows if len(r) == 4 and all(field.strip() for field in r)}
+        assert n_labels == {'covid': 0, 'dxy': 5, 'department': len(departments)}[name]
+        if name != 'covid':
+            assert sorted(meta['label_names']) == meta['label_names'] and len(set(meta['label_names'])) == n_labels
+        if name == 'department':
+            assert set(meta['label_names']) == departments
         assert (out / name / 'tokenizer.model').read_bytes() == (out / 'pretrain' / 'tokenizer.model').read_bytes()
         for split in ('train', 'val', 'test'):
             ids = np.fromfile(out / name / f'{split}.bin', dtype=np.uint16)
