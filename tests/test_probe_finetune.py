@@ -6,6 +6,7 @@ what the user sees: a non-zero exit code and exactly one line on stderr, no trac
 call main() and check the same message in-process (starting Python with torch costs seconds on a busy
 machine). The fixtures are test_finetune.py's: a char tokenizer, hand-made dialogues, a 1-layer base.
 """
+import io
 import json
 import os
 import shutil
@@ -109,8 +110,12 @@ def test_empty_prompt_generates_from_the_start_of_a_text(tools, base_path):
     assert texts == [sample.render(tok, [t for t in expected if t != tok.eot_id])]
 
 
-def test_empty_dialogue_turn_is_refused(base_path):
+def test_empty_dialogue_turn_is_refused_unless_turns_come_from_stdin(base_path, monkeypatch):
     refusal(sample.main, [f'--checkpoint={base_path}', '--dialogue', '--prompt='], '--prompt', '--interactive')
+    monkeypatch.setattr('sys.stdin', io.StringIO('两周了，血压正常。\n'))
+    replies = sample.main([f'--checkpoint={base_path}', '--dialogue', '--interactive', '--prompt=',
+                           '--max_new_tokens=3', '--temperature=0'])
+    assert len(replies) == 1  # the stdin turn alone
 
 
 # ----- sample.py: the tokenizer and the base travel with the checkpoint --------------------------------
