@@ -40,10 +40,13 @@ DEFAULTS = dict(
 def check_options(cfg):
     """Every sampling option in range, before anything loads (a negative temperature would sample
     the least likely tokens; top_p = 0 keeps no token at all)."""
-    rules = [('temperature', math.isfinite(cfg.temperature) and cfg.temperature >= 0,
-              'a number >= 0 (0 = greedy)'), ('top_k', cfg.top_k >= 0, '>= 0 (0 = off)'),
-             ('top_p', 0 < cfg.top_p <= 1, 'in (0, 1] (1 = off)'), ('num_samples', cfg.num_samples >= 1, '>= 1'),
-             ('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0')]
+    rules = [
+        ('temperature', math.isfinite(cfg.temperature) and cfg.temperature >= 0, 'a number >= 0 (0 = greedy)'),
+        ('top_k', cfg.top_k >= 0, '>= 0 (0 = off)'),
+        ('top_p', 0 < cfg.top_p <= 1, 'in (0, 1] (1 = off)'),
+        ('num_samples', cfg.num_samples >= 1, '>= 1'),
+        ('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0'),
+    ]
     for key, ok, allowed in rules:
         if not ok:
             raise SystemExit(f"--{key} must be {allowed}, not {getattr(cfg, key)}")
