@@ -111,3 +111,39 @@ def load_model(path, device='cpu', base_path=None):
     if missing or unexpected:
         raise ValueError(f"{path} and its base do not make a whole model: missing {missing}, unexpected {unexpected}")
     return model.to(device), adapted
+
+
+
+# ----------------------------------------------------------------------------- STAND-IN for branch h12a
+# h12a owns these (claim_out_dir, tokenizer_record, check_tokenizer); on merging h12a, take its version.
+
+def claim_out_dir(out_dir):
+    """Hold out_dir for this process's life (an exclusive flock on out_dir/.lock); returns the open file."""
+    import fcntl
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, '.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(f"{out_dir} is in use by another run ({lock.read().strip()}): wait for it or "
+                         f"give another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
+
+
+def tokenizer_record(path):
+    """What a checkpoint keeps of its tokenizer: the bytes of tokenizer.model and their SHA-256."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    return dict(sha256=hashlib.sha256(data).hexdigest(), data=data)
+
+
+def check_tokenizer(record, data_dir, what):
+    path = os.path.join(data_dir, 'tokenizer.model')
+    have = tokenizer_record(path)['sha256']
+    if have != record['sha256']:
+        raise SystemExit(f"{what} was trained with tokenizer sha256 {record['sha256'][:12]}, but {path} is "
+                         f"{have[:12]}: use the data folder it was trained on")

@@ -88,6 +88,10 @@ class Tokenizer:
     def load(cls, path):
         with open(path, 'rb') as f:
             data = f.read()
+        return cls.from_bytes(data)
+
+    @classmethod
+    def from_bytes(cls, data):  # STAND-IN for branch h12a's: on merging h12a, take its version
         if data.startswith(b'{'):
             return cls('char', json.loads(data)['pieces'])
         sp = spm.SentencePieceProcessor(model_proto=data)
