@@ -72,11 +72,12 @@ def fingerprint(state_dict):
     return digest.hexdigest()
 
 
-def save_adapted(path, model, model_args, config, base_path, base_state):
-    """A p-tuned result: only the tensors that trained, and the fingerprint of the base they belong to."""
+def save_adapted(path, model, model_args, config, base_path, base_state, tokenizer):
+    """A p-tuned result: only the tensors that trained, the fingerprint of the base they belong to, and
+    the tokenizer record (see tokenizer_record) of the text they were tuned on."""
     trained = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
     save_checkpoint(dict(trained=trained, model_args=model_args, config=config, base_checkpoint=base_path,
-                         base_fingerprint=fingerprint(base_state)), path)
+                         base_fingerprint=fingerprint(base_state), tokenizer=tokenizer), path)
 
 
 def load_model(path, device='cpu', base_path=None):
@@ -97,12 +98,52 @@ def load_model(path, device='cpu', base_path=None):
         return model.to(device), checkpoint
     adapted = checkpoint
     require_keys(adapted, ('model_args', 'base_checkpoint', 'base_fingerprint'), path)
-    base = load_checkpoint(base_path or adapted['base_checkpoint'], device)
-    if fingerprint(base['model']) != adapted['base_fingerprint']:
-        raise ValueError(f"{path} was p-tuned on a different base model than {base_path or adapted['base_checkpoint']} "
-                         f"(weights fingerprint differs): load it with the base it was tuned on")
+    base_path, expected = base_path or adapted['base_checkpoint'], adapted['base_fingerprint']
+    if not os.path.isfile(base_path):
+        raise FileNotFoundError(f"{path} was p-tuned on the base {base_path}, which is not there: give "
+                                f"--base=<that checkpoint> (weights fingerprint {expected})")
+    base = load_checkpoint(base_path, device)
+    if fingerprint(base['model']) != expected:
+        raise ValueError(f"{path} was p-tuned on a different base model than {base_path}: give "
+                         f"--base=<the checkpoint it was tuned on> (weights fingerprint {expected})")
     model = GPT(GPTConfig(**adapted['model_args']))
     missing, unexpected = model.load_state_dict({**base['model'], **adapted['trained']}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} and its base do not make a whole model: missing {missing}, unexpected {unexpected}")
     return model.to(device), adapted
+
+
+
+# ----------------------------------------------------------------------------- STAND-IN for branch h12a
+# h12a owns these (claim_out_dir, tokenizer_record, check_tokenizer); on merging h12a, take its version.
+
+def claim_out_dir(out_dir):
+    """Hold out_dir for this process's life (an exclusive flock on out_dir/.lock); returns the open file."""
+    import fcntl
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, '.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(f"{out_dir} is in use by another run ({lock.read().strip()}): wait for it or "
+                         f"give another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
+
+
+def tokenizer_record(path):
+    """What a checkpoint keeps of its tokenizer: the bytes of tokenizer.model and their SHA-256."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    return dict(sha256=hashlib.sha256(data).hexdigest(), data=data)
+
+
+def check_tokenizer(record, data_dir, what):
+    path = os.path.join(data_dir, 'tokenizer.model')
+    have = tokenizer_record(path)['sha256']
+    if have != record['sha256']:
+        raise SystemExit(f"{what} was trained with tokenizer sha256 {record['sha256'][:12]}, but {path} is "
+                         f"{have[:12]}: use the data folder it was trained on")

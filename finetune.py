@@ -15,6 +15,7 @@ only what was trained, plus the base checkpoint's fingerprint), and appends one 
 results to out_dir/results.jsonl.
 """
 import json
+import math
 import os
 import time
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint, save_adapted, save_checkpoint
+from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, save_adapted, save_checkpoint, tokenizer_record
 from common import data_dir_of, device_type, learning_rate_at, load_meta, optimizer_step, resolve_device_and_dtype, \
     tag_table_size
 from configurator import configure
@@ -64,6 +65,10 @@ DEFAULTS = dict(
     seed=1337,
 )
 LR_BY_MODE = {'full': 5e-5, 'ptune': 3e-3}
+AT_LEAST_ONE = ('epochs', 'batch_size', 'eval_interval', 'log_interval')
+NOT_NEGATIVE = ('max_iters', 'n_prompt', 'warmup_iters', 'max_eval_examples', 'learning_rate', 'weight_decay',
+                'grad_clip', 'lambda_lm')
+BELOW_ONE = ('beta1', 'beta2', 'dropout')  # each in [0, 1)
 
 
 # ----------------------------------------------------------------------------- model
@@ -82,7 +87,7 @@ def build_model(cfg, base, meta):
     missing, unexpected = model.load_state_dict(base['model'], strict=False)
     foreign = [k for k in missing if not k.startswith(('wle.', 'wee.', 'prompt.', 'class_head.'))] + unexpected
     if foreign:
-        raise ValueError(f"the base checkpoint does not fit the model: {', '.join(foreign)}")
+        raise SystemExit(f"the base checkpoint does not fit the model: {', '.join(foreign)}")
     return model, model_args
 
 
@@ -96,15 +101,59 @@ def set_trainable(model, cfg, train_tokens, rng):
 
 
 def check_config(cfg):
+    """Every option in range, before anything loads (a zero batch or interval would fail mid-run)."""
     choices = dict(mode=('full', 'ptune', 'none'), task=('dialogue', 'classify', 'multitask', 'label_text'),
                    prompt_position=('prefix', 'infix'), prompt_init=('random', 'tokens'))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key} must be one of {', '.join(allowed)}, not {getattr(cfg, key)!r}")
+    ranges = ((AT_LEAST_ONE, lambda v: v >= 1, '>= 1'), (NOT_NEGATIVE, lambda v: v >= 0, '>= 0'),
+              (BELOW_ONE, lambda v: 0 <= v < 1, 'in [0, 1)'))
+    for keys, in_range, allowed in ranges:
+        for key in keys:
+            value = getattr(cfg, key)
+            if not (math.isfinite(value) and in_range(value)):
+                raise SystemExit(f"--{key} must be {allowed}, not {value}")
     if cfg.mode == 'ptune' and cfg.n_prompt == 0:
         raise SystemExit("--mode=ptune trains a soft prompt: give it --n_prompt > 0 (the paper uses 1 to 100)")
     if cfg.mode == 'none' and cfg.task in ('classify', 'multitask'):
         raise SystemExit("--mode=none cannot classify: the class head is new and must be trained")
+
+
+def load_base(cfg, data_dir, meta):
+    """(path, checkpoint) of the base model, refused unless it loads, reads the data folder's
+    vocabulary and leaves room in its context beside the soft prompt."""
+    path = os.path.join(cfg.init_from, cfg.init_checkpoint)
+    try:
+        base = load_checkpoint(path, 'cpu')
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"base model: {error}: give --init_from=<a pretraining run's out_dir> "
+                         f"(e.g. after `python train.py config/tiny.py`)") from None
+    if 'tokenizer' in base:
+        check_tokenizer(base['tokenizer'], data_dir, f"the base checkpoint {path}")
+    elif base['model_args']['vocab_size'] != meta['vocab_size']:  # a base older than the tokenizer record
+        raise SystemExit(f"the base checkpoint {path} has {base['model_args']['vocab_size']} tokens, "
+                         f"{data_dir}/tokenizer.model {meta['vocab_size']}: "
+                         f"prepare the data set with the base's tokenizer")
+    block_size = base['model_args']['block_size']
+    if cfg.n_prompt >= block_size:
+        raise SystemExit(f"--n_prompt={cfg.n_prompt} leaves no room for text in the base's block_size={block_size}: "
+                         f"use fewer prompt vectors (the paper uses 1 to 100)")
+    return path, base
+
+
+def check_task_data(cfg, task_data, data_dir):
+    """Refuse what would fail only after training: no labels to learn, no whole batch, no room for an answer."""
+    if cfg.task != 'dialogue' and not task_data.label_names:
+        raise SystemExit(f"--task={cfg.task} needs a labelled data set (e.g. department), and {data_dir} has no labels")
+    n_train = len(task_data.inputs['train'])
+    if cfg.mode != 'none' and n_train < cfg.batch_size:  # no whole batch: the batch loop would never yield
+        raise SystemExit(f"--batch_size={cfg.batch_size} is more than the {n_train} training examples in "
+                         f"{data_dir}: use a smaller batch")
+    longest = max(map(len, task_data.label_ids), default=0) + 1  # a label sentence and <eot>
+    if cfg.task == 'label_text' and task_data.room <= longest:
+        raise SystemExit(f"--n_prompt={cfg.n_prompt} leaves {task_data.room} tokens of the context, too few for "
+                         f"a question and the longest label sentence ({longest} tokens): use fewer prompt vectors")
 
 
 # ----------------------------------------------------------------------------- training
@@ -159,13 +208,16 @@ def format_metrics(metrics):
 
 # ----------------------------------------------------------------------------- main
 
-def save_result(model, model_args, cfg, base_path, base):
-    os.makedirs(cfg.out_dir, exist_ok=True)
+def save_result(model, model_args, cfg, base_path, base, tokenizer):
+    """ckpt.pt (full) or prompt.pt (p-tuning), each with the tokenizer it reads and its base's absolute
+    path, so that sample.py run from any folder finds both."""
+    base_path = os.path.abspath(base_path)
     if cfg.mode == 'ptune':
-        save_adapted(os.path.join(cfg.out_dir, 'prompt.pt'), model, model_args, vars(cfg), base_path, base['model'])
+        save_adapted(os.path.join(cfg.out_dir, 'prompt.pt'), model, model_args, vars(cfg), base_path,
+                     base['model'], tokenizer)
     elif cfg.mode == 'full':
-        save_checkpoint(dict(model=model.state_dict(), model_args=model_args, config=vars(cfg), base=base_path),
-                        os.path.join(cfg.out_dir, 'ckpt.pt'))
+        save_checkpoint(dict(model=model.state_dict(), model_args=model_args, config=vars(cfg), base=base_path,
+                             tokenizer=tokenizer), os.path.join(cfg.out_dir, 'ckpt.pt'))
 
 
 def main(argv=None):
@@ -176,32 +228,34 @@ def main(argv=None):
     device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)
     data_dir = data_dir_of(cfg.dataset)
     meta = load_meta(data_dir)
-    base_path = os.path.join(cfg.init_from, cfg.init_checkpoint)
-    base = load_checkpoint(base_path, 'cpu')
+    base_path, base = load_base(cfg, data_dir, meta)
     model, model_args = build_model(cfg, base, meta)
     task_data = load_task(cfg, model_args, meta, data_dir, device, dtype)
-    train_tokens = np.concatenate([ex['tokens'] for ex in task_data.examples['train']])
-    set_trainable(model, cfg, train_tokens, np.random.default_rng(cfg.seed))
-    model.to(device)
-    print(f"{cfg.mode}: {model.num_params(trainable_only=True):,} of {model.num_params():,} parameters train; "
-          f"{len(task_data.inputs['train'])} train / {len(task_data.inputs['val'])} val / "
-          f"{len(task_data.inputs['test'])} test examples; {device}, {dtype} ({dtype_reason})")
-    best = train(model, task_data, cfg) if cfg.mode != 'none' else dict(loss=None, iter=0)
-    save_result(model, model_args, cfg, base_path, base)
-    test = evaluate(model, task_data.inputs['test'], cfg, task_data)
-    if cfg.task == 'label_text':
-        test.update(label_text_accuracy(model, task_data.examples['test'], cfg, task_data))
-    result = dict(dataset=cfg.dataset, mode=cfg.mode, task=cfg.task, n_prompt=cfg.n_prompt,
-                  prompt_position=cfg.prompt_position, prompt_reparam=cfg.prompt_reparam, lexical=cfg.lexical,
-                  entity=cfg.entity, entity_splice=cfg.entity_splice, lambda_lm=cfg.lambda_lm,
-                  init_from=cfg.init_from, trainable_params=model.num_params(trainable_only=True),
-                  total_params=model.num_params(), best_val_loss=best['loss'], best_iter=best['iter'],
-                  **{f"test_{k}": v for k, v in test.items()}, wall_time_s=round(time.time() - t0, 1), seed=cfg.seed)
-    print(json.dumps(result, ensure_ascii=False))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, 'results.jsonl'), 'a', encoding='utf-8') as f:
-        f.write(json.dumps(result, ensure_ascii=False) + '\n')
-    return result
+    check_task_data(cfg, task_data, data_dir)
+    with claim_out_dir(cfg.out_dir):  # everything is checked: from here on this run owns out_dir
+        train_tokens = np.concatenate([ex['tokens'] for ex in task_data.examples['train']])
+        set_trainable(model, cfg, train_tokens, np.random.default_rng(cfg.seed))
+        model.to(device)
+        print(f"{cfg.mode}: {model.num_params(trainable_only=True):,} of {model.num_params():,} parameters train; "
+              f"{len(task_data.inputs['train'])} train / {len(task_data.inputs['val'])} val / "
+              f"{len(task_data.inputs['test'])} test examples; {device}, {dtype} ({dtype_reason})")
+        best = train(model, task_data, cfg) if cfg.mode != 'none' else dict(loss=None, iter=0)
+        tokenizer = tokenizer_record(os.path.join(data_dir, 'tokenizer.model'))  # what the base's record matched
+        save_result(model, model_args, cfg, base_path, base, tokenizer)
+        test = evaluate(model, task_data.inputs['test'], cfg, task_data)
+        if cfg.task == 'label_text':
+            test.update(label_text_accuracy(model, task_data.examples['test'], cfg, task_data))
+        result = dict(dataset=cfg.dataset, mode=cfg.mode, task=cfg.task, n_prompt=cfg.n_prompt,
+                      prompt_position=cfg.prompt_position, prompt_reparam=cfg.prompt_reparam, lexical=cfg.lexical,
+                      entity=cfg.entity, entity_splice=cfg.entity_splice, lambda_lm=cfg.lambda_lm,
+                      init_from=cfg.init_from, trainable_params=model.num_params(trainable_only=True),
+                      total_params=model.num_params(), best_val_loss=best['loss'], best_iter=best['iter'],
+                      **{f"test_{k}": v for k, v in test.items()}, wall_time_s=round(time.time() - t0, 1),
+                      seed=cfg.seed)
+        print(json.dumps(result, ensure_ascii=False))
+        with open(os.path.join(cfg.out_dir, 'results.jsonl'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(result, ensure_ascii=False) + '\n')
+        return result
 
 
 if __name__ == '__main__':

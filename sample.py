@@ -6,6 +6,7 @@ prompt.pt loads its base checkpoint by itself).
     python sample.py --dialogue --prompt "孩子发烧三天，咳嗽"        # the doctor's reply to a patient
     python sample.py --out_dir=out-ptune --dialogue --interactive  # a consultation: patient turns from stdin
 """
+import math
 import os
 import sys
 from types import SimpleNamespace
@@ -20,8 +21,9 @@ DEFAULTS = dict(
     out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it; default: the quick start's) ...
     checkpoint='',          # ... or this checkpoint / p-tuning file
     base='',                # a p-tuning file's base checkpoint ('' = the path the file recorded)
-    data_dir='',            # where tokenizer.model is ('' = data/<dataset the run trained on>)
-    prompt='发烧三天了，还有点咳嗽，需要去医院吗？',
+    data_dir='',            # checkpoints older than the tokenizer record only: where tokenizer.model is
+                            # ('' = data/<dataset the run trained on>)
+    prompt='发烧三天了，还有点咳嗽，需要去医院吗？',  # '' = from the start of a text
     dialogue=False,         # the prompt is a patient's turn: generate the doctor's reply
     interactive=False,      # with --dialogue: read further patient turns from stdin, keeping the history
     num_samples=1,
@@ -35,24 +37,52 @@ DEFAULTS = dict(
 )
 
 
-def load_tools(checkpoint, cfg):
-    """Tokenizer, and the tagger when the model reads tags (the same one prepare/ tagged the training data with)."""
+def check_options(cfg):
+    """Every sampling option in range, before anything loads (a negative temperature would sample
+    the least likely tokens; top_p = 0 keeps no token at all)."""
+    rules = [
+        ('temperature', math.isfinite(cfg.temperature) and cfg.temperature >= 0, 'a number >= 0 (0 = greedy)'),
+        ('top_k', cfg.top_k >= 0, '>= 0 (0 = off)'),
+        ('top_p', 0 < cfg.top_p <= 1, 'in (0, 1] (1 = off)'),
+        ('num_samples', cfg.num_samples >= 1, '>= 1'),
+        ('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0'),
+    ]
+    for key, ok, allowed in rules:
+        if not ok:
+            raise SystemExit(f"--{key} must be {allowed}, not {getattr(cfg, key)}")
+    if cfg.dialogue and not cfg.interactive and not cfg.prompt.strip():
+        raise SystemExit("--dialogue needs the patient's turn: give --prompt=... (or --interactive to type turns)")
+
+
+def load_tools(checkpoint, model, cfg):
+    """Tokenizer, and the tagger when the model reads tags (the same one prepare/ tagged the training data with).
+    The tokenizer is the one the checkpoint carries; only a checkpoint older than that record reads
+    data_dir's, and only when its vocabulary is the model's size."""
     from prepare.tokenizer import Tokenizer
     from prepare.tagging import Tagger
     from prepare.lexicon import lexicon_dir
-    config = checkpoint.get('config', {})
-    data_dir = cfg.data_dir or os.path.join('data', config.get('dataset', 'pretrain'))
-    tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
-    if not os.path.isfile(tokenizer_path):
-        raise SystemExit(f"no tokenizer at {tokenizer_path}: give --data_dir (a folder that prepare/ built)")
-    tokenizer = Tokenizer.load(tokenizer_path)
-    needs_tags = checkpoint['model_args'].get('n_lexical') or checkpoint['model_args'].get('n_entity')
+    if 'tokenizer' in checkpoint:
+        tokenizer = Tokenizer.from_bytes(checkpoint['tokenizer']['data'])
+    else:
+        data_dir = cfg.data_dir or os.path.join('data', checkpoint.get('config', {}).get('dataset', 'pretrain'))
+        tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
+        if not os.path.isfile(tokenizer_path):
+            raise SystemExit(f"no tokenizer at {tokenizer_path}: give --data_dir (a folder that prepare/ built)")
+        tokenizer = Tokenizer.load(tokenizer_path)
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise SystemExit(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model has "
+                             f"{model.config.vocab_size}: this checkpoint carries no tokenizer, so give "
+                             f"--data_dir=<the data folder it was trained on>")
+    needs_tags = model.config.n_lexical or model.config.n_entity
     return tokenizer, Tagger(lexicon_dir()) if needs_tags else None
 
 
 def encode_context(text, tokenizer, tagger, model):
-    """Token ids and (when the model has the tables) lexical and entity ids, as (1, T) tensors."""
-    if tagger is None:
+    """Token ids and (when the model has the tables) lexical and entity ids, as (1, T) tensors. An empty
+    text starts from <eot>: every pretraining document follows one, so what comes next is a new text."""
+    if not text:
+        ids = lexical = entity = [tokenizer.eot_id]  # tag 0, as prepare/ tags <eot>
+    elif tagger is None:
         ids, lexical, entity = tokenizer.encode(text), None, None
     else:
         ids, lexical, entity = tagger.encode(tokenizer, text)
@@ -138,7 +168,8 @@ def generate_reply(model, context, tools, cfg, checkpoint, autocast, generator):
 
 def dialogue_turns(cfg):
     """The patient's turns: the prompt, then (interactive) each non-empty line from stdin."""
-    yield cfg.prompt
+    if cfg.prompt.strip():
+        yield cfg.prompt
     if cfg.interactive:
         for line in sys.stdin:
             if line.strip():
@@ -147,6 +178,7 @@ def dialogue_turns(cfg):
 
 def main(argv=None):
     cfg = SimpleNamespace(**configure(DEFAULTS, argv))
+    check_options(cfg)
     device, dtype, _ = resolve_device_and_dtype(cfg.device, 'auto')
     try:
         model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
@@ -154,11 +186,10 @@ def main(argv=None):
         raise SystemExit(str(error))
     model.eval()
     autocast = autocast_context(device, dtype)
-    tools = load_tools(checkpoint, cfg)
+    tools = load_tools(checkpoint, model, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if not cfg.dialogue:
         return generate_reply(model, cfg.prompt, tools, cfg, checkpoint, autocast, generator)
-    tokenizer = tools[0]
     history, replies = '', []
     for turn in dialogue_turns(cfg):
         history += f"<patient>{turn}<doctor>"

@@ -85,6 +85,10 @@ class Tokenizer:
     def load(cls, path):
         with open(path, 'rb') as f:
             data = f.read()
+        return cls.from_bytes(data)
+
+    @classmethod
+    def from_bytes(cls, data):  # STAND-IN for branch h12a's: on merging h12a, take its version
         if data.startswith(b'{'):
             stored = json.loads(data)
             return BertVocab(stored['pieces']) if stored['kind'] == 'bert' else cls('char', stored['pieces'])

@@ -14,7 +14,7 @@ import torch
 import finetune
 import sample
 import tasks
-from checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint
+from checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint, tokenizer_record
 from model import GPT, GPTConfig
 from prepare.dataset import cut_examples, write_examples
 from prepare.lexicon import lexicon_dir
@@ -77,7 +77,7 @@ def base_path(tools, data_dir, tmp_path_factory):
                       dropout=0.0, bias=False, n_lexical=0, n_entity=0)
     path = tmp_path_factory.mktemp('base') / 'best.pt'
     save_checkpoint(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
-                         config=dict(dataset=str(data_dir))), str(path))
+                         config=dict(dataset=str(data_dir)), tokenizer=tokenizer_record(tok.file)), str(path))
     return path
 
 
