@@ -24,7 +24,7 @@ data/%/meta.json: data/pretrain/meta.json
 data: data/pretrain/meta.json data/covid/meta.json data/dxy/meta.json data/department/meta.json
 
 demo: data/pretrain/meta.json
-	$(PY) train.py config/tiny.py
+	$(PY) train.py config/tiny.py --overwrite
 	$(PY) sample.py --out_dir=out/tiny --prompt="$(PROMPT)" --max_new_tokens=120
 	$(PY) sample.py --out_dir=out/tiny --dialogue --prompt="$(PROMPT)" --max_new_tokens=120
 

@@ -13,9 +13,18 @@ cannot run code. train.py writes these keys:
                    state, since train.py draws each iteration's windows and dropout masks from
                    (seed, rank, iter_num) alone
     best_val_loss  the best validation loss so far
+    tokenizer      {'sha256', 'data'}: the bytes of the tokenizer.model the run trained with, so that
+                   sample.py, finetune.py and eval.py never pair the weights with another vocabulary
+
+A run holds its out_dir exclusively (claim_out_dir): two runs can never write into one folder.
 """
+import fcntl
+import glob
 import hashlib
 import os
+import sys
+import tempfile
+import time
 
 import torch
 
@@ -24,9 +33,11 @@ MODEL_KEYS = ('model', 'model_args')
 
 def save_checkpoint(checkpoint, path):
     """Write atomically: a crash mid-write leaves the previous file intact, never a half-written one."""
-    temp_path = f"{path}.tmp"  # same directory, so os.replace is a rename within one file system
+    # a unique name in the same directory (os.replace is then a rename within one file system)
+    fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=f".{os.path.basename(path)}.",
+                                     suffix='.tmp')
     try:
-        with open(temp_path, 'wb') as f:
+        with os.fdopen(fd, 'wb') as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
@@ -37,6 +48,26 @@ def save_checkpoint(checkpoint, path):
         raise
 
 
+def claim_out_dir(out_dir):
+    """Hold out_dir for the rest of this process: an exclusive lock on out_dir/.lock, which the system
+    releases when the process ends in any way (so a killed run never leaves it stuck). Returns the open
+    lock file: keep it referenced. Temporaries of a write that was killed are removed."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, '.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise SystemExit(f"{out_dir} is in use by another run ({lock.read().strip() or 'pid unknown'}): wait for "
+                         f"it to finish or give another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}")
+    lock.flush()
+    for stale in glob.glob(os.path.join(out_dir, '.*.tmp')):  # save_checkpoint's, from a killed write
+        os.remove(stale)
+    return lock
+
+
 def load_checkpoint(path, device='cpu', required_keys=MODEL_KEYS):
     """Load a checkpoint dict onto `device`; a clear error if it is missing, not one, or incomplete."""
     if not os.path.isfile(path):
@@ -44,9 +75,12 @@ def load_checkpoint(path, device='cpu', required_keys=MODEL_KEYS):
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
-        reason = str(error).split('\n')[0]  # torch's weights_only errors run to many lines
-        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True "
-                         f"({type(error).__name__}: {reason})") from error
+        # torch's message advises loading with weights_only=False: never pass that on, it would run
+        # whatever code the file holds; keep only what it says is wrong
+        detail = [line.strip() for line in str(error).split('\n') if line.strip()]
+        reason = next((line for line in detail if line.startswith(('Unsupported', 'Trying to load'))), type(error).__name__)
+        raise ValueError(f"{path} is not a checkpoint this project wrote: it does not load as plain tensors and "
+                         f"data ({reason}); if it is a Hugging Face model folder's file, import it with convert.py") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     require_keys(checkpoint, required_keys, path)
@@ -113,26 +147,7 @@ def load_model(path, device='cpu', base_path=None):
     return model.to(device), adapted
 
 
-
-# ----------------------------------------------------------------------------- STAND-IN for branch h12a
-# h12a owns these (claim_out_dir, tokenizer_record, check_tokenizer); on merging h12a, take its version.
-
-def claim_out_dir(out_dir):
-    """Hold out_dir for this process's life (an exclusive flock on out_dir/.lock); returns the open file."""
-    import fcntl
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, '.lock'), 'a+')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        raise SystemExit(f"{out_dir} is in use by another run ({lock.read().strip()}): wait for it or "
-                         f"give another --out_dir") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()}")
-    lock.flush()
-    return lock
-
+# ----------------------------------------------------------------------------- the tokenizer a run carries
 
 def tokenizer_record(path):
     """What a checkpoint keeps of its tokenizer: the bytes of tokenizer.model and their SHA-256."""
@@ -142,8 +157,10 @@ def tokenizer_record(path):
 
 
 def check_tokenizer(record, data_dir, what):
+    """Refuse a data folder whose tokenizer is not the one `what` was trained with, naming both."""
     path = os.path.join(data_dir, 'tokenizer.model')
     have = tokenizer_record(path)['sha256']
     if have != record['sha256']:
         raise SystemExit(f"{what} was trained with tokenizer sha256 {record['sha256'][:12]}, but {path} is "
-                         f"{have[:12]}: use the data folder it was trained on")
+                         f"{have[:12]}: use the data folder it was trained on, or rebuild this one with that "
+                         f"tokenizer (prepare/<set>.py --tokenizer_model=...)")

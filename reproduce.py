@@ -169,7 +169,9 @@ def pretrain(name, size_overrides, cfg, results):
     resume = same_config_checkpoint(run_dir, wanted) is not None
     print(f"pretraining {name}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}", flush=True)
     t0 = time.time()
-    run_script('train.py', dict(wanted, init_from='resume' if resume else 'scratch'), run_dir, 'pretrain')
+    # a scratch run replaces whatever other run reproduce left in its own folder
+    run_script('train.py', dict(wanted, init_from='resume' if resume else 'scratch', overwrite=not resume), run_dir,
+               'pretrain')
     return describe_pretraining(run_dir, round(time.time() - t0, 1))
 
 

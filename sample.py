@@ -79,11 +79,12 @@ def load_tools(checkpoint, model, cfg):
 
 def encode_context(text, tokenizer, tagger, model):
     """Token ids and (when the model has the tables) lexical and entity ids, as (1, T) tensors. An empty
-    text starts from <eot>: every pretraining document follows one, so what comes next is a new text."""
+    text starts from <eot>: every pretraining document follows one, so what comes next is a new text (a
+    BERT-vocabulary model, as UER trained it, starts every document with [CLS] instead)."""
     if not text:
-        ids = lexical = entity = [tokenizer.eot_id]  # tag 0, as prepare/ tags <eot>
-    elif tagger is None:
-        ids, lexical, entity = tokenizer.encode(text), None, None
+        ids = lexical = entity = [tokenizer.eot_id if tokenizer.bos_id is None else tokenizer.bos_id]  # tag 0
+    elif tagger is None:  # (the tagger puts [CLS] in front itself, as it did for the training data)
+        ids, lexical, entity = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(text), None, None
     else:
         ids, lexical, entity = tagger.encode(tokenizer, text)
     as_row = lambda xs: None if xs is None else torch.tensor([list(xs)], dtype=torch.long)

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, save_checkpoint, tokenizer_record
 from common import TAG_FILES, Windows, autocast_context, data_dir_of, device_type, learning_rate_at, \
-    load_char_counts, load_meta, new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype
+    load_char_counts, load_meta, new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype, tag_table_size
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -32,7 +32,9 @@ from model import GPT, GPTConfig
 DEFAULTS = dict(
     # output and evaluation
     out_dir='out',
-    init_from='scratch',           # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from='scratch',           # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint folder/file to continue
+                                   # pretraining from (e.g. convert.py's GPT2-Chinese): its weights, a new schedule
+    overwrite=False,               # scratch only: replace the previous run in out_dir (refused otherwise)
     eval_interval=1000,            # evaluate (and checkpoint) every this many iterations
     eval_iters=50,                 # batches per split per evaluation
     log_interval=10,
@@ -70,6 +72,79 @@ DEFAULTS = dict(
     peak_flops=0.0,                # the device's peak FLOP/s for MFU; 0 = look it up or measure it
 )
 TRAIN_STREAM, EVAL_STREAM = 0, 1   # keep training and evaluation random numbers apart
+ARCHITECTURE = ('n_layer', 'n_head', 'n_embd', 'bias')  # what a checkpoint fixes, with block_size and the tables
+MAX_PASSES = 4                     # more passes over the training tokens than this: the model memorises them
+
+
+# ----------------------------------------------------------------------------- checks before anything is touched
+
+def check_config(cfg):
+    """Every option a number must be, with its range: one line naming the key, before any work."""
+    rules = [('batch_size', cfg.batch_size >= 1, '>= 1'), ('block_size', cfg.block_size >= 1, '>= 1'),
+             ('gradient_accumulation_steps', cfg.gradient_accumulation_steps >= 1, '>= 1'),
+             ('max_iters', cfg.max_iters >= 0, '>= 0'), ('eval_interval', cfg.eval_interval >= 1, '>= 1'),
+             ('eval_iters', cfg.eval_iters >= 1, '>= 1'), ('log_interval', cfg.log_interval >= 1, '>= 1'),
+             ('warmup_iters', cfg.warmup_iters >= 0, '>= 0'), ('lr_decay_iters', cfg.lr_decay_iters >= cfg.warmup_iters,
+                                                              '>= warmup_iters'),
+             ('learning_rate', math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, 'a finite number > 0'),
+             ('min_lr', math.isfinite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.learning_rate, 'in [0, learning_rate]'),
+             ('weight_decay', math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, 'a finite number >= 0'),
+             ('grad_clip', math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0, 'a finite number >= 0 (0 = off)'),
+             ('dropout', 0 <= cfg.dropout < 1, 'in [0, 1)'), ('beta1', 0 <= cfg.beta1 < 1, 'in [0, 1)'),
+             ('beta2', 0 <= cfg.beta2 < 1, 'in [0, 1)'), ('attention', cfg.attention in ('manual', 'fused'),
+                                                        "'manual' or 'fused'")]
+    for key, ok, expected in rules:
+        if not ok:
+            raise SystemExit(f"--{key} must be {expected}, not {getattr(cfg, key)!r}")
+
+
+def check_data(data_dir, block_size):
+    """The token files exist, hold whole uint16 ids, and have room for one window; returns train tokens."""
+    n_tokens = {}
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if not size or size % 2:
+            problem = 'is missing' if size is None else 'is empty' if size == 0 else 'has an odd number of bytes'
+            raise SystemExit(f"{path} {problem}: it must hold uint16 token ids; rebuild the data set (prepare/)")
+        n_tokens[split] = size // 2
+        if n_tokens[split] <= block_size:
+            raise SystemExit(f"{path} has {n_tokens[split]:,} tokens, fewer than one window of block_size+1 = "
+                             f"{block_size + 1:,}: lower --block_size or add data")
+    return n_tokens['train']
+
+
+def check_memory(cfg, n_layer, n_head, device):
+    """Refuse a block_size whose attention alone cannot fit, before building anything: each layer keeps a
+    (block_size, block_size) causal mask, and a step holds (batch, heads, T, T) scores per layer."""
+    T = cfg.block_size
+    needed = n_layer * T * T + n_layer * cfg.batch_size * n_head * T * T * 4 * 2  # mask bytes + scores, fwd and bwd
+    available = torch.cuda.mem_get_info(device)[1] if device.startswith('cuda') else \
+        os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if needed > available:
+        raise SystemExit(f"block_size={T:,} needs about {needed / 2**30:,.1f} GiB for attention alone ({n_layer} layers "
+                         f"x batch {cfg.batch_size} x {n_head} heads x {T:,}^2), more than the {available / 2**30:,.1f} "
+                         f"GiB here: lower --block_size (the paper uses 512) or --batch_size")
+
+
+def adopt_architecture(cfg, model_args, source, windows_may_be_shorter):
+    """The model's shape comes from the checkpoint. A shape key set (config file or command line: it differs
+    from the default) to another value is an error naming both; the others take the checkpoint's value, so
+    that the config saved with the next checkpoint tells the truth."""
+    wanted = {key: model_args[key] for key in ARCHITECTURE}
+    wanted.update(lexical=model_args['n_lexical'] > 0 or (windows_may_be_shorter and cfg.lexical),
+                  entity=model_args['n_entity'] > 0 or (windows_may_be_shorter and cfg.entity))
+    if not windows_may_be_shorter:
+        wanted['block_size'] = model_args['block_size']
+    for key, value in wanted.items():
+        given = getattr(cfg, key)
+        if given != value and given != DEFAULTS[key]:
+            raise SystemExit(f"--{key}={given!r} differs from {source}'s {value!r}: the model keeps its architecture "
+                             f"(drop --{key}, or start a new run in another --out_dir)")
+        setattr(cfg, key, value)
+    if cfg.block_size > model_args['block_size']:
+        raise SystemExit(f"--block_size={cfg.block_size} is longer than {source}'s {model_args['block_size']} "
+                         f"positions: lower --block_size")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -206,7 +281,7 @@ def log(training, record, text):
 def checkpoint_of(training, iter_num, best_val_loss):
     return {'model': training.model.state_dict(), 'model_args': training.model_args, 'config': vars(training.cfg),
             'optimizer': training.optimizer.state_dict(), 'scaler': training.scaler.state_dict(),
-            'iter_num': iter_num, 'best_val_loss': best_val_loss}
+            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'tokenizer': training.tokenizer}
 
 
 def evaluate_and_save(training, iter_num, best_val_loss):
@@ -220,12 +295,14 @@ def evaluate_and_save(training, iter_num, best_val_loss):
         raise SystemExit(f"stopping: non-finite val loss at iter {iter_num}; no checkpoint written.")
     improved = val_loss < best_val_loss
     best_val_loss = min(val_loss, best_val_loss)
-    if training.rank == 0 and iter_num > 0:  # at iter 0 nothing has been learned yet
+    if training.rank == 0 and iter_num > training.start_iter:  # nothing new has been learned before
         checkpoint = checkpoint_of(training, iter_num, best_val_loss)
-        if improved or training.cfg.always_save_checkpoint:
-            save_checkpoint(checkpoint, os.path.join(training.cfg.out_dir, 'ckpt.pt'))
+        # best.pt first: a kill between the two writes must not leave best.pt behind the best ckpt.pt records
         if improved:
             save_checkpoint(checkpoint, os.path.join(training.cfg.out_dir, 'best.pt'))
+        if improved or training.cfg.always_save_checkpoint:
+            save_checkpoint(checkpoint, os.path.join(training.cfg.out_dir, 'ckpt.pt'))
+        training.saved = True
     return metrics, best_val_loss
 
 
@@ -247,42 +324,90 @@ def log_progress(training, iter_num, loss, skipped, dt, seconds_per_iter):
 
 # ----------------------------------------------------------------------------- main
 
-def starting_point(cfg, data_dir, device):
-    """(model_args, checkpoint): out_dir/ckpt.pt's when resuming, else new ones and None."""
+def report_passes(cfg, training, train_tokens, data_dir):
+    """How much data the run reads, and a warning when it will memorise its corpus."""
+    tokens_to_read = (cfg.max_iters - training.start_iter) * training.tokens_per_iter
+    passes = tokens_to_read / train_tokens
+    print(f"this run reads {tokens_to_read:,} tokens: {passes:,.1f} passes over the {train_tokens:,} training "
+          f"tokens of {data_dir}")
+    if passes > MAX_PASSES:
+        print(f"WARNING: {passes:,.0f} passes (more than {MAX_PASSES}): the model will memorise the corpus. Add "
+              f"data (prepare/pretrain.py --corpus ...) or lower --max_iters.", flush=True)
+
+
+def starting_point(cfg, data_dir, meta):
+    """(model_args, checkpoint): new ones and None from scratch; out_dir/ckpt.pt's when resuming; for
+    continued pretraining (init_from = a run's folder or checkpoint, e.g. an imported GPT2-Chinese) its
+    weights alone, with tables added as asked: the optimiser and the schedule start anew."""
     if cfg.init_from == 'scratch':
-        return new_model_args(cfg, load_meta(data_dir)), None
-    if cfg.init_from != 'resume':
-        raise SystemExit(f"init_from must be 'scratch' or 'resume', not {cfg.init_from!r}")
+        return new_model_args(cfg, meta), None
+    resuming = cfg.init_from == 'resume'
+    path = os.path.join(cfg.out_dir, 'ckpt.pt') if resuming else cfg.init_from
+    path = os.path.join(path, 'best.pt') if os.path.isdir(path) else path
+    keys = ('model', 'model_args', 'optimizer', 'scaler', 'iter_num', 'best_val_loss') if resuming else \
+        ('model', 'model_args')
     try:
-        checkpoint = load_checkpoint(os.path.join(cfg.out_dir, 'ckpt.pt'), device,
-                                     required_keys=('model', 'model_args', 'optimizer', 'scaler',
-                                                    'iter_num', 'best_val_loss'))
+        checkpoint = load_checkpoint(path, 'cpu', required_keys=keys)
     except (FileNotFoundError, ValueError) as error:  # a user's mistake, not a bug: no traceback
-        raise SystemExit(f"cannot resume: {error}")
-    return checkpoint['model_args'], checkpoint  # the architecture is the checkpoint's, whatever cfg says
+        raise SystemExit(f"cannot {'resume' if resuming else 'start from ' + cfg.init_from}: {error}")
+    model_args = dict(checkpoint['model_args'])
+    adopt_architecture(cfg, model_args, path, windows_may_be_shorter=not resuming)
+    beside = os.path.join(os.path.dirname(path), 'tokenizer.model')  # convert.py writes it beside best.pt
+    record = checkpoint.get('tokenizer') or (tokenizer_record(beside) if os.path.isfile(beside) else None)
+    if record is not None:
+        check_tokenizer(record, data_dir, path)
+    elif model_args['vocab_size'] != meta['vocab_size']:
+        raise SystemExit(f"{path} has a vocabulary of {model_args['vocab_size']:,} but {data_dir} one of "
+                         f"{meta['vocab_size']:,}: prepare the data with the model's tokenizer")
+    if resuming:
+        return model_args, checkpoint
+    model_args.update(dropout=cfg.dropout, attention=cfg.attention,
+                      n_lexical=model_args['n_lexical'] or (tag_table_size(meta['lexical_map']) if cfg.lexical else 0),
+                      n_entity=model_args['n_entity'] or (tag_table_size(meta['entity_map']) if cfg.entity else 0))
+    return model_args, {'model': checkpoint['model']}
 
 
-def build_training(cfg):
+def refuse_previous_run(cfg):
+    """A new run (not resumed) never replaces a previous run's files in out_dir unless --overwrite."""
+    previous = [name for name in ('ckpt.pt', 'best.pt', 'log.jsonl')
+                if os.path.isfile(os.path.join(cfg.out_dir, name)) and os.path.getsize(os.path.join(cfg.out_dir, name))]
+    if previous and not cfg.overwrite:
+        raise SystemExit(f"{cfg.out_dir} holds a previous run ({', '.join(previous)}): continue it with "
+                         f"--init_from=resume, use another --out_dir, or pass --overwrite to replace it")
+
+
+def start_fresh(cfg):
+    """Clear out_dir for a new run (held, and checked by refuse_previous_run): no old checkpoint, a new log."""
+    refuse_previous_run(cfg)  # again: out_dir may have changed before we held it
+    for name in ('ckpt.pt', 'best.pt'):
+        if os.path.isfile(os.path.join(cfg.out_dir, name)):
+            os.remove(os.path.join(cfg.out_dir, name))
+    open(os.path.join(cfg.out_dir, 'log.jsonl'), 'w').close()
+
+
+def build_training(cfg, device, dtype, data_dir, model_args, checkpoint):
     """Everything a training loop needs, in one namespace: model, optimizer, data, precision, ranks."""
-    device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)
     rank, world_size, device = setup_distributed(device)
     if cfg.gradient_accumulation_steps % world_size:
         raise SystemExit(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
                          f"multiple of the number of processes ({world_size})")
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: float32 speed for free
     torch.backends.cudnn.allow_tf32 = True
-    data_dir = data_dir_of(cfg.dataset)
-    model_args, checkpoint = starting_point(cfg, data_dir, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device_type(device))
     scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == 'float16')
-    if checkpoint is not None:
+    resuming = checkpoint is not None and 'optimizer' in checkpoint
+    if resuming:
         model.load_state_dict(checkpoint['model'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint['scaler']:  # {} from a run without fp16: the fresh scaler is right then
             scaler.load_state_dict(checkpoint['scaler'])
+    elif checkpoint is not None:  # continued pretraining: the weights; tag tables it lacks start at zero
+        missing, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
+        if unexpected or any(not name.startswith(('wle.', 'wee.')) for name in missing):
+            raise SystemExit(f"{cfg.init_from} does not fit its own model_args: missing {missing}, unexpected {unexpected}")
     eval_model = torch.compile(model) if cfg.compile else model
     train_model = eval_model
     if world_size > 1:
@@ -291,30 +416,43 @@ def build_training(cfg):
     char_counts = load_char_counts(data_dir)
     accum_steps = cfg.gradient_accumulation_steps // world_size
     peak, peak_source = (cfg.peak_flops, 'given') if cfg.peak_flops else peak_flops(device, dtype)
+    tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
     return SimpleNamespace(
-        cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, dtype_reason=dtype_reason,
-        model_args=model_args,
+        cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, model_args=model_args,
+        tokenizer=tokenizer_record(tokenizer_path) if os.path.isfile(tokenizer_path) else None, saved=False,
         model=model, eval_model=eval_model, train_model=train_model, optimizer=optimizer, scaler=scaler,
         autocast=autocast_context(device, dtype), accum_steps=accum_steps,
         windows=Windows(data_dir, cfg.block_size, cfg.batch_size, tag_inputs, device),
         char_counts=None if char_counts is None else torch.as_tensor(char_counts, device=device),
         tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
         peak_flops=peak, peak_source=peak_source,
-        start_iter=checkpoint['iter_num'] if checkpoint else 0,
-        best_val_loss=checkpoint['best_val_loss'] if checkpoint else math.inf)
+        start_iter=checkpoint['iter_num'] if resuming else 0,
+        best_val_loss=checkpoint['best_val_loss'] if resuming else math.inf)
 
 
 def main(argv=None):
     cfg = SimpleNamespace(**configure(DEFAULTS, argv))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.init_from == 'scratch' and os.environ.get('RANK', '0') == '0':
-        open(os.path.join(cfg.out_dir, 'log.jsonl'), 'w').close()  # a new run starts a new log
-    training = build_training(cfg)
+    # everything is checked before out_dir is touched: a failed start loses nothing of a previous run
+    check_config(cfg)
+    if cfg.init_from != 'resume':
+        refuse_previous_run(cfg)
+    device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)
+    data_dir = data_dir_of(cfg.dataset)
+    meta = load_meta(data_dir)
+    model_args, checkpoint = starting_point(cfg, data_dir, meta)
+    train_tokens = check_data(data_dir, cfg.block_size)
+    check_memory(cfg, model_args['n_layer'], model_args['n_head'], device)
+    rank0 = os.environ.get('RANK', '0') == '0'
+    lock = claim_out_dir(cfg.out_dir) if rank0 else None  # noqa: F841 (held until the process ends)
+    if rank0 and cfg.init_from != 'resume':
+        start_fresh(cfg)
+    training = build_training(cfg, device, dtype, data_dir, model_args, checkpoint)
     if training.rank == 0:
         print(f"{training.model.num_params() / 1e6:.2f}M parameters, {training.world_size} process(es) on "
-              f"{training.device} in {training.dtype} ({training.dtype_reason}), "
+              f"{training.device} in {training.dtype} ({dtype_reason}), "
               f"{training.tokens_per_iter:,} tokens per iteration; MFU against a peak of "
               f"{training.peak_flops / 1e9:,.0f} GFLOP/s ({training.peak_source})")
+        report_passes(cfg, training, train_tokens, data_dir)
     iter_num, best_val_loss = training.start_iter, training.best_val_loss
     loop_start = time.time()
     interval_seconds, interval_iters = 0.0, 0  # training time since the last log line
@@ -339,9 +477,9 @@ def main(argv=None):
         log(training, {'iter': iter_num, 'param_checksums': checksums},
             f"ranks in step: {len(set(checksums)) == 1} (weight checksums {checksums})")
     if training.rank == 0:
+        saved = f"checkpoints in {cfg.out_dir}/" if training.saved else "no checkpoint written (max_iters=0)"
         print(f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
-              f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; "
-              f"checkpoints in {cfg.out_dir}/")
+              f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; {saved}")
     if training.world_size > 1:
         leave_process_group()
 

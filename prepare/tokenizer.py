@@ -88,7 +88,7 @@ class Tokenizer:
         return cls.from_bytes(data)
 
     @classmethod
-    def from_bytes(cls, data):  # STAND-IN for branch h12a's: on merging h12a, take its version
+    def from_bytes(cls, data):
         if data.startswith(b'{'):
             stored = json.loads(data)
             return BertVocab(stored['pieces']) if stored['kind'] == 'bert' else cls('char', stored['pieces'])
