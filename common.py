@@ -163,6 +163,35 @@ def load_char_counts(data_dir):
     return Tokenizer.load(path).char_counts()
 
 
+def check_token_files(data_dir, block_size):
+    """The token files exist, hold whole uint16 ids, and have room for one window; returns train tokens."""
+    n_tokens = {}
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if not size or size % 2:
+            problem = 'is missing' if size is None else 'is empty' if size == 0 else 'has an odd number of bytes'
+            raise SystemExit(f"{path} {problem}: it must hold uint16 token ids; rebuild the data set (prepare/)")
+        n_tokens[split] = size // 2
+        if n_tokens[split] <= block_size:
+            raise SystemExit(f"{path} has {n_tokens[split]:,} tokens, fewer than one window of block_size+1 = "
+                             f"{block_size + 1:,}: lower --block_size or add data")
+    return n_tokens['train']
+
+
+def check_attention_memory(block_size, batch_size, n_layer, n_head, device):
+    """Refuse a block_size whose attention alone cannot fit, before building anything: each layer keeps a
+    (block_size, block_size) causal mask, and a step holds (batch, heads, T, T) scores per layer."""
+    T = block_size
+    needed = n_layer * T * T + n_layer * batch_size * n_head * T * T * 4 * 2  # mask bytes + scores, fwd and bwd
+    available = torch.cuda.mem_get_info(device)[1] if device.startswith('cuda') else \
+        os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if needed > available:
+        raise SystemExit(f"block_size={T:,} needs about {needed / 2**30:,.1f} GiB for attention alone ({n_layer} layers "
+                         f"x batch {batch_size} x {n_head} heads x {T:,}^2), more than the {available / 2**30:,.1f} "
+                         f"GiB here: lower --block_size (the paper uses 512) or --batch_size")
+
+
 TAG_FILES = {'lexical': 'lex', 'entity': 'ent'}  # model input -> {split}.<suffix>.bin
 
 

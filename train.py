@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, save_checkpoint, tokenizer_record
-from common import TAG_FILES, Windows, autocast_context, data_dir_of, device_type, learning_rate_at, \
-    load_char_counts, load_meta, new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype, tag_table_size
+from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, refuse_previous_run, save_checkpoint, \
+    start_fresh, tokenizer_record
+from common import TAG_FILES, Windows, autocast_context, check_attention_memory, check_token_files, data_dir_of, \
+    device_type, learning_rate_at, load_char_counts, load_meta, new_model_args, optimizer_step, peak_flops, \
+    resolve_device_and_dtype, tag_table_size
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -84,47 +86,18 @@ def check_config(cfg):
              ('gradient_accumulation_steps', cfg.gradient_accumulation_steps >= 1, '>= 1'),
              ('max_iters', cfg.max_iters >= 0, '>= 0'), ('eval_interval', cfg.eval_interval >= 1, '>= 1'),
              ('eval_iters', cfg.eval_iters >= 1, '>= 1'), ('log_interval', cfg.log_interval >= 1, '>= 1'),
-             ('warmup_iters', cfg.warmup_iters >= 0, '>= 0'), ('lr_decay_iters', cfg.lr_decay_iters >= cfg.warmup_iters,
-                                                              '>= warmup_iters'),
-             ('learning_rate', math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, 'a finite number > 0'),
-             ('min_lr', math.isfinite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.learning_rate, 'in [0, learning_rate]'),
-             ('weight_decay', math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, 'a finite number >= 0'),
-             ('grad_clip', math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0, 'a finite number >= 0 (0 = off)'),
+             ('warmup_iters', cfg.warmup_iters >= 0, '>= 0'),
+             ('lr_decay_iters', cfg.lr_decay_iters >= cfg.warmup_iters, '>= warmup_iters'),
+             ('learning_rate', 0 < cfg.learning_rate < math.inf, 'a finite number > 0'),
+             ('min_lr', 0 <= cfg.min_lr <= cfg.learning_rate, 'in [0, learning_rate]'),
+             ('weight_decay', 0 <= cfg.weight_decay < math.inf, 'a finite number >= 0'),
+             ('grad_clip', 0 <= cfg.grad_clip < math.inf, 'a finite number >= 0 (0 = off)'),
              ('dropout', 0 <= cfg.dropout < 1, 'in [0, 1)'), ('beta1', 0 <= cfg.beta1 < 1, 'in [0, 1)'),
-             ('beta2', 0 <= cfg.beta2 < 1, 'in [0, 1)'), ('attention', cfg.attention in ('manual', 'fused'),
-                                                        "'manual' or 'fused'")]
+             ('beta2', 0 <= cfg.beta2 < 1, 'in [0, 1)'),
+             ('attention', cfg.attention in ('manual', 'fused'), "'manual' or 'fused'")]
     for key, ok, expected in rules:
         if not ok:
             raise SystemExit(f"--{key} must be {expected}, not {getattr(cfg, key)!r}")
-
-
-def check_data(data_dir, block_size):
-    """The token files exist, hold whole uint16 ids, and have room for one window; returns train tokens."""
-    n_tokens = {}
-    for split in ('train', 'val'):
-        path = os.path.join(data_dir, f"{split}.bin")
-        size = os.path.getsize(path) if os.path.isfile(path) else None
-        if not size or size % 2:
-            problem = 'is missing' if size is None else 'is empty' if size == 0 else 'has an odd number of bytes'
-            raise SystemExit(f"{path} {problem}: it must hold uint16 token ids; rebuild the data set (prepare/)")
-        n_tokens[split] = size // 2
-        if n_tokens[split] <= block_size:
-            raise SystemExit(f"{path} has {n_tokens[split]:,} tokens, fewer than one window of block_size+1 = "
-                             f"{block_size + 1:,}: lower --block_size or add data")
-    return n_tokens['train']
-
-
-def check_memory(cfg, n_layer, n_head, device):
-    """Refuse a block_size whose attention alone cannot fit, before building anything: each layer keeps a
-    (block_size, block_size) causal mask, and a step holds (batch, heads, T, T) scores per layer."""
-    T = cfg.block_size
-    needed = n_layer * T * T + n_layer * cfg.batch_size * n_head * T * T * 4 * 2  # mask bytes + scores, fwd and bwd
-    available = torch.cuda.mem_get_info(device)[1] if device.startswith('cuda') else \
-        os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    if needed > available:
-        raise SystemExit(f"block_size={T:,} needs about {needed / 2**30:,.1f} GiB for attention alone ({n_layer} layers "
-                         f"x batch {cfg.batch_size} x {n_head} heads x {T:,}^2), more than the {available / 2**30:,.1f} "
-                         f"GiB here: lower --block_size (the paper uses 512) or --batch_size")
 
 
 def adopt_architecture(cfg, model_args, source, windows_may_be_shorter):
@@ -258,13 +231,10 @@ def leave_process_group():
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    # Gloo releases a finished collective on one of its worker threads, which may happen after our
-    # wait() has returned. When Python owned the collective's tensors, that release takes the GIL, and
-    # if the interpreter is tearing down by then, Python 3.11 ends the thread mid-destructor and the
-    # process aborts ("terminate called without an active exception"; the gdb trace ends in
-    # ~AsyncAllgatherWork, run from ProcessGroupGloo::runLoop). DDP keeps the process group alive, so
-    # destroy_process_group() does not join those threads. Everything is written and flushed at this
-    # point, so exit at once and leave no teardown for the threads to race.
+    # A Gloo worker thread may still be releasing the last collective's tensors (which takes the GIL)
+    # after wait() returned; DDP keeps the group alive, so destroy does not join it. If Python is tearing
+    # down by then, 3.11 kills the thread mid-destructor and the process aborts ("terminate called without
+    # an active exception"). Everything is written and flushed: exit now, with no teardown to race.
     os._exit(0)
 
 
@@ -367,24 +337,6 @@ def starting_point(cfg, data_dir, meta):
     return model_args, {'model': checkpoint['model']}
 
 
-def refuse_previous_run(cfg):
-    """A new run (not resumed) never replaces a previous run's files in out_dir unless --overwrite."""
-    previous = [name for name in ('ckpt.pt', 'best.pt', 'log.jsonl')
-                if os.path.isfile(os.path.join(cfg.out_dir, name)) and os.path.getsize(os.path.join(cfg.out_dir, name))]
-    if previous and not cfg.overwrite:
-        raise SystemExit(f"{cfg.out_dir} holds a previous run ({', '.join(previous)}): continue it with "
-                         f"--init_from=resume, use another --out_dir, or pass --overwrite to replace it")
-
-
-def start_fresh(cfg):
-    """Clear out_dir for a new run (held, and checked by refuse_previous_run): no old checkpoint, a new log."""
-    refuse_previous_run(cfg)  # again: out_dir may have changed before we held it
-    for name in ('ckpt.pt', 'best.pt'):
-        if os.path.isfile(os.path.join(cfg.out_dir, name)):
-            os.remove(os.path.join(cfg.out_dir, name))
-    open(os.path.join(cfg.out_dir, 'log.jsonl'), 'w').close()
-
-
 def build_training(cfg, device, dtype, data_dir, model_args, checkpoint):
     """Everything a training loop needs, in one namespace: model, optimizer, data, precision, ranks."""
     rank, world_size, device = setup_distributed(device)
@@ -435,17 +387,17 @@ def main(argv=None):
     # everything is checked before out_dir is touched: a failed start loses nothing of a previous run
     check_config(cfg)
     if cfg.init_from != 'resume':
-        refuse_previous_run(cfg)
+        refuse_previous_run(cfg.out_dir, cfg.overwrite)
     device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)
     data_dir = data_dir_of(cfg.dataset)
     meta = load_meta(data_dir)
     model_args, checkpoint = starting_point(cfg, data_dir, meta)
-    train_tokens = check_data(data_dir, cfg.block_size)
-    check_memory(cfg, model_args['n_layer'], model_args['n_head'], device)
+    train_tokens = check_token_files(data_dir, cfg.block_size)
+    check_attention_memory(cfg.block_size, cfg.batch_size, model_args['n_layer'], model_args['n_head'], device)
     rank0 = os.environ.get('RANK', '0') == '0'
     lock = claim_out_dir(cfg.out_dir) if rank0 else None  # noqa: F841 (held until the process ends)
     if rank0 and cfg.init_from != 'resume':
-        start_fresh(cfg)
+        start_fresh(cfg.out_dir, cfg.overwrite)
     training = build_training(cfg, device, dtype, data_dir, model_args, checkpoint)
     if training.rank == 0:
         print(f"{training.model.num_params() / 1e6:.2f}M parameters, {training.world_size} process(es) on "

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import reproduce
+import tables
 from ngram import KneserNey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,44 +24,44 @@ def ngram_row_result(bpc):
 # ----- numbers and cells -----------------------------------------------------------------------------
 
 def test_mean_std_is_the_sample_std():
-    mean, std = reproduce.mean_std([1.0, 2.0, 3.0])
+    mean, std = tables.mean_std([1.0, 2.0, 3.0])
     assert mean == 2.0 and std == pytest.approx(1.0)  # n - 1 in the denominator: population std is 0.816
-    assert reproduce.mean_std([5.0]) == (5.0, 0.0)
+    assert tables.mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_format_cell():
-    assert reproduce.format_cell([1.0, 2.0, 3.0], '{:.2f}') == '2.00 ± 1.00'
-    assert reproduce.format_cell([0.5, 0.7], '{:.1f}', 100) == '60.0 ± 14.1'  # a fraction shown as a percentage
-    assert reproduce.format_cell([4.25], '{:.2f}') == '4.25'                   # one evaluation: no ±
-    assert reproduce.format_cell([None], '{:.2f}') == '—'
-    assert reproduce.format_cell([], '{:.2f}') == '—'
+    assert tables.format_cell([1.0, 2.0, 3.0], '{:.2f}') == '2.00 ± 1.00'
+    assert tables.format_cell([0.5, 0.7], '{:.1f}', 100) == '60.0 ± 14.1'  # a fraction shown as a percentage
+    assert tables.format_cell([4.25], '{:.2f}') == '4.25'                   # one evaluation: no ±
+    assert tables.format_cell([None], '{:.2f}') == '—'
+    assert tables.format_cell([], '{:.2f}') == '—'
 
 
 def test_format_count():
-    assert reproduce.format_count(3_360_000) == '3.36M'
-    assert reproduce.format_count(4_800) == '4.8k'
-    assert reproduce.format_count(32) == '32'
-    assert reproduce.format_count(None) == '—'
+    assert tables.format_count(3_360_000) == '3.36M'
+    assert tables.format_count(4_800) == '4.8k'
+    assert tables.format_count(32) == '32'
+    assert tables.format_count(None) == '—'
 
 
 def test_aggregate_row():
     runs = [lm_result(10.0, 2.0, wall=10.0), lm_result(12.0, 2.2, wall=20.0), lm_result(14.0, 2.4, wall=30.0)]
-    assert reproduce.aggregate_row('full', runs, 'lm') == ['full', '12.00 ± 2.00', '2.200 ± 0.200', '1.0k', '20', '3']
+    assert tables.aggregate_row('full', runs, 'lm') == ['full', '12.00 ± 2.00', '2.200 ± 0.200', '1.0k', '20', '3']
 
 
 def test_aggregate_row_without_adaptation_trains_nothing():
-    row = reproduce.aggregate_row('none', [lm_result(9.0, 1.5, trainable=5000, mode='none')], 'lm')
+    row = tables.aggregate_row('none', [lm_result(9.0, 1.5, trainable=5000, mode='none')], 'lm')
     assert row == ['none', '9.00', '1.500', '0', '10', '1']
 
 
 def test_aggregate_classification_row_in_percent():
     runs = [dict(test_acc=0.8, test_f1=0.5, trainable_params=10, wall_time_s=1.0),
             dict(test_acc=0.9, test_f1=0.7, trainable_params=10, wall_time_s=3.0)]
-    assert reproduce.aggregate_row('head', runs, 'class')[1:3] == ['85.0 ± 7.1', '60.0 ± 14.1']
+    assert tables.aggregate_row('head', runs, 'class')[1:3] == ['85.0 ± 7.1', '60.0 ± 14.1']
 
 
 def test_markdown_table():
-    text = reproduce.markdown_table(['run', 'PPL'], [['a', '1.0'], ['b', '2.0']])
+    text = tables.markdown_table(['run', 'PPL'], [['a', '1.0'], ['b', '2.0']])
     assert text.split('\n') == ['| run | PPL |', '|---|---|', '| a | 1.0 |', '| b | 2.0 |']
 
 
@@ -70,24 +71,24 @@ def test_non_finite_cells_are_found():
     rows = [('ok', [lm_result(5.0, 1.0)]), ('nan', [lm_result(float('nan'), 1.0)]),
             ('inf', [lm_result(5.0, math.inf)]), ('missing', [dict(trainable_params=1, wall_time_s=1)]),
             ('n-gram', [ngram_row_result(2.0)])]  # the n-gram has no PPL, and that is fine
-    assert reproduce.non_finite_cells(rows, 'lm') == [('inf', 'test_bpc'), ('missing', 'test_bpc'),
+    assert tables.non_finite_cells(rows, 'lm') == [('inf', 'test_bpc'), ('missing', 'test_bpc'),
                                                        ('missing', 'test_ppl'), ('nan', 'test_ppl')]
 
 
 def test_ngram_verdict_says_which_wins():
     rows = [('gpt', [lm_result(5.0, 1.9), lm_result(5.0, 2.1)]), ('n-gram', [ngram_row_result(2.5)])]
-    assert 'beats the n-gram' in reproduce.ngram_verdict(rows)
+    assert 'beats the n-gram' in tables.ngram_verdict(rows)
     rows[1] = ('n-gram', [ngram_row_result(1.5)])
-    assert 'does NOT beat the n-gram' in reproduce.ngram_verdict(rows)
+    assert 'does NOT beat the n-gram' in tables.ngram_verdict(rows)
 
 
 def test_render_tables_from_results():
-    tables = [dict(title='T', kind='lm', rows=[('full', dict(size='s', mode='full')),
+    specs = [dict(title='T', kind='lm', rows=[('full', dict(size='s', mode='full')),
                                                ('n-gram', dict(ngram=5, size='s'))])]
     results = dict(runs={'a': lm_result(10.0, 2.0), 'b': lm_result(12.0, 2.2), 'g': ngram_row_result(3.0)},
                    pretraining=dict(s=dict(params=1000, iters=5, val_bpc=4.0, wall_time_s=2.0)))
     keys_of_spec = {'{"mode": "full", "size": "s"}': ['a', 'b'], '{"ngram": 5, "size": "s"}': ['g']}
-    markdown, aggregated, bad = reproduce.render(tables, keys_of_spec, results)
+    markdown, aggregated, bad = tables.render(specs, keys_of_spec, results)
     assert '| full | 11.00 ± 1.41 | 2.100 ± 0.141 | 1.0k | 10 | 2 |' in markdown
     assert '| n-gram | — | 3.000 | — | 3 | 1 |' in markdown
     assert 'beats the n-gram' in markdown and 'one run per size' in markdown

@@ -1,0 +1,107 @@
+"""
+The papers' tables from reproduce.py's run results: mean ± sample std over seeds per row, trainable
+parameters and wall time, Markdown, the notes under a table (pretraining facts, the n-gram verdict), and
+the cells whose numbers are missing or not finite (CI fails on those).
+"""
+import json
+import math
+
+import numpy as np
+
+COLUMNS = {  # table kind -> (header, result key, format)
+    'lm': [('test PPL', 'test_ppl', '{:.2f}'), ('bits/char', 'test_bpc', '{:.3f}')],
+    'class': [('accuracy %', 'test_acc', '{:.1f}', 100), ('macro-F1 %', 'test_f1', '{:.1f}', 100)],
+}
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def format_cell(values, fmt, scale=1):
+    """'mean ± std' over seeds; a single value (an evaluation without training) alone; '—' for none."""
+    if not values or any(v is None for v in values):
+        return '—'
+    mean, std = mean_std([v * scale for v in values])
+    return fmt.format(mean) if len(values) == 1 else f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def format_count(n):
+    if n is None:
+        return '—'
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def aggregate_row(label, row_results, kind):
+    """One table row from its runs' result dicts: metric cells (mean ± std), trainable parameters, mean wall time."""
+    cells = [label]
+    for header, key, fmt, *scale in COLUMNS[kind]:
+        cells.append(format_cell([r.get(key) for r in row_results], fmt, *scale))
+    # finetune.py counts the parameters that would train; a run without adaptation trains none
+    trainable = {0 if r.get('mode') == 'none' else r['trainable_params'] for r in row_results}
+    cells.append(format_count(trainable.pop()) if len(trainable) == 1 else '/'.join(map(format_count, trainable)))
+    cells.append(f"{np.mean([r['wall_time_s'] for r in row_results]):.0f}")
+    cells.append(str(len(row_results)))
+    return cells
+
+
+def header(kind):
+    return ['run'] + [c[0] for c in COLUMNS[kind]] + ['trainable params', 'wall time s', 'seeds']
+
+
+def markdown_table(header_cells, rows):
+    lines = ['| ' + ' | '.join(header_cells) + ' |', '|' + '---|' * len(header_cells)]
+    return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def non_finite_cells(rows_results, kind):
+    """(row label, metric) of every metric value that is missing or not finite (the n-gram's PPL aside)."""
+    bad = []
+    for label, row_results in rows_results:
+        for _, key, *_ in COLUMNS[kind]:
+            for r in row_results:
+                if not (r.get(key) is None and 'ngram' in r) and \
+                        not (isinstance(r.get(key), (int, float)) and math.isfinite(r[key])):
+                    bad.append((label, key))
+    return sorted(set(bad))
+
+
+def pretraining_note(sizes_info):
+    facts = '; '.join(f"{name}: {format_count(p['params'])} parameters, {p['iters']} iterations, val bits/char "
+                      f"{p['val_bpc']:.3f}, {p['wall_time_s'] or '?'} s" for name, p in sizes_info.items())
+    return (f"Pretraining: one run per size (seed 1337; the compute budget), on data/pretrain ({facts}). "
+            f"± is the sample std over fine-tuning seeds (for random-init rows, over seeds of the init too); "
+            f"rows without ± train nothing and give the same numbers for every seed.")
+
+
+def ngram_verdict(rows_results):
+    """Says whether the best GPT row beats the n-gram, in bits per character."""
+    ngram = [r for _, rr in rows_results for r in rr if 'ngram' in r][0]
+    gpt = [(np.mean([r['test_bpc'] for r in rr]), label) for label, rr in rows_results if 'ngram' not in rr[0]]
+    best_bpc, best_label = min(gpt)
+    verdict = 'beats' if best_bpc < ngram['test_bpc'] else 'does NOT beat'
+    return (f"The best GPT row ({best_label}, {best_bpc:.3f} bits/char) {verdict} the n-gram "
+            f"({ngram['test_bpc']:.3f}). The GPT rows also see the dialogue history before each reply; the n-gram "
+            f"sees only the reply so far ({ngram['train_chars']:,} training characters, {ngram['ngrams']:,} "
+            f"distinct {ngram['ngram']}-grams; test: {ngram['test_replies']} replies, {ngram['test_chars']:,} "
+            f"characters, cut where the GPT's window cuts them; {ngram['seen_fraction']:.0%} of their 12-character "
+            f"pieces occur verbatim in the pretraining text). PPL is per token of the GPT's tokenizer, so the "
+            f"n-gram has none; bits/char compares them.")
+
+
+def render(tables, keys_of_spec, results):
+    """The Markdown of every table with its notes, and the aggregated rows for results.json."""
+    parts, aggregated, bad = [], [], []
+    for table in tables:
+        rows_results = [(label, [results['runs'][k] for k in keys_of_spec[json.dumps(spec, sort_keys=True)]])
+                        for label, spec in table['rows']]
+        rows = [aggregate_row(label, rr, table['kind']) for label, rr in rows_results]
+        notes = [pretraining_note(results['pretraining'])] if table is tables[0] else []
+        if any('ngram' in spec for _, spec in table['rows']):
+            notes.append(ngram_verdict(rows_results))
+        parts.append('\n\n'.join([f"### {table['title']}", markdown_table(header(table['kind']), rows), *notes]))
+        aggregated.append(dict(title=table['title'], header=header(table['kind']), rows=rows, notes=notes))
+        bad += [(table['title'], *cell) for cell in non_finite_cells(rows_results, table['kind'])]
+    return '\n\n'.join(parts), aggregated, bad
