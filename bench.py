@@ -13,12 +13,17 @@ Prints Markdown tables:
 - generation tokens/s with the KV cache vs full recompute (greedy, one model), and whether the two
   produced the same tokens;
 - prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text.
+With --prepare_scales=1,10,30 it instead builds synthetic corpora of that many times the shared medical
+texts with prepare/pretrain.py --corpus and prints build time, chars/s and peak RSS per scale.
 It trains on data/<dataset>/ when that has been prepared, else on random tokens (the output says which).
 A benchmark, not a test: it asserts nothing about speed.
 """
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -50,6 +55,8 @@ DEFAULTS = dict(
     gen_tokens=256,        # new tokens per generation
     prepare_chars=300_000,  # characters of COVID dialogue text to tag; 0 skips that section
     prepare_workers=2,     # processes for the multi-process prepare run
+    prepare_scales='',     # e.g. '1,10,30': instead, time prepare/pretrain.py --corpus on synthetic corpora that many
+                           # times the shared medical texts: build time, chars/s and peak memory per scale
     src='',                # folder of the raw data sets; '' = $CMED_DATA, else ../shared/data
     out='',                # write the numbers to this JSON file too
 )
@@ -219,7 +226,7 @@ def bench_prepare(cfg):
     except DataError as error:  # no mirror and no network: the other sections still stand
         return dict(available=False, reason=str(error))
     # one job per consultation, as prepare reads them
-    jobs = [(record, ()) for record in text.split('\nid=') if record]
+    jobs = [(record, (), None) for record in text.split('\nid=') if record]
     with tempfile.TemporaryDirectory() as folder:
         tokenizer_path, tokenizer = tokenizer_for_prepare(cfg, text, folder)
         # load jieba and the lexicon in this process first: forked workers inherit them, so both runs
@@ -230,7 +237,7 @@ def bench_prepare(cfg):
             start = time.perf_counter()
             tagged = tag_texts(jobs, tokenizer_path, lexicon, workers=workers)
             runs[workers] = (time.perf_counter() - start, tagged)
-    chars = sum(len(record) for record, _ in jobs)
+    chars = sum(len(record) for record, _, _ in jobs)
     (single_s, single_out), (multi_s, multi_out) = runs[1], runs[cfg.prepare_workers]
     same = all(np.array_equal(a, b) for one, many in zip(single_out, multi_out) for a, b in zip(one, many))
     return dict(available=True, source=COVID_TEXT, chars=chars, records=len(jobs), tokenizer=tokenizer,
@@ -293,8 +300,65 @@ def prepare_markdown(p):
             f"{'yes' if p['outputs_match'] else 'NO'}."]
 
 
+# ----------------------------------------------------------------------------- prepare at scale
+
+SCALE_SOURCES = (('covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt', 'utf-8'), ('medical_book/fever.txt', 'utf-8'),
+                 ('department_qa/im_sample_gb18030.csv', 'gb18030'))
+
+
+def synthetic_corpus(src, folder, copies, seed):
+    """`copies` copies of the shared medical texts' sentences, each copy shuffled, written as .txt files of
+    20-sentence documents: distinct documents to measure speed and memory with. They are near-duplicates of
+    each other, so no model quality may be read from a model trained on them. Returns their characters."""
+    sentences = []
+    for rel, encoding in SCALE_SOURCES:
+        sentences += [s.strip() for s in re.split(r'(?<=[。！？\n])', read_text(source_file(rel, src), encoding)) if s.strip()]
+    for copy in range(copies):
+        order = np.random.default_rng([seed, copy]).permutation(len(sentences))
+        with open(os.path.join(folder, f'copy{copy:03d}.txt'), 'w', encoding='utf-8') as f:
+            f.writelines(''.join(sentences[i] for i in order[start:start + 20]) + '\n\n'
+                         for start in range(0, len(order), 20))
+    return sum(map(len, sentences)) * copies
+
+
+def bench_prepare_scale(cfg):
+    """prepare/pretrain.py --corpus on synthetic corpora of growing size: seconds, chars/s, peak RSS (the
+    largest process of the build, its workers included: GNU time's %M)."""
+    rows = []
+    for scale in (int(x) for x in cfg.prepare_scales.split(',')):
+        with tempfile.TemporaryDirectory() as folder:
+            os.makedirs(os.path.join(folder, 'corpus'))
+            chars = synthetic_corpus(raw_data_folder(cfg), os.path.join(folder, 'corpus'), scale, cfg.seed)
+            command = [sys.executable, 'prepare/pretrain.py', '--corpus', os.path.join(folder, 'corpus'),
+                       '--out', os.path.join(folder, 'out'), '--src', raw_data_folder(cfg),
+                       '--workers', str(cfg.prepare_workers)]
+            start = time.perf_counter()
+            finished = subprocess.run(['/usr/bin/time', '-f', '%M', *command], capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if finished.returncode != 0:
+                raise SystemExit(f"prepare/pretrain.py failed at scale {scale}: {finished.stderr[-500:]}")
+            meta = load_meta(os.path.join(folder, 'out'))
+        rows.append(dict(scale=scale, chars=chars, seconds=seconds, chars_per_s=chars / seconds,
+                         tag_chars_per_s=meta['chars_per_s'], tokens=meta['splits']['train']['tokens'],
+                         peak_rss_mb=int(finished.stderr.strip().splitlines()[-1]) / 1024))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def prepare_scale_markdown(rows, workers):
+    return [f"## prepare/pretrain.py --corpus at scale ({workers} workers; synthetic: shuffled copies of the shared "
+            f"medical texts)", "", "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | "
+            "train tokens | peak RSS MB |", "|---:|---:|---:|---:|---:|---:|---:|"] + \
+        [f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | {r['tag_chars_per_s']:,} | "
+         f"{r['tokens']:,} | {r['peak_rss_mb']:,.0f} |" for r in rows]
+
+
 def main(argv=None):
     cfg = SimpleNamespace(**configure(DEFAULTS, argv, file_keys_elsewhere=True))
+    if cfg.prepare_scales:
+        rows = bench_prepare_scale(cfg)
+        print('\n'.join(prepare_scale_markdown(rows, cfg.prepare_workers)))
+        return rows
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     # as train.py: float32 matmuls may use TF32 on Ampere+ GPUs
     torch.backends.cuda.matmul.allow_tf32 = True

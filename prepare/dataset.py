@@ -112,7 +112,8 @@ def arg_parser(description, name, example_set=True):
                             help='the pretraining tokenizer, copied into the output folder')
     parser.add_argument('--src', help='source data folder (default: $CMED_DATA, else download into data/raw/)')
     parser.add_argument('--out', default=os.path.join('data', name), help='output folder')
-    parser.add_argument('--workers', type=int, default=2, help='processes for jieba tagging')
+    parser.add_argument('--workers', type=int, default=len(os.sched_getaffinity(0)),
+                        help='processes for jieba tagging (default: every core this process may use)')
     parser.add_argument('--entity_types', action='store_true', help='entity ids by type instead of 0/1')
     return parser
 
@@ -130,7 +131,8 @@ def build_example_set(args, splits, label_names, skipped, source_paths, started)
         counts = {}
         for split, records in splits.items():
             texts = [dialogue_text(r['turns']) for r in records]
-            tagged = tag_texts(list(zip(texts, [r['entities'] for r in records])), args.tokenizer_model, lexicon,
+            jobs = [(text, r['entities'], r.get('entity_chars')) for text, r in zip(texts, records)]
+            tagged = tag_texts(jobs, args.tokenizer_model, lexicon,
                                args.entity_types, args.workers)
             examples = [ex for r, t in zip(records, tagged) for ex in cut_examples(*t, tok, r['label'])]
             if not examples:

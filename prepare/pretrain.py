@@ -1,12 +1,15 @@
-"""The default pretraining set from all sources -> data/pretrain/ (tokenizer included).
+"""A pretraining set -> data/<name>/ (tokenizer included), streamed: memory does not grow with the corpus.
 
     python prepare/pretrain.py [--src DIR] [--tokenizer bpe|char|PATH/vocab.txt] [--vocab_size 8000]
+    python prepare/pretrain.py --corpus PATH [PATH ...] --out data/NAME      # any corpus you have
 
-Documents: COVID raw consultations (minus duplicates and minus the validation/test dialogues of the official
-split), DXY and department QA training consultations (their validation/test parts stay out too), and the
-medical book by chapter. Dialogues are written with speaker pieces ('<patient>…<doctor>…'), each document is
-followed by <eot>. A seeded 5% of the documents is the validation split. The tokenizer is trained on the
-training documents only; lexicon terms and DXY symptom slots give the entity tags.
+Without --corpus: the default set from the shared sources: COVID raw consultations (minus duplicates and
+minus the validation/test dialogues of the official split), DXY and department QA training consultations,
+and the medical book by chapter. With --corpus: every file under the paths (prepare/corpus.py lists the
+formats). Either way exact duplicates are dropped, no document holding a validation/test dialogue of a
+fine-tuning set (COVID-DDC, DXY, department QA) gets in, and 5% of the documents (by a hash of their text)
+are the validation split; prepare/stream.py does the work in two streaming passes on every core.
+Dialogues are written with speaker pieces ('<patient>…<doctor>…'), each document followed by <eot>.
 """
 import os
 import sys
@@ -14,54 +17,71 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python prepare/pretrain.py`
 
-import numpy as np
-
 from prepare import book, covid, department, dxy
-from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, split_counts, write_meta, write_tokens
+from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_meta
+from prepare.heldout import HeldOut
 from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
-from prepare.sources import Skipped
-from prepare.tagging import tag_texts
+from prepare.sources import DataError, Skipped, source_file
+from prepare.stream import spool, tag_and_write
 from prepare.text import dialogue_text
-from prepare.tokenizer import SPECIALS, check_vocab_size, import_bert_vocab, train_bpe, train_char
+from prepare.tokenizer import check_vocab_size, import_bert_vocab, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
 
 
-def read_documents(src, skipped):
-    """[(text, extra entity terms)] from every source, the source paths, and the COVID dedupe report."""
-    consultations, covid_report, covid_paths = covid.pretraining_consultations(src, skipped)
+def default_documents(src, skipped, paths, report):
+    """(source, text, entity terms, entity ids) of the default set; fills paths and report as it reads."""
+    consultations, report['covid_raw'], covid_paths = covid.pretraining_consultations(src, skipped)
     dxy_train, _, _, dxy_path = dxy.dxy_splits(src, skipped)
     qa_splits, _, qa_path = department.department_splits(src, skipped)
     chapters, book_path = book.read_book(src)
-    documents = ([(dialogue_text(turns), ()) for turns in consultations]
-                 + [(dialogue_text(r['turns']), tuple(r['entities'])) for r in dxy_train]
-                 + [(dialogue_text(r['turns']), ()) for r in qa_splits['train']]
-                 + [(text, ()) for text in chapters])
-    counts = {'covid': len(consultations), 'dxy': len(dxy_train), 'department': len(qa_splits['train']),
-              'book': len(chapters)}
-    print('documents:', counts)
-    return documents, covid_paths + [dxy_path, qa_path, book_path], {'documents': counts, 'covid_raw': covid_report}
+    paths += covid_paths + [dxy_path, qa_path, book_path]
+    yield from (('covid', dialogue_text(turns), (), None) for turns in consultations)
+    yield from (('dxy', dialogue_text(r['turns']), tuple(r['entities']), None) for r in dxy_train)
+    yield from (('department', dialogue_text(r['turns']), (), None) for r in qa_splits['train'])
+    yield from (('book', text, (), None) for text in chapters)
 
 
-def training_lines(texts):
-    """Tokenizer training text: lines without the special pieces (SentencePiece adds those itself)."""
-    for text in texts:
-        for special in SPECIALS:
-            text = text.replace(special, '\n')
-        yield from filter(None, text.split('\n'))
+def corpus_documents(corpus_paths, skipped, paths, report):
+    """(source file, text, entity terms, entity ids) of every file a user gave, file by file, streamed."""
+    from prepare.corpus import corpus_files, read_corpus_file
+    for path in corpus_files(corpus_paths):
+        paths.append(path)
+        report[path] = {}
+        for document in read_corpus_file(path, skipped, report[path]):
+            yield path, document.text, tuple(document.entity_terms), document.entity_chars
 
 
-def concatenate(tagged, eot_id):
-    """Documents one after the other, each followed by <eot> (tagged 0, 0)."""
-    parts = [(np.append(ids, eot_id), np.append(lexical, 0), np.append(entity, 0)) for ids, lexical, entity in tagged]
-    return [np.concatenate([p[k] for p in parts]) for k in range(3)]
+def held_out_dialogues(src, skipped):
+    """The validation and test dialogues of every fine-tuning set: none may enter the pretraining text."""
+    held_out = HeldOut()
+    for split in ('val', 'test'):
+        for turns in covid.read_split(source_file(covid.SPLIT_FILES[split], src), skipped):
+            held_out.add(dialogue_text(turns), 'covid')
+    _, dxy_val, dxy_test, _ = dxy.dxy_splits(src, Skipped())  # (its skipped records count once, when read for text)
+    qa_splits, _, _ = department.department_splits(src, Skipped())
+    for name, records in (('dxy', dxy_val + dxy_test), ('department', qa_splits['val'] + qa_splits['test'])):
+        for r in records:
+            held_out.add(dialogue_text(r['turns']), name)
+    return held_out
+
+
+def make_tokenizer(args, sample_lines, path):
+    if args.tokenizer not in ('bpe', 'char'):
+        return import_bert_vocab(args.tokenizer, path)
+    if not sample_lines:
+        raise DataError('no training text: every document was a duplicate, held out, or in the validation split')
+    train = train_bpe if args.tokenizer == 'bpe' else train_char
+    extra = (args.char_coverage,) if args.tokenizer == 'bpe' else ()
+    return train(sample_lines, path, args.vocab_size, *extra)
 
 
 def print_summary(counts, timings, skipped):
     for split, c in counts.items():
-        lexical = ', '.join(f'{name} {100 * n / c["tokens"]:.1f}%' for name, n in c['lexical_tokens'].items())
-        print(f'{split}: {c["records"]:,} documents, {c["tokens"]:,} tokens, {c["chars"] / c["tokens"]:.2f} chars/token, '
-              f'entity {100 * c["entity_tokens"] / c["tokens"]:.1f}% of tokens; lexical: {lexical}')
+        lexical = ', '.join(f'{name} {100 * n / max(c["tokens"], 1):.1f}%' for name, n in c['lexical_tokens'].items())
+        print(f'{split}: {c.get("records", 0):,} documents, {c.get("tokens", 0):,} tokens, '
+              f'{c.get("chars", 0) / max(c.get("tokens", 0), 1):.2f} chars/token, '
+              f'entity {100 * c.get("entity_tokens", 0) / max(c.get("tokens", 0), 1):.1f}% of tokens; lexical: {lexical}')
     skipped.report()
     print('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
 
@@ -69,46 +89,47 @@ def print_summary(counts, timings, skipped):
 def main():
     started = time.time()
     parser = arg_parser(__doc__, 'pretrain', example_set=False)
+    parser.add_argument('--corpus', nargs='+', help='files or folders of your own corpus (default: the shared sources)')
     parser.add_argument('--tokenizer', default='bpe',
                         help="'bpe' (SentencePiece), 'char', or a BERT vocab.txt (GPT2-Chinese's, for continued pretraining)")
     parser.add_argument('--vocab_size', type=int, default=8000, help='must be < 65536 (ids are uint16)')
     parser.add_argument('--char_coverage', type=float, default=0.9995,
                         help='BPE: share of characters that get a piece; the rarest fall back to bytes')
+    parser.add_argument('--tokenizer_lines', type=int, default=500_000,
+                        help='the tokenizer trains on a seeded sample of at most this many training lines')
+    parser.add_argument('--chunk_docs', type=int, default=256, help='documents tagged per chunk (bounds memory)')
     args = parser.parse_args()
     try:
         check_vocab_size(args.vocab_size)
     except ValueError as e:
         parser.error(str(e))
-    skipped = Skipped()
-    documents, source_paths, report = read_documents(args.src, skipped)
+    skipped, paths, report = Skipped(), [], {}
     lexicon = lexicon_dir(args.src)
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out
-    order = np.random.default_rng(SEED).permutation(len(documents))
-    n_val = int(round(len(documents) * VAL_FRACTION))
-    splits = {'train': sorted(order[n_val:]), 'val': sorted(order[:n_val])}
-    timings = {'read': time.time() - started}
+    held_out = held_out_dialogues(args.src, skipped)
+    documents = corpus_documents(args.corpus, skipped, paths, report) if args.corpus else \
+        default_documents(args.src, skipped, paths, report)
+    timings = {}
     with atomic_dir(args.out) as folder:
+        spool_path = os.path.join(folder, 'documents.spool.jsonl')
+        per_source, sample_lines, n_documents = spool(documents, spool_path, held_out, VAL_FRACTION,
+                                                      args.tokenizer_lines, SEED)
+        print('documents per source:', per_source)
+        timings['read'] = time.time() - started
         tokenizer_path = os.path.join(folder, 'tokenizer.model')
-        train_lines = training_lines(documents[i][0] for i in splits['train'])
-        if args.tokenizer not in ('bpe', 'char'):
-            tok = import_bert_vocab(args.tokenizer, tokenizer_path)
-        else:
-            tok = (train_bpe(train_lines, tokenizer_path, args.vocab_size, args.char_coverage) if args.tokenizer == 'bpe'
-                   else train_char(train_lines, tokenizer_path, args.vocab_size))
+        tok = make_tokenizer(args, sample_lines, tokenizer_path)
+        del sample_lines
         timings['tokenizer'] = time.time() - started - sum(timings.values())
-        tagged = tag_texts(documents, tokenizer_path, lexicon, args.entity_types, args.workers)
+        counts, chars_per_s = tag_and_write(spool_path, n_documents, folder, tok,
+                                            (tokenizer_path, lexicon, args.entity_types), args.workers, args.chunk_docs)
+        os.remove(spool_path)
         timings['tag'] = time.time() - started - sum(timings.values())
-        counts = {}
-        for split, idx in splits.items():
-            ids, lexical, entity = concatenate([tagged[i] for i in idx], tok.eot_id)
-            write_tokens(folder, split, ids, lexical, entity)
-            counts[split] = split_counts(tok, ids, lexical, entity, len(idx), [documents[i][0] for i in idx])
         timings['total'] = time.time() - started
-        input_chars = sum(len(text) for text, _ in documents)
-        write_meta(folder, tok, args.entity_types, counts, skipped, source_paths + lexicon_files(lexicon), timings,
-                   **report, chars_per_s=round(input_chars / timings['tag']))
+        write_meta(folder, tok, args.entity_types, counts, skipped, paths + lexicon_files(lexicon), timings,
+                   documents=per_source, held_out_dialogues=len(held_out), files=report,
+                   chars_per_s=round(chars_per_s), workers=args.workers)
     print_summary(counts, timings, skipped)
-    print(f'wrote {args.out}: tagged {input_chars:,} characters at {input_chars / timings["tag"]:,.0f} chars/s')
+    print(f'wrote {args.out}: tagged at {chars_per_s:,.0f} chars/s on {args.workers} worker(s)')
 
 
 if __name__ == '__main__':

@@ -98,7 +98,7 @@ def _decodes(data, encoding):
 
 def sha256(path):
     with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.file_digest(f, 'sha256').hexdigest()  # streams: a corpus file may be larger than memory
 
 
 class Skipped:

@@ -51,12 +51,18 @@ class Tagger:
                 words.add_word(term, tag='n')
         self.pos = jieba.posseg.POSTokenizer(words)
 
-    def encode(self, tok, text, extra_entities=()):
-        """ids, lexical, entity: (N,) int64 arrays for `text` (normalised by the tokenizer first)."""
+    def encode(self, tok, text, extra_entities=(), entity_chars=None):
+        """ids, lexical, entity: (N,) int64 arrays for `text` (normalised by the tokenizer first).
+        entity_chars: the data set's own entity ids per character of text (already normalised), which
+        replace lexicon matching for this text."""
         text, ids, begins = tok.encode_offsets(text)
         special = np.isin(ids, tok.special_ids)
         lexical = np.where(special, 0, self.lexical_per_char(text)[begins])
-        entity = np.where(special, 0, self.entity_per_char(text, extra_entities)[begins])
+        if entity_chars is not None and len(entity_chars) != len(text):
+            raise ValueError(f"entity ids for {len(entity_chars)} characters, but the normalised text has {len(text)}: "
+                             f"the reader must normalise the text it annotates ({text[:40]!r}...)")
+        per_char = self.entity_per_char(text, extra_entities) if entity_chars is None else np.asarray(entity_chars)
+        entity = np.where(special, 0, per_char[begins])
         if tok.bos_id is not None:  # a document starts with the piece the model was trained to start from
             ids, lexical, entity = (np.concatenate([[first], x]) for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity)))
         return ids, lexical.astype(np.int64), entity.astype(np.int64)
@@ -110,13 +116,14 @@ def _init_worker(*args):
 
 
 def _tag_one(job):
+    """job: (text, extra entity terms, entity ids per character or None)."""
     tok, tagger = _tools(*_worker_args)
-    text, extra_entities = job
-    return tagger.encode(tok, text, extra_entities)
+    return tagger.encode(tok, *job)
 
 
 def tag_texts(jobs, tokenizer_path, lexicon_dir, entity_types=False, workers=2):
-    """[(ids, lexical, entity)] for jobs [(text, extra_entities)], in input order, on `workers` processes."""
+    """[(ids, lexical, entity)] for jobs [(text, extra_entities, entity_chars or None)], in input order, on
+    `workers` processes."""
     args = (tokenizer_path, lexicon_dir, entity_types)
     if workers <= 1:
         _init_worker(*args)
@@ -128,8 +135,8 @@ def tag_texts(jobs, tokenizer_path, lexicon_dir, entity_types=False, workers=2):
 
 def _collect(results, jobs):
     out = []
-    with tqdm(total=sum(len(text) for text, _ in jobs), unit='char', unit_scale=True, desc='tag', mininterval=1) as bar:
-        for result, (text, _) in zip(results, jobs):
+    with tqdm(total=sum(len(job[0]) for job in jobs), unit='char', unit_scale=True, desc='tag', mininterval=1) as bar:
+        for result, job in zip(results, jobs):
             out.append(result)
-            bar.update(len(text))
+            bar.update(len(job[0]))
     return out

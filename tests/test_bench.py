@@ -62,3 +62,12 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
         assert prepare['outputs_match'] is True  # more processes, the same bytes
     else:
         assert results['prepare'] is None
+
+
+def test_synthetic_corpus_copies_are_distinct_documents(tmp_path):
+    chars = bench.synthetic_corpus(MIRROR, str(tmp_path), 2, seed=0)
+    copies = [(tmp_path / f'copy{k:03d}.txt').read_text(encoding='utf-8') for k in range(2)]
+    documents = [doc for text in copies for doc in text.split('\n\n') if doc]
+    assert sum(len(doc) for doc in documents) == chars and chars > 1_000_000
+    assert len(set(documents)) == len(documents)  # shuffled: no document repeats across copies
+    assert sorted(copies[0].replace('\n', '')) == sorted(copies[1].replace('\n', ''))  # the same characters

@@ -173,7 +173,7 @@ def test_vocab_of_65536_or_more_refused(tmp_path, training_lines):
 
 def test_bins_round_trip_and_parallel_order(bpe, bpe_path, tmp_path):
     consultations = dxy.read_dxy(str(DATA / 'dxy_dialog/dxy_dialog_data_dialog_v2.txt'), Skipped())['test'][:12]
-    jobs = [(dialogue_text(r['turns']), tuple(r['entities'])) for r in consultations]
+    jobs = [(dialogue_text(r['turns']), tuple(r['entities']), None) for r in consultations]
     serial = tag_texts(jobs, bpe_path, str(LEXICON), workers=1)
     parallel = tag_texts(jobs, bpe_path, str(LEXICON), workers=2)
     assert all((a == b).all() for s, p in zip(serial, parallel) for a, b in zip(s, p))
@@ -182,7 +182,7 @@ def test_bins_round_trip_and_parallel_order(bpe, bpe_path, tmp_path):
     write_tokens(str(tmp_path), 'val', ids, ids * 0, ids * 0 + 1)
     read = np.memmap(tmp_path / 'val.bin', dtype=np.uint16, mode='r')
     assert len(np.fromfile(tmp_path / 'val.ent.bin', dtype=np.uint8)) == len(read)
-    assert bpe.decode(read.tolist()) == ''.join(normalize(text) + '<eot>' for text, _ in jobs)
+    assert bpe.decode(read.tolist()) == ''.join(normalize(text) + '<eot>' for text, _, _ in jobs)
     # example layout: one example per doctor turn, the doctor's utterance as target
     examples = [ex for r, t in zip(consultations, serial) for ex in cut_examples(*t, bpe, label=3)]
     write_examples(str(tmp_path), 'test', examples)

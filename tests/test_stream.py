@@ -1,0 +1,99 @@
+"""The streaming pretraining build (prepare/stream.py, prepare/heldout.py, prepare/pretrain.py): the same bytes
+for any worker count and chunk size, duplicates and held-out dialogues dropped and counted, a split that a new
+source cannot reshuffle."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prepare import covid  # noqa: E402
+from prepare.heldout import HeldOut  # noqa: E402
+from prepare.sources import Skipped  # noqa: E402
+from prepare.stream import read_spool, spool  # noqa: E402
+from prepare.text import dialogue_text  # noqa: E402
+from test_prepare import DATA, small_src  # noqa: E402,F401 (small_src is a fixture)
+
+OUTPUTS = ('train.bin', 'train.lex.bin', 'train.ent.bin', 'val.bin', 'val.lex.bin', 'val.ent.bin', 'tokenizer.model')
+
+
+def build(src, out, *args):
+    result = subprocess.run([sys.executable, 'prepare/pretrain.py', '--src', str(src), '--out', str(out),
+                             '--tokenizer', 'char', *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((out / 'meta.json').read_text(encoding='utf-8'))
+
+
+def test_the_same_bytes_for_any_worker_count_and_chunk_size(small_src, tmp_path):
+    one = build(small_src, tmp_path / 'one', '--workers', '1', '--chunk_docs', '100000')
+    many = build(small_src, tmp_path / 'many', '--workers', '2', '--chunk_docs', '3')  # many chunks, two processes
+    for name in OUTPUTS:
+        assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'many' / name).read_bytes(), name
+    assert one['splits'] == many['splits'] and one['splits']['train']['records'] > 3 * 10
+    assert not (tmp_path / 'one' / 'documents.spool.jsonl').exists()  # the spool is gone once the build is done
+
+
+def documents(texts, source='s'):
+    return [(source, text, (), None) for text in texts]
+
+
+def test_spool_drops_duplicates_and_held_out_dialogues_and_counts_them(tmp_path):
+    held_out = HeldOut()
+    test_dialogue = '<patient>孩子发烧三天了，体温三十九度，咳嗽有痰，精神不太好。<doctor>有没有气喘？血常规查了吗？建议先去医院查血常规和胸片。'
+    held_out.add(test_dialogue, 'covid')
+    # the same dialogue re-punctuated and inside a longer consultation: held out
+    leaked = '病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水'
+    texts = ['头痛两周了，晚上睡不好，血压正常。', '腹泻两天，一天五六次，稀水样。', '头痛两周了，晚上睡不好，血压正常。', leaked]
+    counts, sample, n = spool(documents(texts), str(tmp_path / 'spool'), held_out, 0.0, 100, 0)
+    assert counts == {'s': {'read': 4, 'train': 2, 'duplicates': 1, 'held_out_covid': 1}} and n == 2
+    assert [job[0] for _, job in read_spool(str(tmp_path / 'spool'))] == texts[:2]
+    assert sample == texts[:2]  # every training line, while fewer than the sample's size
+
+
+def test_a_new_source_does_not_move_documents_between_splits(tmp_path):
+    texts = [f'第{i}位病人：咳嗽{i}天，发热。' for i in range(400)]
+    extra = [f'另一个来源的文本{i}：腹痛。' for i in range(200)]
+    first, _, _ = spool(documents(texts), str(tmp_path / 'a'), HeldOut(), 0.05, 10, 0)
+    spool(documents(extra, 'new') + documents(texts), str(tmp_path / 'b'), HeldOut(), 0.05, 10, 0)
+    split_a = {job[0]: split for split, job in read_spool(str(tmp_path / 'a'))}
+    split_b = {job[0]: split for split, job in read_spool(str(tmp_path / 'b'))}
+    assert all(split_b[text] == split for text, split in split_a.items())
+    assert 5 <= first['s']['val'] <= 40  # about 5% of 400
+
+
+def test_the_tokenizer_sample_is_bounded_and_seeded(tmp_path):
+    texts = [f'第{i}行文本' for i in range(1000)]
+    _, a, _ = spool(documents(texts), str(tmp_path / 'a'), HeldOut(), 0.0, 50, 7)
+    _, b, _ = spool(documents(texts), str(tmp_path / 'b'), HeldOut(), 0.0, 50, 7)
+    _, c, _ = spool(documents(texts), str(tmp_path / 'c'), HeldOut(), 0.0, 50, 8)
+    assert len(a) == 50 and a == b and a != c and set(a) <= set(texts)
+
+
+def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
+    held_out = HeldOut()
+    test_dialogues = covid.read_split(str(DATA / covid.SPLIT_FILES['test']), Skipped())
+    for turns in test_dialogues:
+        held_out.add(dialogue_text(turns), 'covid')
+    assert all(held_out.holds(dialogue_text(turns)) == 'covid' for turns in test_dialogues)
+    book = (DATA / 'medical_book' / 'fever.txt').read_text(encoding='utf-8')
+    assert all(held_out.holds(book[i:i + 2000]) is None for i in range(0, len(book) - 2000, 20000))
+
+
+def test_gold_entity_ids_replace_lexicon_matching():
+    from prepare.lexicon import lexicon_dir
+    from prepare.tagging import Tagger
+    from prepare.tokenizer import train_char
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        tok = train_char(['孩子发烧咳嗽'], os.path.join(folder, 'tok'), vocab_size=300)
+        tagger = Tagger(lexicon_dir(str(DATA)))
+        text = '孩子发烧咳嗽'
+        _, _, lexicon_tags = tagger.encode(tok, text)
+        gold = np.array([0, 0, 1, 1, 0, 0], dtype=np.uint8)  # only 发烧, as if annotated so
+        _, _, gold_tags = tagger.encode(tok, text, (), gold)
+        assert lexicon_tags.tolist() != gold_tags.tolist() and gold_tags.tolist() == gold.tolist()
