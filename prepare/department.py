@@ -45,7 +45,16 @@ def read_department(path, skipped):
 def department_splits(src, skipped):
     """{'train', 'val', 'test': [row]}, the department names, and the source path."""
     path = source_file(FILE, src)
-    rows = read_department(path, skipped)
+    # the file repeats some question-answer pairs word for word: split before removing them and a test
+    # question would also be a training one. The first occurrence stays.
+    rows, seen, read = [], set(), 0
+    for row in read_department(path, skipped):
+        read += 1
+        text = row['turns'][0][1] + '<doctor>' + row['turns'][1][1]
+        if text not in seen:
+            seen.add(text)
+            rows.append(row)
+    print(f'department QA: {len(rows):,} distinct question-answer pairs of {read:,} rows ({read - len(rows)} repeats removed)')
     parts = stratified_split([r['department'] for r in rows], FRACTIONS, SEED)
     return {split: [rows[i] for i in idx] for split, idx in parts.items()}, sorted({r['department'] for r in rows}), path
 

@@ -22,7 +22,7 @@ from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_me
 from prepare.heldout import HeldOut
 from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
 from prepare.sources import DataError, Skipped, source_file
-from prepare.stream import spool, tag_and_write
+from prepare.stream import spool, tag_and_write, tokenizer_sample
 from prepare.text import dialogue_text
 from prepare.tokenizer import check_vocab_size, import_bert_vocab, train_bpe, train_char
 
@@ -95,8 +95,8 @@ def main():
     parser.add_argument('--vocab_size', type=int, default=8000, help='must be < 65536 (ids are uint16)')
     parser.add_argument('--char_coverage', type=float, default=0.9995,
                         help='BPE: share of characters that get a piece; the rarest fall back to bytes')
-    parser.add_argument('--tokenizer_lines', type=int, default=500_000,
-                        help='the tokenizer trains on a seeded sample of at most this many training lines')
+    parser.add_argument('--tokenizer_chars', type=int, default=4_000_000,
+                        help='the tokenizer trains on a seeded sample of about this many characters of training text')
     parser.add_argument('--chunk_docs', type=int, default=256, help='documents tagged per chunk (bounds memory)')
     args = parser.parse_args()
     try:
@@ -112,11 +112,12 @@ def main():
     timings = {}
     with atomic_dir(args.out) as folder:
         spool_path = os.path.join(folder, 'documents.spool.jsonl')
-        per_source, sample_lines, n_documents = spool(documents, spool_path, held_out, VAL_FRACTION,
-                                                      args.tokenizer_lines, SEED)
+        per_source, n_documents, train_chars = spool(documents, spool_path, held_out, VAL_FRACTION)
         print('documents per source:', per_source)
         timings['read'] = time.time() - started
         tokenizer_path = os.path.join(folder, 'tokenizer.model')
+        sample_lines = tokenizer_sample(spool_path, train_chars, args.tokenizer_chars, SEED) \
+            if args.tokenizer in ('bpe', 'char') else []
         tok = make_tokenizer(args, sample_lines, tokenizer_path)
         del sample_lines
         timings['tokenizer'] = time.time() - started - sum(timings.values())

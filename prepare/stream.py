@@ -4,8 +4,10 @@ for any number of workers.
 Pass 1, spool: each document once, in input order. An exact duplicate (hash of its text) is dropped, and so
 is a document that holds a validation/test dialogue of a fine-tuning set (prepare/heldout.py); both are
 counted per source. The split is chosen by a hash of the text, so adding a source never moves a document
-between splits. What is kept goes to a spool file on disk, and a seeded reservoir sample of the training
-lines is kept for the tokenizer, so that its time and memory are bounded too.
+between splits. What is kept goes to a spool file on disk.
+Tokenizer sample: the spool's training lines, each kept with probability budget / training characters
+(seeded), so that the tokenizer trains on about `budget` characters however large the corpus: its time and
+memory are bounded too (SentencePiece's grow with its input).
 Pass 2, tag and write: the spool is read back in chunks of chunk_docs documents; a chunk is tagged on a
 process pool (map returns results in input order) and appended to its split's token and tag files. Memory
 holds one chunk, the duplicate hashes (8 bytes of digest each, in a Python set) and the tokenizer sample.
@@ -39,12 +41,11 @@ def training_lines(text):
     return [line for line in text.split('\n') if line]
 
 
-def spool(documents, spool_path, held_out, val_fraction, sample_lines, seed):
+def spool(documents, spool_path, held_out, val_fraction):
     """Pass 1. documents: (source name, text, entity terms, entity ids per character or None).
-    Returns ({source: counts}, the tokenizer's sample of training lines, documents spooled)."""
-    seen, counts, sample = set(), {}, []
-    rng = np.random.default_rng(seed)
-    n_lines = n_spooled = 0
+    Returns ({source: counts}, documents spooled, characters of the training documents)."""
+    seen, counts = set(), {}
+    n_spooled = train_chars = 0
     with open(spool_path, 'w', encoding='utf-8') as out:
         for source, text, terms, entity_chars in documents:
             count = counts.setdefault(source, Counter())
@@ -63,14 +64,17 @@ def spool(documents, spool_path, held_out, val_fraction, sample_lines, seed):
             gold = None if entity_chars is None else ''.join(map(str, entity_chars.tolist()))
             out.write(json.dumps(dict(split=split, text=text, terms=list(terms), gold=gold), ensure_ascii=False) + '\n')
             n_spooled += 1
-            if split == 'train':
-                for line in training_lines(text):  # reservoir sampling (algorithm R): each line equally likely
-                    if len(sample) < sample_lines:
-                        sample.append(line)
-                    elif (j := rng.integers(0, n_lines + 1)) < sample_lines:
-                        sample[j] = line
-                    n_lines += 1
-    return {source: dict(count) for source, count in counts.items()}, sample, n_spooled
+            train_chars += len(text) if split == 'train' else 0
+    return {source: dict(count) for source, count in counts.items()}, n_spooled, train_chars
+
+
+def tokenizer_sample(spool_path, train_chars, budget, seed):
+    """About `budget` characters of training lines, each line kept with the same seeded probability (all of
+    them when the training text is smaller than the budget)."""
+    keep = min(1.0, budget / max(train_chars, 1))
+    rng = np.random.default_rng(seed)
+    return [line for split, (text, _, _) in read_spool(spool_path) if split == 'train'
+            for line in training_lines(text) if keep == 1.0 or rng.random() < keep]
 
 
 def read_spool(spool_path):

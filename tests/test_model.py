@@ -1,4 +1,5 @@
-"""Tests of model.py: the model's contract from DESIGN.md, each able to fail."""
+"""Tests of model.py: the model's contract (the design document's "The model's contract": embedding sum, hand-written
+attention, soft prompt placement, p-tuning freeze, safe loading), each able to fail."""
 
 import itertools
 import math

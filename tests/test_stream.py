@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 from prepare import covid  # noqa: E402
 from prepare.heldout import HeldOut  # noqa: E402
 from prepare.sources import Skipped  # noqa: E402
-from prepare.stream import read_spool, spool  # noqa: E402
+from prepare.stream import read_spool, spool, tokenizer_sample  # noqa: E402
 from prepare.text import dialogue_text  # noqa: E402
 from test_prepare import DATA, small_src  # noqa: E402,F401 (small_src is a fixture)
 
@@ -49,17 +49,18 @@ def test_spool_drops_duplicates_and_held_out_dialogues_and_counts_them(tmp_path)
     # the same dialogue re-punctuated and inside a longer consultation: held out
     leaked = '病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水'
     texts = ['头痛两周了，晚上睡不好，血压正常。', '腹泻两天，一天五六次，稀水样。', '头痛两周了，晚上睡不好，血压正常。', leaked]
-    counts, sample, n = spool(documents(texts), str(tmp_path / 'spool'), held_out, 0.0, 100, 0)
+    counts, n, train_chars = spool(documents(texts), str(tmp_path / 'spool'), held_out, 0.0)
     assert counts == {'s': {'read': 4, 'train': 2, 'duplicates': 1, 'held_out_covid': 1}} and n == 2
     assert [job[0] for _, job in read_spool(str(tmp_path / 'spool'))] == texts[:2]
-    assert sample == texts[:2]  # every training line, while fewer than the sample's size
+    assert train_chars == len(texts[0]) + len(texts[1])
+    assert tokenizer_sample(str(tmp_path / 'spool'), train_chars, 1000, 0) == texts[:2]  # under budget: all lines
 
 
 def test_a_new_source_does_not_move_documents_between_splits(tmp_path):
     texts = [f'第{i}位病人：咳嗽{i}天，发热。' for i in range(400)]
     extra = [f'另一个来源的文本{i}：腹痛。' for i in range(200)]
-    first, _, _ = spool(documents(texts), str(tmp_path / 'a'), HeldOut(), 0.05, 10, 0)
-    spool(documents(extra, 'new') + documents(texts), str(tmp_path / 'b'), HeldOut(), 0.05, 10, 0)
+    first, _, _ = spool(documents(texts), str(tmp_path / 'a'), HeldOut(), 0.05)
+    spool(documents(extra, 'new') + documents(texts), str(tmp_path / 'b'), HeldOut(), 0.05)
     split_a = {job[0]: split for split, job in read_spool(str(tmp_path / 'a'))}
     split_b = {job[0]: split for split, job in read_spool(str(tmp_path / 'b'))}
     assert all(split_b[text] == split for text, split in split_a.items())
@@ -67,11 +68,10 @@ def test_a_new_source_does_not_move_documents_between_splits(tmp_path):
 
 
 def test_the_tokenizer_sample_is_bounded_and_seeded(tmp_path):
-    texts = [f'第{i}行文本' for i in range(1000)]
-    _, a, _ = spool(documents(texts), str(tmp_path / 'a'), HeldOut(), 0.0, 50, 7)
-    _, b, _ = spool(documents(texts), str(tmp_path / 'b'), HeldOut(), 0.0, 50, 7)
-    _, c, _ = spool(documents(texts), str(tmp_path / 'c'), HeldOut(), 0.0, 50, 8)
-    assert len(a) == 50 and a == b and a != c and set(a) <= set(texts)
+    texts = [f'第{i:04d}行文本' for i in range(1000)]  # 9 characters each
+    _, _, train_chars = spool(documents(texts), str(tmp_path / 'spool'), HeldOut(), 0.0)
+    a, b, c = (tokenizer_sample(str(tmp_path / 'spool'), train_chars, 900, seed) for seed in (7, 7, 8))
+    assert 60 <= len(a) <= 140 and a == b and a != c and set(a) <= set(texts)  # about 900 characters of 9,000
 
 
 def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
