@@ -168,7 +168,7 @@ def bench_training(cfg, model_args, batches, device, attention, dtype, peak_flop
     tokens_per_step = cfg.batch_size * model_args['block_size'] * accum
     return dict(attention=attention, dtype=dtype, steps=steps, ms_per_step=seconds * 1000,
                 tokens_per_s=tokens_per_step / seconds,
-                mfu=model.estimate_mfu(cfg.batch_size * accum, seconds, peak_flops))
+                mfu=model.estimate_mfu(cfg.batch_size * accum, seconds, peak_flops, model_args['block_size']))
 
 
 # ----------------------------------------------------------------------------- generation

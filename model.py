@@ -264,12 +264,13 @@ class GPT(nn.Module):
         extra = dict(fused=True) if use_fused else dict()
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """Model flops utilisation: achieved flop/s over peak_flops (PaLM appendix B's count)."""
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len):
+        """Model flops utilisation: achieved flop/s over peak_flops (PaLM appendix B's count), for
+        fwdbwd_per_iter sequences of seq_len tokens (which may be shorter than block_size) in dt seconds."""
         cfg = self.config
         n_matmul = self.num_params() - self.wpe.weight.numel()  # lookups cost no flops; the tied LM head does
         n_matmul -= sum(t.weight.numel() for t in (self.wle, self.wee) if t is not None)
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len
         flops_per_token = 6 * n_matmul + 12 * L * H * Q * T
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 

@@ -282,7 +282,8 @@ def bpc_text(metrics):
 
 def log_progress(training, iter_num, loss, skipped, dt, seconds_per_iter):
     tokens_per_s = training.tokens_per_iter / dt
-    mfu = training.model.estimate_mfu(training.cfg.batch_size * training.accum_steps, dt, training.peak_flops)
+    mfu = training.model.estimate_mfu(training.cfg.batch_size * training.accum_steps, dt, training.peak_flops,
+                                      training.cfg.block_size)  # the windows' length: it may be below the model's
     lr = learning_rate_of(training.cfg, iter_num)
     eta = seconds_per_iter * (training.cfg.max_iters - iter_num - 1)
     skip_note = f", fp16 overflow: step skipped, scale now {training.scaler.get_scale():g}" if skipped else ""

@@ -16,24 +16,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
 from prepare.sources import DataError, Skipped, read_text, source_file
+from prepare.corpus import SPEAKERS, meddialog_blocks, meddialog_turns
 from prepare.text import clean, dialogue_text
 
 RAW = 'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt'
 SPLIT_FILES = {'train': 'covid_dialog_zh/train_data.json', 'val': 'covid_dialog_zh/validate_data.json',
                'test': 'covid_dialog_zh/test_data.json'}
-SPEAKERS = {'病人': 'patient', '医生': 'doctor'}
-# section headers of a raw consultation; the description is the patient's opening turn, the diagnosis a
-# closing doctor turn; the doctor's faculty (hospital and department) is metadata and left out
-SECTION_SPEAKER = {'Description': 'patient', 'Dialogue': None, 'Diagnosis and suggestions': 'doctor',
-                   'Doctor faculty': None}
-
-
 def read_raw(path, skipped):
     """Consultations of the raw dump: [dict(line, turns=[(speaker, text)], description, dialogue)], the last two
     being the letters of the description and of the dialogue alone (to match the split files against)."""
     consultations = []
-    for line_no, block in _blocks(read_text(path).split('\n')):
-        turns = _block_turns(block)
+    for line_no, block in meddialog_blocks(enumerate(read_text(path).split('\n'), start=1)):
+        turns = meddialog_turns(block)
         if not re.fullmatch(r'id=\d+', block[0].strip()):
             skipped.add(path, line_no, 'consultation does not start with "id=N"')
         elif not turns:
@@ -43,32 +37,6 @@ def read_raw(path, skipped):
                                   'description': _content(text for _, text, section in turns if section == 'Description'),
                                   'dialogue': _content(text for _, text, section in turns if section == 'Dialogue')})
     return consultations
-
-
-def _blocks(lines):
-    """(first line number, lines) of each block starting at an 'id=' line; text before the first one too."""
-    starts = [i for i, line in enumerate(lines) if line.startswith('id=')]
-    for start, end in zip([0] + starts, starts + [len(lines)]):
-        if any(line.strip() for line in lines[start:end]):
-            yield start + 1, lines[start:end]
-
-
-def _block_turns(block):
-    """[(speaker, text, section)] in file order."""
-    turns, section = [], None  # turns: [speaker, [lines], section]
-    for line in (line.strip() for line in block[1:]):
-        if line in SECTION_SPEAKER:
-            section = line
-            if SECTION_SPEAKER[section]:
-                turns.append([SECTION_SPEAKER[section], [], section])
-        elif section == 'Dialogue' and line[:-1] in SPEAKERS and line[-1:] in '：:':
-            turns.append([SPEAKERS[line[:-1]], [], section])
-        elif line and section not in (None, 'Doctor faculty'):
-            if not turns:  # dialogue text before any speaker line: consultations open with the patient
-                turns.append(['patient', [], section])
-            turns[-1][1].append(line)
-    turns = [(speaker, clean('\n'.join(lines)), section) for speaker, lines, section in turns]
-    return [turn for turn in turns if turn[1]]
 
 
 def _content(texts):

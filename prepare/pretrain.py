@@ -42,13 +42,13 @@ def default_documents(src, skipped, paths, report):
     yield from (('book', text, (), None) for text in chapters)
 
 
-def corpus_documents(corpus_paths, skipped, paths, report):
+def corpus_documents(corpus_paths, txt_document, skipped, paths, report):
     """(source file, text, entity terms, entity ids) of every file a user gave, file by file, streamed."""
     from prepare.corpus import corpus_files, read_corpus_file
     for path in corpus_files(corpus_paths):
         paths.append(path)
         report[path] = {}
-        for document in read_corpus_file(path, skipped, report[path]):
+        for document in read_corpus_file(path, skipped, report[path], txt_document):
             yield path, document.text, tuple(document.entity_terms), document.entity_chars
 
 
@@ -90,6 +90,8 @@ def main():
     started = time.time()
     parser = arg_parser(__doc__, 'pretrain', example_set=False)
     parser.add_argument('--corpus', nargs='+', help='files or folders of your own corpus (default: the shared sources)')
+    parser.add_argument('--txt_document', choices=['block', 'line', 'file'], default='block',
+                        help='what one document of a .txt file is: a blank-line-separated block, a line, or the file')
     parser.add_argument('--tokenizer', default='bpe',
                         help="'bpe' (SentencePiece), 'char', or a BERT vocab.txt (GPT2-Chinese's, for continued pretraining)")
     parser.add_argument('--vocab_size', type=int, default=8000, help='must be < 65536 (ids are uint16)')
@@ -107,7 +109,7 @@ def main():
     lexicon = lexicon_dir(args.src)
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out
     held_out = held_out_dialogues(args.src, skipped)
-    documents = corpus_documents(args.corpus, skipped, paths, report) if args.corpus else \
+    documents = corpus_documents(args.corpus, args.txt_document, skipped, paths, report) if args.corpus else \
         default_documents(args.src, skipped, paths, report)
     timings = {}
     with atomic_dir(args.out) as folder:
