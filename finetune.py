@@ -129,7 +129,7 @@ def load_base(cfg, data_dir, meta):
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"base model: {error}: give --init_from=<a pretraining run's out_dir> "
                          f"(e.g. after `python train.py config/tiny.py`)") from None
-    if 'tokenizer' in base:
+    if base.get('tokenizer'):  # (None: trained on a data folder without a tokenizer file)
         check_tokenizer(base['tokenizer'], data_dir, f"the base checkpoint {path}")
     elif base['model_args']['vocab_size'] != meta['vocab_size']:  # a base older than the tokenizer record
         raise SystemExit(f"the base checkpoint {path} has {base['model_args']['vocab_size']} tokens, "

@@ -61,7 +61,7 @@ def load_tools(checkpoint, model, cfg):
     from prepare.tokenizer import Tokenizer
     from prepare.tagging import Tagger
     from prepare.lexicon import lexicon_dir
-    if 'tokenizer' in checkpoint:
+    if checkpoint.get('tokenizer'):  # (None: trained on a data folder without a tokenizer file)
         tokenizer = Tokenizer.from_bytes(checkpoint['tokenizer']['data'])
     else:
         data_dir = cfg.data_dir or os.path.join('data', checkpoint.get('config', {}).get('dataset', 'pretrain'))

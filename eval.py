@@ -1,0 +1,135 @@
+"""
+Score any model a user has (a pretraining run, a fine-tuned run, a p-tuned prompt.pt with its base) on text:
+loss, perplexity per token and bits per character.
+
+    python eval.py --out_dir=out/tiny --text=notes.txt                  # any UTF-8 text file, streamed
+    python eval.py --out_dir=out/finetune --dataset=covid --split=test  # the doctor replies of an example set
+
+--text: the file is read in chunks of lines and tokenized with the model's own tokenizer (the one its
+checkpoint carries); windows of block_size tokens slide by `stride`, and each window scores only the tokens
+the previous one did not, so every token after the first is scored exactly once, with up to block_size -
+stride tokens of context. Memory holds one chunk and one window. --dataset: tasks.evaluate on the split's
+reply tokens, as finetune.py reports them. Bits per character = total nats / ln 2 / characters of the
+scored tokens, which compares models with different tokenizers. Prints one JSON line.
+"""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from checkpoint import check_tokenizer, load_model
+from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
+from configurator import configure
+from tasks import evaluate, load_task
+
+DEFAULTS = dict(
+    out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
+    checkpoint='',          # ... or this checkpoint / p-tuning file
+    base='',                # a p-tuning file's base checkpoint ('' = the path the file recorded)
+    text='',                # score this UTF-8 text file ...
+    dataset='',             # ... or the reply tokens of data/<dataset>/ (covid, dxy, department)
+    split='test',
+    stride=0,               # tokens a window moves on; 0 = half the block (each token sees half a block or more)
+    chunk_lines=2000,       # lines of the text file tokenized at a time
+    batch_size=8,           # --dataset: examples per batch
+    device='auto',
+    dtype='auto',
+)
+
+
+def score_text(model, tokenizer, path, stride, chunk_lines, autocast):
+    """(nats, scored tokens, characters) over the whole file, one window at a time."""
+    T = model.config.block_size - model.config.n_prompt
+    char_counts = tokenizer.char_counts()
+    device = next(model.parameters()).device
+    pending = np.zeros(0, dtype=np.int64)  # tokens read but not yet scored, after `context` ones already scored
+    nats = tokens = chars = 0.0
+    context = 0
+    for ids in _token_chunks(tokenizer, path, chunk_lines):
+        pending = np.concatenate([pending, ids])
+        while len(pending) > T:  # a full window: T inputs, T targets
+            window_nats, n, c = _score_window(model, pending[:T + 1], context, char_counts, device, autocast)
+            nats, tokens, chars = nats + window_nats, tokens + n, chars + c
+            pending, context = pending[stride:], T - stride  # what this window scored becomes context
+    if len(pending) > context + 1:  # the tail: its unscored tokens, with the context before them
+        window_nats, n, c = _score_window(model, pending, context, char_counts, device, autocast)
+        nats, tokens, chars = nats + window_nats, tokens + n, chars + c
+    return nats, tokens, chars
+
+
+def _token_chunks(tokenizer, path, chunk_lines):
+    with open(path, encoding='utf-8') as f:
+        lines = []
+        for line in f:
+            lines.append(line)
+            if len(lines) == chunk_lines:
+                yield np.array(tokenizer.encode(''.join(lines)), dtype=np.int64)
+                lines = []
+        if lines:
+            yield np.array(tokenizer.encode(''.join(lines)), dtype=np.int64)
+
+
+@torch.no_grad()
+def _score_window(model, window, context, char_counts, device, autocast):
+    """nats, tokens and characters of the targets of window[:-1] -> window[1:] after the first `context`."""
+    idx = torch.from_numpy(window[:-1])[None].to(device)
+    targets = torch.from_numpy(window[1:].copy())
+    targets[:context] = -1  # already scored by the previous window: context only
+    targets = targets[None].to(device)
+    with autocast:
+        _, nats = model.lm_head_loss(model.encode(idx), targets, reduction='sum')
+    scored = window[1:][context:]
+    return nats.item(), len(scored), int(char_counts[scored].sum())
+
+
+def main(argv=None):
+    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
+    if bool(cfg.text) == bool(cfg.dataset):
+        raise SystemExit("give --text=FILE or --dataset=NAME (one of them)")
+    if cfg.text and not os.path.isfile(cfg.text):
+        raise SystemExit(f"no text file at {cfg.text}")
+    device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
+    try:
+        model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
+    model.eval()
+    autocast = autocast_context(device, dtype)
+    result = dict(model=cfg.checkpoint or cfg.out_dir)
+    if cfg.text:
+        from prepare.tokenizer import Tokenizer
+        if not checkpoint.get('tokenizer'):
+            raise SystemExit(f"{result['model']} carries no tokenizer (an older checkpoint): score it with --dataset")
+        T = model.config.block_size - model.config.n_prompt
+        stride = cfg.stride or max(T // 2, 1)
+        if not 1 <= stride <= T:
+            raise SystemExit(f"--stride must be in [1, {T}] (the tokens of one window), not {cfg.stride}")
+        nats, tokens, chars = score_text(model, Tokenizer.from_bytes(checkpoint['tokenizer']['data']), cfg.text,
+                                         stride, cfg.chunk_lines, autocast)
+        if not tokens:
+            raise SystemExit(f"{cfg.text} has fewer than two tokens: nothing to score")
+        result.update(text=cfg.text, tokens=int(tokens), chars=int(chars), stride=stride, loss=nats / tokens,
+                      ppl=math.exp(min(nats / tokens, 700)), bpc=nats / math.log(2) / max(chars, 1))
+    else:
+        data_dir = data_dir_of(cfg.dataset)
+        if checkpoint.get('tokenizer'):
+            check_tokenizer(checkpoint['tokenizer'], data_dir, result['model'])
+        config = checkpoint.get('config', {})
+        task_cfg = SimpleNamespace(task='dialogue', entity_splice=False, n_prompt=model.config.n_prompt,
+                                   prompt_position=config.get('prompt_position', 'prefix'), label_template='',
+                                   lexical=bool(model.config.n_lexical), entity=bool(model.config.n_entity),
+                                   batch_size=cfg.batch_size)
+        task_data = load_task(task_cfg, vars(model.config), load_meta(data_dir), data_dir, device, dtype)
+        if not task_data.inputs[cfg.split]:
+            raise SystemExit(f"{data_dir} has no {cfg.split} examples")
+        result.update(dataset=cfg.dataset, split=cfg.split, examples=len(task_data.inputs[cfg.split]),
+                      **evaluate(model, task_data.inputs[cfg.split], task_cfg, task_data))
+    print(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,77 @@
+"""eval.py: a text scored in sliding windows gives every token after the first exactly one score, equal to
+the model's own loss on the same windows; an example set is scored as finetune.py scores it."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval as evaluator  # noqa: E402  (eval.py; `eval` is also a builtin)
+import finetune  # noqa: E402
+from checkpoint import load_model, save_checkpoint, tokenizer_record  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from test_finetune import base_path, data_dir, finetune_args, tools  # noqa: E402,F401 (fixtures)
+
+TEXT = '孩子发烧三天了，咳嗽有痰。\n体温多少度？有没有气喘？\n' * 6 + '注意补液，可以吃蒙脱石散。\n'
+
+
+@pytest.fixture(scope='module')
+def run_dir(tools, tmp_path_factory):
+    """A tiny model that carries its tokenizer, as train.py writes it."""
+    tok, _ = tools
+    torch.manual_seed(0)
+    model_args = dict(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0,
+                      bias=False, n_lexical=0, n_entity=0)
+    folder = tmp_path_factory.mktemp('run')
+    save_checkpoint(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args, config={},
+                         tokenizer=tokenizer_record(str(tok.file))), str(folder / 'best.pt'))
+    return folder
+
+
+def test_text_scores_match_the_models_loss_on_the_same_windows(tools, run_dir, tmp_path):
+    tok, _ = tools
+    path = tmp_path / 'notes.txt'
+    path.write_text(TEXT, encoding='utf-8')
+    result = evaluator.main([f'--out_dir={run_dir}', f'--text={path}', '--stride=16', '--chunk_lines=3'])
+    ids = np.array(tok.encode(TEXT))
+    assert result['tokens'] == len(ids) - 1  # every token after the first, once
+    model, _ = load_model(str(run_dir))
+    nats = 0.0
+    for start in range(0, len(ids) - 1, 16):  # stride = block: windows side by side
+        window = torch.from_numpy(ids[start:start + 17])[None]
+        _, loss = model.eval()(window[:, :-1], window[:, 1:])
+        nats += loss.item() * (window.size(1) - 1)
+    assert result['loss'] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
+    chars = tok.char_counts()[ids[1:]].sum()
+    assert result['bpc'] == pytest.approx(nats / math.log(2) / chars, rel=1e-5)
+
+
+def test_every_stride_scores_each_token_once(run_dir, tmp_path):
+    path = tmp_path / 'notes.txt'
+    path.write_text(TEXT, encoding='utf-8')
+    counts = {evaluator.main([f'--out_dir={run_dir}', f'--text={path}', f'--stride={s}'])['tokens'] for s in (1, 5, 16)}
+    assert len(counts) == 1
+
+
+def test_a_ptuned_run_is_scored_through_its_base(base_path, data_dir, tmp_path):
+    out = tmp_path / 'pt'
+    trained = finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--max_iters=2'))
+    result = evaluator.main([f'--out_dir={out}', f'--dataset={data_dir}', '--split=test'])
+    assert result['loss'] == pytest.approx(trained['test_loss'], rel=1e-6)
+    assert result['bpc'] == pytest.approx(trained['test_bpc'], rel=1e-6)
+
+
+def test_bad_options_are_one_line_errors(run_dir, tmp_path):
+    with pytest.raises(SystemExit, match='give --text=FILE or --dataset=NAME'):
+        evaluator.main([f'--out_dir={run_dir}'])
+    with pytest.raises(SystemExit, match='no text file at'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "none.txt"}'])
+    (tmp_path / 'a.txt').write_text(TEXT, encoding='utf-8')
+    with pytest.raises(SystemExit, match=r'--stride must be in \[1, 16\]'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--stride=99'])
