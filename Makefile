@@ -21,7 +21,7 @@ data/pretrain/meta.json: | .venv/installed
 data/%/meta.json: data/pretrain/meta.json
 	$(PY) prepare/$*.py
 
-data: data/pretrain/meta.json data/covid/meta.json data/dxy/meta.json data/department/meta.json
+data: data/pretrain/meta.json data/covid/meta.json data/dxy/meta.json data/department/meta.json data/imcs/meta.json
 
 demo: data/pretrain/meta.json
 	$(PY) train.py config/tiny.py --overwrite

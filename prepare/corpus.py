@@ -187,7 +187,7 @@ def _json(path, skipped, report):
 
 def record_document(record, path, where, report):
     """A Document from one JSON record of a recognised shape; a clear error for any other shape."""
-    shape, turns = _turns(record)
+    shape, turns = record_turns(record)
     if shape is None:
         preview = json.dumps(record, ensure_ascii=False)[:80]
         raise DataError(f'{path}:{where}: a record of an unknown shape ({preview}); recognised: {"; ".join(SHAPES)}')
@@ -196,15 +196,20 @@ def record_document(record, path, where, report):
         return Document(clean(record['text']))
     if not turns:
         return None
-    pieces = [part for speaker, text, gold in turns for part in (_speaker_piece(speaker), _tagged(text, gold))]
-    text = ''.join(piece for piece, _ in pieces)
-    if any(gold is not None for _, _, gold in turns) and normalize(text) == text:
-        return Document(text, entity_chars=np.concatenate([tags for _, tags in pieces]))
-    return Document(text)  # (a text the tokenizer would normalise further keeps lexicon tags: none seen here)
+    cleaned, entity_chars = tagged_dialogue(turns)
+    return Document(dialogue_text(cleaned), entity_chars=entity_chars)
 
 
-def _speaker_piece(speaker):
-    return (f'<{speaker}>', np.zeros(len(speaker) + 2, dtype=np.uint8))
+def tagged_dialogue(turns):
+    """([(speaker, cleaned text)], entity ids per character of their dialogue_text, or None) from turns
+    [(speaker, text, gold entity ids per character or None)]."""
+    cleaned = [(speaker, *_tagged(text, gold)) for speaker, text, gold in turns]
+    cleaned = [(speaker, text, tags) for speaker, text, tags in cleaned if text]
+    text = dialogue_text([(speaker, text) for speaker, text, _ in cleaned])
+    if all(gold is None for _, _, gold in turns) or normalize(text) != text:
+        return [(speaker, text) for speaker, text, _ in cleaned], None  # (the second: never seen in the shared data)
+    tags = [part for speaker, _, tags in cleaned for part in (np.zeros(len(speaker) + 2, dtype=np.uint8), tags)]
+    return [(speaker, text) for speaker, text, _ in cleaned], np.concatenate(tags)
 
 
 def _tagged(text, gold):
@@ -225,7 +230,7 @@ def _tagged(text, gold):
     return ''.join(chars), np.array(tags, dtype=np.uint8)
 
 
-def _turns(record):
+def record_turns(record):
     """(shape name, [(speaker, text, gold entity ids per character or None)]) or (None, None)."""
     if isinstance(record, list) and record and all(isinstance(u, str) and u[:2] in SPEAKERS for u in record):
         return 'utterances prefixed 病人：/医生：', [(SPEAKERS[u[:2]], u[2:].lstrip('：:'), None) for u in record]

@@ -7,7 +7,7 @@ Without --corpus: the default set from the shared sources: COVID raw consultatio
 minus the validation/test dialogues of the official split), DXY and department QA training consultations,
 and the medical book by chapter. With --corpus: every file under the paths (prepare/corpus.py lists the
 formats). Either way exact duplicates are dropped, no document holding a validation/test dialogue of a
-fine-tuning set (COVID-DDC, DXY, department QA) gets in, and 5% of the documents (by a hash of their text)
+fine-tuning set (COVID-DDC, DXY, department QA, IMCS-21) gets in, and 5% of the documents (by a hash of their text)
 are the validation split; prepare/stream.py does the work in two streaming passes on every core.
 Dialogues are written with speaker pieces ('<patient>…<doctor>…'), each document followed by <eot>.
 """
@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python prepare/pretrain.py`
 
-from prepare import book, covid, department, dxy
+from prepare import book, covid, department, dxy, imcs
 from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_meta
 from prepare.heldout import HeldOut
 from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
@@ -60,7 +60,9 @@ def held_out_dialogues(src, skipped):
             held_out.add(dialogue_text(turns), 'covid')
     _, dxy_val, dxy_test, _ = dxy.dxy_splits(src, Skipped())  # (its skipped records count once, when read for text)
     qa_splits, _, _ = department.department_splits(src, Skipped())
-    for name, records in (('dxy', dxy_val + dxy_test), ('department', qa_splits['val'] + qa_splits['test'])):
+    imcs_parts, _, _ = imcs.imcs_splits(src, Skipped())
+    for name, records in (('dxy', dxy_val + dxy_test), ('department', qa_splits['val'] + qa_splits['test']),
+                          ('imcs', imcs_parts['val'] + imcs_parts['test'])):
         for r in records:
             held_out.add(dialogue_text(r['turns']), name)
     return held_out
