@@ -4,12 +4,15 @@ loss, perplexity per token and bits per character.
 
     python eval.py --out_dir=out/tiny --text=notes.txt                  # any UTF-8 text file, streamed
     python eval.py --out_dir=out/finetune --dataset=covid --split=test  # the doctor replies of an example set
+    python eval.py --out_dir=out/finetune --dataset=imcs --generate     # + replies generated and scored
 
 --text: the file is read in chunks of lines and tokenized with the model's own tokenizer (the one its
 checkpoint carries); windows of block_size tokens slide by `stride`, and each window scores only the tokens
 the previous one did not, so every token after the first is scored exactly once, with up to block_size -
 stride tokens of context. Memory holds one chunk and one window. --dataset: tasks.evaluate on the split's
-reply tokens, as finetune.py reports them. Bits per character = total nats / ln 2 / characters of the
+reply tokens, as finetune.py reports them; with --generate, a reply is generated for each example's source
+(greedy, or sampled with a seed) and scored against the reference by BLEU-1/2/4, Distinct-1/2 and entity
+precision/recall/F1 (metrics.py). Bits per character = total nats / ln 2 / characters of the
 scored tokens, which compares models with different tokenizers. Prints one JSON line.
 """
 import json
@@ -19,11 +22,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from checkpoint import check_tokenizer, load_model
 from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
 from configurator import configure
-from tasks import evaluate, load_task
+from tasks import build_input, collate, evaluate, load_task
 
 DEFAULTS = dict(
     out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
@@ -35,6 +39,13 @@ DEFAULTS = dict(
     stride=0,               # tokens a window moves on; 0 = half the block (each token sees half a block or more)
     chunk_lines=2000,       # lines of the text file tokenized at a time
     batch_size=8,           # --dataset: examples per batch
+    generate=False,         # --dataset: also generate a reply for each example and score it
+    max_examples=0,         # --generate: at most this many examples (0 = all)
+    max_new_tokens=64,
+    temperature=0.0,        # 0 = greedy
+    top_k=0,                # 0 = off
+    top_p=1.0,              # 1.0 = off
+    seed=1337,
     device='auto',
     dtype='auto',
 )
@@ -85,6 +96,35 @@ def _score_window(model, window, context, char_counts, device, autocast):
     return nats.item(), len(scored), int(char_counts[scored].sum())
 
 
+def generation_scores(model, task_data, task_cfg, cfg):
+    """Generate a reply for each example's source and score the replies against the references."""
+    from metrics import bleu, distinct, entities_in, entity_scores
+    from prepare.lexicon import lexicon_dir
+    from prepare.tagging import Tagger
+    tok, examples = task_data.tokenizer, task_data.examples[cfg.split][:cfg.max_examples or None]
+    stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
+    source_cfg = SimpleNamespace(**dict(vars(task_cfg), task='classify'))  # the source alone, up to <doctor>
+    generator = torch.Generator(device=task_data.device).manual_seed(cfg.seed)
+    generated, references = [], []
+    for ex in tqdm(examples, desc='generate', unit='reply'):
+        x = build_input(ex, source_cfg, task_data.room - cfg.max_new_tokens, task_data.special)
+        batch = collate([x], source_cfg, task_data.pad_id, task_data.device)
+        with task_data.autocast:
+            out = model.generate(batch['idx'], cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                 top_p=cfg.top_p if cfg.top_p < 1.0 else None, lexical=batch.get('lexical'),
+                                 entity=batch.get('entity'), prompt_pos=batch.get('prompt_pos'), eos_id=stops,
+                                 generator=generator)
+        generated.append(tok.decode([t for t in out[0, batch['idx'].size(1):].tolist() if t not in stops]))
+        target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
+        references.append(tok.decode([t for t in target if t not in stops]))
+    tagger = Tagger(lexicon_dir())
+    precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
+                                          [entities_in(t, tagger) for t in references])
+    return dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
+                bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
+                distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
+
+
 def main(argv=None):
     cfg = SimpleNamespace(**configure(DEFAULTS, argv))
     if bool(cfg.text) == bool(cfg.dataset):
@@ -127,7 +167,11 @@ def main(argv=None):
             raise SystemExit(f"{data_dir} has no {cfg.split} examples")
         result.update(dataset=cfg.dataset, split=cfg.split, examples=len(task_data.inputs[cfg.split]),
                       **evaluate(model, task_data.inputs[cfg.split], task_cfg, task_data))
+        if cfg.generate:
+            result.update(generation_scores(model, task_data, task_cfg, cfg))
     print(json.dumps(result, ensure_ascii=False))
+    print('\n'.join(f"{key:>18}  {value:.4f}" if isinstance(value, float) else f"{key:>18}  {value}"
+                    for key, value in result.items()))
     return result
 
 

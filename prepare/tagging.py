@@ -74,14 +74,19 @@ class Tagger:
         assert len(lexical) == len(text), 'jieba lost characters'
         return lexical
 
-    def entity_per_char(self, text, extra_entities=()):
-        entity = np.zeros(len(text), dtype=np.uint8)
+    def lexicon_matches(self, text):
+        """(start, term) of each lexicon term in text, by forward maximum matching."""
         i = 0
         while i < len(text):
             length = self._longest_term(text, i)
             if length:
-                entity[i:i + length] = self.terms[text[i:i + length]] if self.entity_types else 1
+                yield i, text[i:i + length]
             i += max(length, 1)
+
+    def entity_per_char(self, text, extra_entities=()):
+        entity = np.zeros(len(text), dtype=np.uint8)
+        for start, term in self.lexicon_matches(text):
+            entity[start:start + len(term)] = self.terms[term] if self.entity_types else 1
         for term in filter(None, map(normalize, extra_entities)):
             start = text.find(term)
             while start >= 0:

@@ -75,3 +75,42 @@ def test_bad_options_are_one_line_errors(run_dir, tmp_path):
     (tmp_path / 'a.txt').write_text(TEXT, encoding='utf-8')
     with pytest.raises(SystemExit, match=r'--stride must be in \[1, 16\]'):
         evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--stride=99'])
+
+
+# ----- generated replies ----------------------------------------------------------------------------
+
+def test_bleu_is_sacrebleus():
+    import sacrebleu
+    from metrics import bleu
+    generated, references = ['孩子发烧要多喝水', '建议查血常规'], ['孩子发烧多喝水', '建议去医院查血常规']
+    assert bleu(generated, references, 4) == pytest.approx(
+        sacrebleu.corpus_bleu(generated, [references], tokenize='zh').score)
+    assert bleu(['多喝水'], ['多喝水'], 2) == pytest.approx(100.0)
+
+
+def test_distinct_by_hand():
+    from metrics import distinct
+    assert distinct(['发烧发烧', '发烧'], 1) == pytest.approx(2 / 6)   # 发 烧 among 6 characters
+    assert distinct(['发烧发烧', '发烧'], 2) == pytest.approx(2 / 4)   # 发烧 烧发 among 发烧 烧发 发烧 发烧
+
+
+def test_entity_scores_by_hand(tmp_path):
+    from metrics import entities_in, entity_scores
+    from prepare.lexicon import lexicon_dir
+    from prepare.tagging import Tagger
+    tagger = Tagger(lexicon_dir(str(ROOT.parent / 'shared' / 'data')))
+    assert entities_in('孩子发烧咳嗽,吃了布洛芬凝胶,发烧', tagger) == {'发烧', '咳嗽', '布洛芬凝胶'}
+    generated, reference = [{'发烧', '咳嗽'}, {'腹泻'}], [{'发烧'}, {'腹泻', '呕吐'}]
+    precision, recall, f1 = entity_scores(generated, reference)
+    assert (precision, recall) == (pytest.approx(2 / 3), pytest.approx(2 / 3)) and f1 == pytest.approx(2 / 3)
+    assert entity_scores([set()], [{'发烧'}]) == (0.0, 0.0, 0.0)
+
+
+def test_generated_replies_are_scored_and_seeded(base_path, data_dir):
+    args = [f'--checkpoint={base_path}', f'--dataset={data_dir}', '--generate', '--max_new_tokens=6']
+    first = evaluator.main(args + ['--temperature=0.9', '--seed=3'])
+    assert first['generated'] == first['examples'] > 0
+    for key in ('bleu1', 'bleu2', 'bleu4', 'distinct1', 'distinct2', 'entity_precision', 'entity_recall', 'entity_f1'):
+        assert math.isfinite(first[key]) and first[key] >= 0, key
+    assert 0 < first['distinct1'] <= 1
+    assert evaluator.main(args + ['--temperature=0.9', '--seed=3']) == first  # seeded

@@ -1,0 +1,36 @@
+"""
+Measures of generated replies against reference replies, as the medical dialogue papers report them
+(MedDG, IMCS-21): BLEU-n, Distinct-n and entity precision/recall/F1. Used by eval.py.
+
+- BLEU: sacrebleu's corpus BLEU with its Chinese tokenisation (`tokenize='zh'`: each CJK character a
+  token), n-grams up to n; 0-100.
+- Distinct-n: distinct character n-grams over all character n-grams of the generated replies (Li et al.'s
+  measure of diversity); 0-1.
+- Entity P/R/F1: the medical entities (lexicon terms, found by the longest match prepare/'s tagger uses)
+  mentioned in each generated reply vs in its reference, as sets per reply, summed over replies (micro).
+"""
+from sacrebleu.metrics import BLEU
+
+
+def bleu(generated, references, n):
+    return BLEU(tokenize="zh", max_ngram_order=n).corpus_score(generated, [references]).score
+
+
+def distinct(texts, n):
+    grams = [text[i:i + n] for text in texts for i in range(len(text) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def entities_in(text, tagger):
+    """The distinct lexicon terms text mentions (prepare/'s forward maximum matching)."""
+    return {term for _, term in tagger.lexicon_matches(text)}
+
+
+def entity_scores(generated_sets, reference_sets):
+    """Micro precision, recall and F1 of the entity sets of each generated reply against its reference's."""
+    hits = sum(len(g & r) for g, r in zip(generated_sets, reference_sets))
+    n_generated, n_reference = sum(map(len, generated_sets)), sum(map(len, reference_sets))
+    precision = hits / n_generated if n_generated else 0.0
+    recall = hits / n_reference if n_reference else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
