@@ -22,6 +22,9 @@ PUBLIC_URLS = {
     'department_qa/im_sample_gb18030.csv':
         'https://raw.githubusercontent.com/Toyhom/Chinese-medical-dialogue-data/master/Data_数据/IM_内科/内科5000-33000.csv',
     'medical_book/fever.txt': 'https://raw.githubusercontent.com/shibing624/MedicalGPT/main/data/pretrain/fever.txt',
+    # IMCS-21 as one public repository's first commit published it (the full set comes with CBLUE)
+    'imcs21/attr_dev.json': 'https://raw.githubusercontent.com/zhaoxiongjun/DSD/bb69b37/dataset/attr_dev.json',
+    'imcs21/test.json': 'https://raw.githubusercontent.com/zhaoxiongjun/DSD/bb69b37/dataset/test.json',
 }
 for _name in ('disease', 'symptom', 'drug', 'check', 'department'):
     PUBLIC_URLS[f'medical_lexicon/{_name}.txt'] = \

@@ -332,6 +332,7 @@ def small_src(tmp_path):
     for folder in ('covid_dialog_zh', 'dxy_dialog', 'department_qa', 'medical_book'):
         (src / folder).mkdir(parents=True)
     (src / 'medical_lexicon').symlink_to(LEXICON)
+    (src / 'imcs21').symlink_to(DATA / 'imcs21')  # read whole: its val/test dialogues are held out of pretraining
     raw = shared_text('covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt')
     (src / covid.RAW).write_text(raw[:raw.index('id=16\n')])
     for split, rel in covid.SPLIT_FILES.items():
