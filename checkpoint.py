@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -91,7 +92,9 @@ def load_checkpoint(path, device='cpu', required_keys=MODEL_KEYS):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle headers before it refuses: one message is ours
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
         # torch's message advises loading with weights_only=False: never pass that on, it would run
         # whatever code the file holds; keep only what it says is wrong

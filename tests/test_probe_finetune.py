@@ -158,9 +158,16 @@ def test_ptuned_run_samples_from_another_folder_and_names_a_missing_base(base_pa
     assert 'which is not there' in line
 
 
-def test_sample_unloadable_checkpoint_is_one_line(tmp_path):
+# bytes that are no checkpoint: seeded noise, and noise behind a pickle header of an unknown protocol
+# (torch warns about such a header before it refuses the file; the user still sees one line)
+NOT_CHECKPOINTS = [bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8).tolist())
+                   for seed in range(3)] + [b'\x80\x8a' + bytes(range(256)) * 16]
+
+
+@pytest.mark.parametrize('junk', NOT_CHECKPOINTS)
+def test_sample_unloadable_checkpoint_is_one_line(tmp_path, junk):
     bad = tmp_path / 'best.pt'
-    bad.write_bytes(os.urandom(4096))
+    bad.write_bytes(junk)
     refusal(sample.main, [f'--checkpoint={bad}'], str(bad))
 
 
@@ -205,8 +212,9 @@ def test_missing_base_names_the_file_and_init_from(data_dir, tmp_path):
             f'{tmp_path}/best.pt', '--init_from')
 
 
-def test_unloadable_base_at_the_command_line(data_dir, tmp_path):
-    (tmp_path / 'best.pt').write_bytes(os.urandom(4096))
+@pytest.mark.parametrize('junk', NOT_CHECKPOINTS[-2:])
+def test_unloadable_base_at_the_command_line(data_dir, tmp_path, junk):
+    (tmp_path / 'best.pt').write_bytes(junk)
     result = run_cli('finetune.py', f'--init_from={tmp_path}', f'--dataset={data_dir}', f'--out_dir={tmp_path}/out')
     cli_refusal(result, f'{tmp_path}/best.pt', '--init_from')
     assert not (tmp_path / 'out').exists()
