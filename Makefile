@@ -21,7 +21,21 @@ data/pretrain/meta.json: | .venv/installed
 data/%/meta.json: data/pretrain/meta.json
 	$(PY) prepare/$*.py
 
-data: data/pretrain/meta.json data/covid/meta.json data/dxy/meta.json data/department/meta.json data/imcs/meta.json
+# reproduce.py's Table 3: general news text, an equal number of characters of medical text (an even sample of
+# data/pretrain's sources), both with data/pretrain's tokenizer so that both fine-tune on the same example sets;
+# and IMCS-21 with lexicon entity tags instead of its gold ones
+data/general/meta.json: data/pretrain/meta.json
+	$(PY) prepare/pretrain.py --corpus $(CMED_DATA)/general_zh --txt_document=line --tokenizer=data/pretrain/tokenizer.model --out data/general
+
+data/medical_equal/meta.json: data/general/meta.json
+	$(PY) prepare/pretrain.py --tokenizer=data/pretrain/tokenizer.model --out data/medical_equal \
+		--train_chars=$$($(PY) -c "import json; print(json.load(open('data/general/meta.json'))['splits']['train']['input_chars'])")
+
+data/imcs_lexicon/meta.json: data/pretrain/meta.json
+	$(PY) prepare/imcs.py --lexicon_entities --out data/imcs_lexicon
+
+data: data/pretrain/meta.json data/covid/meta.json data/dxy/meta.json data/department/meta.json data/imcs/meta.json \
+	data/general/meta.json data/medical_equal/meta.json data/imcs_lexicon/meta.json
 
 demo: data/pretrain/meta.json
 	$(PY) train.py config/tiny.py --overwrite

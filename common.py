@@ -18,7 +18,9 @@ GPU_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 # what builds each data set the scripts read: named in the error when data/<name>/ is missing
 PREPARE_COMMANDS = {'pretrain': 'python prepare/pretrain.py', 'covid': 'python prepare/covid.py',
                     'dxy': 'python prepare/dxy.py', 'department': 'python prepare/department.py',
-                    'imcs': 'python prepare/imcs.py'}
+                    'imcs': 'python prepare/imcs.py', 'general': 'make data/general/meta.json',
+                    'medical_equal': 'make data/medical_equal/meta.json',
+                    'imcs_lexicon': 'python prepare/imcs.py --lexicon_entities --out data/imcs_lexicon'}
 
 
 # ----------------------------------------------------------------------------- device and precision

@@ -22,12 +22,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from checkpoint import check_tokenizer, load_model
 from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
 from configurator import configure
-from tasks import build_input, collate, evaluate, load_task
+from tasks import evaluate, generation_scores, load_task
 
 DEFAULTS = dict(
     out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
@@ -96,35 +95,6 @@ def _score_window(model, window, context, char_counts, device, autocast):
     return nats.item(), len(scored), int(char_counts[scored].sum())
 
 
-def generation_scores(model, task_data, task_cfg, cfg):
-    """Generate a reply for each example's source and score the replies against the references."""
-    from metrics import bleu, distinct, entities_in, entity_scores
-    from prepare.lexicon import lexicon_dir
-    from prepare.tagging import Tagger
-    tok, examples = task_data.tokenizer, task_data.examples[cfg.split][:cfg.max_examples or None]
-    stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
-    source_cfg = SimpleNamespace(**dict(vars(task_cfg), task='classify'))  # the source alone, up to <doctor>
-    generator = torch.Generator(device=task_data.device).manual_seed(cfg.seed)
-    generated, references = [], []
-    for ex in tqdm(examples, desc='generate', unit='reply'):
-        x = build_input(ex, source_cfg, task_data.room - cfg.max_new_tokens, task_data.special)
-        batch = collate([x], source_cfg, task_data.pad_id, task_data.device)
-        with task_data.autocast:
-            out = model.generate(batch['idx'], cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                                 top_p=cfg.top_p if cfg.top_p < 1.0 else None, lexical=batch.get('lexical'),
-                                 entity=batch.get('entity'), prompt_pos=batch.get('prompt_pos'), eos_id=stops,
-                                 generator=generator)
-        generated.append(tok.decode([t for t in out[0, batch['idx'].size(1):].tolist() if t not in stops]))
-        target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
-        references.append(tok.decode([t for t in target if t not in stops]))
-    tagger = Tagger(lexicon_dir())
-    precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
-                                          [entities_in(t, tagger) for t in references])
-    return dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
-                bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
-                distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
-
-
 def main(argv=None):
     cfg = SimpleNamespace(**configure(DEFAULTS, argv))
     if bool(cfg.text) == bool(cfg.dataset):
@@ -168,7 +138,9 @@ def main(argv=None):
         result.update(dataset=cfg.dataset, split=cfg.split, examples=len(task_data.inputs[cfg.split]),
                       **evaluate(model, task_data.inputs[cfg.split], task_cfg, task_data))
         if cfg.generate:
-            result.update(generation_scores(model, task_data, task_cfg, cfg))
+            examples = task_data.examples[cfg.split][:cfg.max_examples or None]
+            result.update(generation_scores(model, task_data, task_cfg, examples, cfg.max_new_tokens,
+                                            cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed))
     print(json.dumps(result, ensure_ascii=False))
     print('\n'.join(f"{key:>18}  {value:.4f}" if isinstance(value, float) else f"{key:>18}  {value}"
                     for key, value in result.items()))

@@ -28,7 +28,7 @@ from common import data_dir_of, device_type, learning_rate_at, load_meta, optimi
     tag_table_size
 from configurator import configure
 from model import GPT, GPTConfig
-from tasks import collate, evaluate, label_text_accuracy, load_task, selection_loss, task_loss
+from tasks import collate, evaluate, generation_scores, label_text_accuracy, load_task, selection_loss, task_loss
 
 DEFAULTS = dict(
     init_from='out/tiny',       # out_dir of the pretraining run to adapt (default: the quick start's)
@@ -58,6 +58,8 @@ DEFAULTS = dict(
     dropout=0.1,
     eval_interval=200,          # evaluate on val (and keep the best) every this many iterations
     max_eval_examples=0,        # > 0: evaluate val on at most this many examples (quick runs)
+    generate_examples=0,        # dialogue: greedy replies for this many test sources, scored by BLEU/Distinct/entity F1
+    max_new_tokens=64,          # ... each at most this long
     log_interval=20,
     device='auto',
     dtype='auto',
@@ -66,8 +68,8 @@ DEFAULTS = dict(
 )
 LR_BY_MODE = {'full': 5e-5, 'ptune': 3e-3}
 AT_LEAST_ONE = ('epochs', 'batch_size', 'eval_interval', 'log_interval')
-NOT_NEGATIVE = ('max_iters', 'n_prompt', 'warmup_iters', 'max_eval_examples', 'learning_rate', 'weight_decay',
-                'grad_clip', 'lambda_lm')
+NOT_NEGATIVE = ('max_iters', 'n_prompt', 'warmup_iters', 'max_eval_examples', 'generate_examples', 'max_new_tokens',
+                'learning_rate', 'weight_decay', 'grad_clip', 'lambda_lm')
 BELOW_ONE = ('beta1', 'beta2', 'dropout')  # each in [0, 1)
 
 
@@ -118,6 +120,8 @@ def check_config(cfg):
         raise SystemExit("--mode=ptune trains a soft prompt: give it --n_prompt > 0 (the paper uses 1 to 100)")
     if cfg.mode == 'none' and cfg.task in ('classify', 'multitask'):
         raise SystemExit("--mode=none cannot classify: the class head is new and must be trained")
+    if cfg.generate_examples and (cfg.task != 'dialogue' or cfg.entity_splice):
+        raise SystemExit("--generate_examples generates doctor replies: it needs --task=dialogue without --entity_splice")
 
 
 def load_base(cfg, data_dir, meta):
@@ -154,6 +158,9 @@ def check_task_data(cfg, task_data, data_dir):
     if cfg.task == 'label_text' and task_data.room <= longest:
         raise SystemExit(f"--n_prompt={cfg.n_prompt} leaves {task_data.room} tokens of the context, too few for "
                          f"a question and the longest label sentence ({longest} tokens): use fewer prompt vectors")
+    if cfg.generate_examples and task_data.room - cfg.max_new_tokens < 2:
+        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a source in the {task_data.room} "
+                         f"tokens of the context: generate fewer tokens")
 
 
 # ----------------------------------------------------------------------------- training
@@ -245,6 +252,9 @@ def main(argv=None):
         test = evaluate(model, task_data.inputs['test'], cfg, task_data)
         if cfg.task == 'label_text':
             test.update(label_text_accuracy(model, task_data.examples['test'], cfg, task_data))
+        if cfg.generate_examples:
+            test.update(generation_scores(model, task_data, cfg, task_data.examples['test'][:cfg.generate_examples],
+                                          cfg.max_new_tokens, seed=cfg.seed))
         result = dict(dataset=cfg.dataset, mode=cfg.mode, task=cfg.task, n_prompt=cfg.n_prompt,
                       prompt_position=cfg.prompt_position, prompt_reparam=cfg.prompt_reparam, lexical=cfg.lexical,
                       entity=cfg.entity, entity_splice=cfg.entity_splice, lambda_lm=cfg.lambda_lm,

@@ -1,18 +1,23 @@
 """
-The papers' tables in miniature, measured on 2 CPU cores:
-  Table 3 (CMed-GPT)  does domain pretraining help? pretrained vs randomly initialised, two sizes, and a
-                      character 5-gram Kneser-Ney model trained on the same pretraining text
-  Table 4 (CMed-GPT)  no adaptation vs full fine-tuning vs p-tuning, COVID-DDC and DXY
-  Table 5 (CMed-GPT)  p-tuning with 1, 25, 50, 75, 100 prompt vectors
-  Table 6 (CMed-GPT)  p-tuning + lexical / entity embeddings, and entity splicing
-  MEDI-BERPT          classification head alone vs multitask (class + lambda * LM) vs label as text
+The papers' tables in miniature, measured on 2 CPU cores (tables.py says what each row runs):
+  Table 3 (CMed-GPT)  general vs medical pretraining: the same model pretrained on general news text and on as
+                      many characters of medical text, each evaluated on COVID-DDC and IMCS-21 without
+                      adaptation and after fine-tuning; all the medical text, random init and (COVID) a
+                      character 5-gram Kneser-Ney model as references
+  Table 4 (CMed-GPT)  no adaptation vs full fine-tuning vs p-tuning, COVID-DDC, IMCS-21 and DXY
+  Table 5 (CMed-GPT)  p-tuning with 1 to 100 prompt vectors, COVID-DDC and IMCS-21
+  Table 6 (CMed-GPT)  p-tuning + lexical / entity embeddings, and entity splicing, COVID-DDC and IMCS-21
+  new                 IMCS-21 entity ids from its gold symptom labels vs from lexicon matching
+  new                 BLEU-1/2/4, Distinct-1/2 and entity F1 of greedy replies, COVID-DDC and IMCS-21
+  MEDI-BERPT          classification head alone vs multitask (class + lambda * LM) vs label as text,
+                      department QA, DXY and IMCS-21
   BioGPT              the soft prompt in front vs between source and target
 
-    python reproduce.py                              # about an hour on 2 CPU cores (55 min measured)
+    python reproduce.py                              # about an hour on 2 CPU cores
     python reproduce.py --quick                      # every table at toy size in minutes (CI: structure only)
     python reproduce.py --pretrained_dir=out/mine    # use a finished pretraining run whose config matches
 
-Needs data/pretrain, data/covid, data/dxy and data/department (prepare/). Every training run is train.py or
+Needs `make data` (data/pretrain, general, medical_equal, covid, imcs, imcs_lexicon, dxy, department). Every training run is train.py or
 finetune.py in a child process, given its settings as a config file kept beside its log (rerun it with
 `python finetune.py that_file.py`). Writes out_dir/results.json: every run's result dict (keyed by its settings
 and base weights), the pretraining runs, and the aggregated tables; prints the tables as Markdown. A run whose
@@ -26,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,92 +42,43 @@ from common import load_meta
 from configurator import config_file_values, configure
 from model import GPT, GPTConfig
 from ngram import EOS, KneserNey
-from tables import render
+from tables import DIALOGUE_SETS, is_deterministic, render, table_specs
 from tasks import build_input, load_split
 
 DEFAULTS = dict(
     quick=False,              # toy sizes and a few iterations: checks that every table fills with finite numbers
     out_dir='out-reproduce',  # --quick writes under out_dir/quick
-    seeds=0,                  # fine-tuning seeds per cell; 0 = 3 (quick: 2)
-    pretrained_dir='',        # a finished pretraining run to use for whichever size its config matches
+    seeds=0,                  # fine-tuning seeds per cell; 0 = the scale's (2)
+    pretrained_dir='',        # a finished pretraining run to use for whichever base its config matches
     finetune_iters=0,         # 0 = the scale's
+    jobs=0,                   # runs at once, each on cores / jobs threads; 0 = one per core (see run_all)
 )
 
-# Each size is config/tiny.py with overrides. Both full sizes read 256-token windows (config/tiny.py has
-# 128): 100 prompt vectors must leave room for the dialogue. Batch 8 x 256 keeps tiny's 2,048 tokens per step.
-WINDOW = dict(block_size=256, batch_size=8)
-QUICK_PRETRAIN = dict(batch_size=4, max_iters=30, lr_decay_iters=30, warmup_iters=5, eval_interval=15, eval_iters=2,
-                      log_interval=10)
+# Every base is config/tiny.py with these overrides, pretrained on its own data set (BASES). They read 256-token
+# windows (config/tiny.py has 128): 100 prompt vectors must leave room for the dialogue. Batch 8 x 256 keeps
+# tiny's 2,048 tokens per step; 600 steps (1.2M tokens) and 2 seeds per cell keep the full run near an hour.
+BASES = {'medical': 'pretrain', 'general': 'general', 'medical_equal': 'medical_equal'}
 SCALES = {
-    'full': dict(
-        sizes={'tiny': dict(WINDOW), 'mini': dict(n_layer=2, n_head=2, n_embd=128, **WINDOW)},
-        seeds=3, finetune_iters=150, max_eval_examples=64, ngram_texts=0),
-    'quick': dict(
-        sizes={'toy-a': dict(n_layer=1, n_head=2, n_embd=32, **QUICK_PRETRAIN),
-               'toy-b': dict(n_layer=2, n_head=2, n_embd=48, **QUICK_PRETRAIN)},
-        seeds=2, finetune_iters=6, max_eval_examples=16, ngram_texts=300),
+    'full': dict(size=dict(block_size=256, batch_size=8, max_iters=600, lr_decay_iters=600),
+                 seeds=2, finetune_iters=120, max_eval_examples=64, ngram_texts=0, generate_examples=32,
+                 max_new_tokens=48, prompt_lengths={'covid': (1, 25, 50, 75, 100), 'imcs': (1, 25, 100)}),
+    'quick': dict(size=dict(n_layer=1, n_head=2, n_embd=32, batch_size=4, max_iters=30, lr_decay_iters=30,
+                            warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10),
+                  seeds=2, finetune_iters=6, max_eval_examples=16, ngram_texts=300, generate_examples=3,
+                  max_new_tokens=12, prompt_lengths={'covid': (1, 25, 100), 'imcs': (1, 25)}),
 }
 SIZE_CONFIG = 'config/tiny.py'
 # the paper's 5e-5 is for a 768-wide model and 6 epochs; ours is small and short (3e-4 and 1e-3 reached the
 # same COVID val loss in a 200-step trial)
 FULL_FINETUNE_LR = 3e-4
-N_PROMPT = 25            # p-tuning rows that do not sweep the prompt length
-NGRAM_ORDER = 5
 # a pretraining run is reusable when its config equals the wanted one on every key but these
 PRETRAIN_KEYS_IGNORED = {'out_dir', 'init_from', 'log_interval', 'eval_interval', 'eval_iters',
                          'always_save_checkpoint', 'device', 'compile', 'peak_flops'}
 
 
-# ----------------------------------------------------------------------------- the tables
-
-def table_specs(size_names):
-    """Each table: title, what its cells measure ('lm' or 'class'), rows of (label, run spec), notes."""
-    main = size_names[0]
-    def cell(**spec):
-        return dict(dict(size=main, init='pretrained', dataset='covid', task='dialogue'), **spec)
-    ptune = dict(mode='ptune', n_prompt=N_PROMPT)
-    pretraining_rows = []
-    for size in size_names:
-        pretraining_rows += [(f"{size}: pretrained, fine-tuned on COVID", cell(size=size, mode='full')),
-                             (f"{size}: random init, trained on COVID only", cell(size=size, mode='full',
-                                                                                  init='scratch')),
-                             (f"{size}: pretrained, no adaptation", cell(size=size, mode='none'))]
-    return [
-        dict(title='Table 3 analogue: does domain pretraining help? (COVID-DDC test, doctor replies)',
-             kind='lm', rows=pretraining_rows + [(f"character {NGRAM_ORDER}-gram Kneser-Ney, pretraining text",
-                                                  dict(ngram=NGRAM_ORDER, size=main))]),
-        dict(title='Table 4 analogue: no adaptation vs fine-tuning vs p-tuning', kind='lm',
-             rows=[(f"{dataset}: {label}", cell(dataset=dataset, **spec)) for dataset in ('covid', 'dxy')
-                   for label, spec in (('no adaptation', dict(mode='none')), ('full fine-tuning', dict(mode='full')),
-                                       (f"p-tuning ({N_PROMPT} vectors)", ptune))]),
-        dict(title='Table 5 analogue: p-tuning, number of prompt vectors (COVID-DDC)', kind='lm',
-             rows=[(f"{n} vectors", cell(mode='ptune', n_prompt=n)) for n in (1, 25, 50, 75, 100)]),
-        dict(title=f"Table 6 analogue: entity-aware p-tuning ({N_PROMPT} vectors, COVID-DDC)", kind='lm',
-             rows=[('p-tuning', cell(**ptune)), ('+ lexical', cell(**ptune, lexical=True)),
-                   ('+ entity', cell(**ptune, entity=True)), ('+ lexical + entity', cell(**ptune, lexical=True,
-                                                                                     entity=True)),
-                   ('entity splicing', cell(**ptune, entity_splice=True))]),
-        dict(title='MEDI-BERPT analogue: classification, full fine-tuning (department QA; DXY disease)',
-             kind='class',
-             rows=[(f"{dataset}: {label}", cell(dataset=dataset, mode='full', task=task))
-                   for dataset in ('department', 'dxy')
-                   for label, task in (('classification head alone', 'classify'),
-                                       ('multitask (class + 1.0 x LM)', 'multitask'),
-                                       ('label as text', 'label_text'))]),
-        dict(title=f"BioGPT analogue: where the soft prompt goes (p-tuning, {N_PROMPT} vectors, COVID-DDC)",
-             kind='lm', rows=[('in front of the source', cell(**ptune)),
-                              ('between source and target', cell(**ptune, prompt_position='infix'))]),
-    ]
-
-
-def is_deterministic(spec):
-    """Runs that train nothing give the same numbers for every seed: one evaluation is all there is."""
-    return 'ngram' in spec or spec['mode'] == 'none'
-
-
 # ----------------------------------------------------------------------------- running the scripts
 
-def run_script(script, settings, run_dir, log_name):
+def run_script(script, settings, run_dir, log_name, threads):
     """Run train.py or finetune.py in a child process on `settings`, written as a config file (the
     project's plain-Python config format) beside its log: each run is isolated (its memory is freed when
     it ends, a crash stops only it) and its config file is the exact command to run it again."""
@@ -132,7 +89,8 @@ def run_script(script, settings, run_dir, log_name):
         f.write(''.join(f"{key} = {value!r}\n" for key, value in settings.items()))
     log_path = os.path.join(run_dir, f"{log_name}.log")
     with open(log_path, 'a', encoding='utf-8') as log:
-        finished = subprocess.run([sys.executable, script, config_path], stdout=log, stderr=subprocess.STDOUT)
+        finished = subprocess.run([sys.executable, script, config_path], stdout=log, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     if finished.returncode != 0:
         raise SystemExit(f"{script} failed (exit {finished.returncode}) on {config_path}: see {log_path}")
     return log_path
@@ -140,9 +98,9 @@ def run_script(script, settings, run_dir, log_name):
 
 # ----------------------------------------------------------------------------- pretraining
 
-def pretrain_settings(size_overrides, run_dir):
-    """Every train.py key reproduce sets for one size: config/tiny.py's values, then the size's."""
-    return dict(config_file_values(SIZE_CONFIG), **size_overrides, out_dir=run_dir)
+def pretrain_settings(size_overrides, dataset, run_dir):
+    """Every train.py key reproduce sets for one base: config/tiny.py's values, then the size's and its data."""
+    return dict(config_file_values(SIZE_CONFIG), **size_overrides, dataset=dataset, out_dir=run_dir)
 
 
 def same_config_checkpoint(run_dir, wanted):
@@ -156,10 +114,10 @@ def same_config_checkpoint(run_dir, wanted):
 
 
 def pretrain(name, size_overrides, cfg, results):
-    """One pretrained model size: reused when a finished run of the same config exists, else trained
+    """One pretrained base: reused when a finished run of the same config exists, else trained
     (continuing an interrupted run). Returns facts about it, recorded in results['pretraining']."""
     run_dir = os.path.join(cfg.out_dir, f"pretrain-{name}")
-    wanted = pretrain_settings(size_overrides, run_dir)
+    wanted = pretrain_settings(size_overrides, BASES[name], run_dir)
     for candidate in filter(None, [cfg.pretrained_dir, run_dir]):
         last = same_config_checkpoint(candidate, wanted)
         if last is not None and last['iter_num'] >= wanted['max_iters']:
@@ -168,11 +126,12 @@ def pretrain(name, size_overrides, cfg, results):
             return describe_pretraining(candidate, previous.get('wall_time_s') if previous.get('dir') == candidate
                                         else None)
     resume = same_config_checkpoint(run_dir, wanted) is not None
-    print(f"pretraining {name}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}", flush=True)
+    print(f"pretraining {name} on data/{BASES[name]}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}",
+          flush=True)
     t0 = time.time()
     # a scratch run replaces whatever other run reproduce left in its own folder
     run_script('train.py', dict(wanted, init_from='resume' if resume else 'scratch', overwrite=not resume), run_dir,
-               'pretrain')
+               'pretrain', cfg.threads)
     return describe_pretraining(run_dir, round(time.time() - t0, 1))
 
 
@@ -182,7 +141,10 @@ def describe_pretraining(run_dir, wall_time_s):
         evals = [r for r in map(json.loads, f) if 'val_loss' in r]
     best_eval = min(evals, key=lambda r: r['val_loss'])
     params = GPT(GPTConfig(**best['model_args'])).num_params()
-    return dict(dir=run_dir, model_args=best['model_args'], params=params, iters=best['config']['max_iters'],
+    dataset = best['config']['dataset']
+    train_chars = load_meta(os.path.join('data', dataset))['splits']['train']['input_chars']
+    return dict(dir=run_dir, dataset=dataset, train_chars=train_chars, model_args=best['model_args'], params=params,
+                iters=best['config']['max_iters'],
                 learning_rate=best['config']['learning_rate'], best_iter=best['iter_num'],
                 val_loss=best_eval['val_loss'], val_bpc=best_eval['val_bpc'], wall_time_s=wall_time_s,
                 fingerprint=fingerprint(best['model']))
@@ -269,7 +231,7 @@ def seen_fraction(replies, texts, width=12):
 
 def finetune_settings(spec, seed, pretrained, scale, cfg):
     """finetune.py's settings for one cell of a table and one seed (out_dir aside: see run_finetune)."""
-    settings = {k: v for k, v in spec.items() if k not in ('size', 'init')}
+    settings = {k: v for k, v in spec.items() if k not in ('base', 'init')}
     if spec['init'] == 'scratch':
         init_from, init_checkpoint = scratch_checkpoint(pretrained, seed, cfg)
         learning_rate = pretrained['learning_rate']  # trained from nothing: the pretraining recipe's rate
@@ -280,6 +242,8 @@ def finetune_settings(spec, seed, pretrained, scale, cfg):
     settings.update(init_from=init_from, init_checkpoint=init_checkpoint, max_iters=iters,
                     warmup_iters=max(iters // 10, 1), eval_interval=max(iters // 2, 1), learning_rate=learning_rate,
                     max_eval_examples=scale['max_eval_examples'], seed=seed)
+    if spec['task'] == 'dialogue' and spec['dataset'] in DIALOGUE_SETS and not spec.get('entity_splice'):
+        settings.update(generate_examples=scale['generate_examples'], max_new_tokens=scale['max_new_tokens'])
     return settings
 
 
@@ -291,40 +255,50 @@ def run_key(settings, base_fingerprint):
 def run_finetune(settings, key, cfg):
     """One fine-tuning run in its own folder (named by its key); returns the result line it wrote."""
     run_dir = os.path.join(cfg.out_dir, 'finetune', hashlib.sha1(key.encode()).hexdigest()[:12])
-    log_path = run_script('finetune.py', dict(settings, out_dir=run_dir), run_dir, 'finetune')
+    log_path = run_script('finetune.py', dict(settings, out_dir=run_dir), run_dir, 'finetune', cfg.threads)
     with open(os.path.join(run_dir, 'results.jsonl'), encoding='utf-8') as f:
         result = json.loads(f.read().splitlines()[-1])
     return dict(result, log=log_path)
 
 
-def run_all(tables, seeds, pretrained, scale, cfg, results):
-    """Every (cell, seed) not yet in results['runs'], in table order; saves results after each.
-    Returns {row spec as json: [result keys]}."""
-    keys_of_spec = {}
-    todo = [(spec, seed) for table in tables for _, spec in table['rows']
-            for seed in (seeds[:1] if is_deterministic(spec) else seeds)]
-    for i, (spec, seed) in enumerate(todo):
-        spec_id = json.dumps(spec, sort_keys=True)
-        if 'ngram' in spec:  # test replies cut to the window of the size the GPT rows use
-            room = pretrained[spec['size']]['model_args']['block_size']
-            key = f"ngram order={spec['ngram']} texts={scale['ngram_texts']} room={room}"
-        else:
-            settings = finetune_settings(spec, seed, pretrained[spec['size']], scale, cfg)
-            key = run_key(settings, pretrained[spec['size']]['fingerprint'])
-        if key in keys_of_spec.setdefault(spec_id, []):
-            continue  # the same cell in two tables
-        keys_of_spec[spec_id].append(key)
-        if key in results['runs']:
-            continue
-        t0 = time.time()
+def run_all(tables, seeds, pretrained, scale, cfg, results, pool):
+    """Every (cell, seed) not yet in results['runs'], cfg.jobs at a time; saves results as each ends.
+    Returns {row spec as json: [result keys]}.
+
+    Small models use two cores poorly: two runs of one thread each finish sooner than two runs one after the
+    other on two threads (README: measured). A run's numbers depend on its thread count in the last digits
+    (the order of a matmul's sums), so the same --jobs on the same machine gives the same results."""
+    keys_of_spec, todo = {}, {}
+    for table in tables:
+        for _, spec in table['rows']:
+            for seed in (seeds[:1] if is_deterministic(spec) else seeds):
+                if 'ngram' in spec:  # test replies cut to the window the GPT rows use
+                    room = pretrained['medical']['model_args']['block_size']
+                    key, job = f"ngram order={spec['ngram']} texts={scale['ngram_texts']} room={room}", room
+                else:
+                    job = finetune_settings(spec, seed, pretrained[spec['base']], scale, cfg)
+                    key = run_key(job, pretrained[spec['base']]['fingerprint'])
+                keys = keys_of_spec.setdefault(json.dumps(spec, sort_keys=True), [])
+                if key not in keys:  # (the same cell may be in two tables)
+                    keys.append(key)
+                if key not in results['runs']:
+                    todo[key] = (spec, seed, job)
+
+    def run_one(key, spec, job):
         if 'ngram' in spec:
-            result = ngram_result(spec['ngram'], room, scale['ngram_texts'])
-        else:
-            result = dict(run_finetune(settings, key, cfg), spec=spec)
-        results['runs'][key] = result
+            return ngram_result(spec['ngram'], job, scale['ngram_texts'])
+        return dict(run_finetune(job, key, cfg), spec=spec)
+
+    t0 = time.time()
+    running = {pool.submit(run_one, key, spec, job): key for key, (spec, _, job) in todo.items()}
+    for done, future in enumerate(as_completed(running), 1):
+        key = running[future]
+        results['runs'][key] = future.result()  # a failed run raises here and stops reproduce
         save_results(results, cfg)
-        print(f"[{i + 1}/{len(todo)}] {describe(spec)} seed {seed}: {summary_line(result)} "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        spec, seed, _ = todo[key]
+        elapsed = time.time() - t0
+        print(f"[{done}/{len(todo)}] {describe(spec)} seed {seed}: {summary_line(results['runs'][key])} "
+              f"({elapsed / 60:.1f} min, ETA {elapsed / done * (len(todo) - done) / 60:.1f} min)", flush=True)
     return keys_of_spec
 
 
@@ -334,7 +308,7 @@ def describe(spec):
 
 def summary_line(result):
     parts = [f"{name} {result[key]:.4g}" for name, key in (('ppl', 'test_ppl'), ('bpc', 'test_bpc'),
-             ('acc', 'test_acc'), ('f1', 'test_f1')) if result.get(key) is not None]
+             ('acc', 'test_acc'), ('f1', 'test_f1'), ('bleu1', 'test_bleu1')) if result.get(key) is not None]
     return ', '.join(parts)
 
 
@@ -366,17 +340,25 @@ def main(argv=None):
     if cfg.quick:  # toy results apart from the real ones
         cfg.out_dir = os.path.join(cfg.out_dir, 'quick')
     seeds = [1337 + i for i in range(cfg.seeds or scale['seeds'])]
+    cores = len(os.sched_getaffinity(0))
+    cfg.jobs = cfg.jobs or cores
+    cfg.threads = max(cores // cfg.jobs, 1)
+    print(f"{cfg.jobs} run(s) at a time, {cfg.threads} thread(s) each")
     os.makedirs(cfg.out_dir, exist_ok=True)
     results = load_results(cfg)
     results['config'] = dict(vars(cfg), scale=scale, seeds=seeds)
-    pretrained = {}
-    for name, size_overrides in scale['sizes'].items():
-        pretrained[name] = pretrain(name, size_overrides, cfg, results)
-        results['pretraining'][name] = pretrained[name]
-        save_results(results, cfg)
-    tables = table_specs(list(scale['sizes']))
-    keys_of_spec = run_all(tables, seeds, pretrained, scale, cfg, results)
-    results['pretraining'] = pretrained  # only this run's sizes
+    tables = table_specs(scale['prompt_lengths'])
+    # a failed run stops reproduce: the runs not yet started are cancelled, the running ones end first
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        try:
+            pretrained = dict(zip(BASES, pool.map(lambda name: pretrain(name, scale['size'], cfg, results), BASES)))
+            results['pretraining'].update(pretrained)
+            save_results(results, cfg)
+            keys_of_spec = run_all(tables, seeds, pretrained, scale, cfg, results, pool)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    results['pretraining'] = pretrained  # only this run's bases
     markdown, results['tables'], bad = render(tables, keys_of_spec, results)
     results['markdown'] = markdown
     save_results(results, cfg)

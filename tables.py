@@ -1,17 +1,94 @@
 """
-The papers' tables from reproduce.py's run results: mean ± sample std over seeds per row, trainable
-parameters and wall time, Markdown, the notes under a table (pretraining facts, the n-gram verdict), and
-the cells whose numbers are missing or not finite (CI fails on those).
+The papers' tables: what each row of each table runs (table_specs), and the tables from reproduce.py's run
+results: mean ± sample std over seeds per row, trainable parameters and wall time, Markdown, the notes under
+a table (pretraining facts, the n-gram verdict), and the cells whose numbers are missing or not finite (CI
+fails on those).
+
+A row's run spec names its base (a pretraining run: 'medical' is data/pretrain, 'general' general news text,
+'medical_equal' as many characters of medical text as 'general' has), how it starts (pretrained, or random
+weights of the same size), the example set and what finetune.py does on it.
 """
 import json
 import math
 
 import numpy as np
 
-COLUMNS = {  # table kind -> (header, result key, format)
+COLUMNS = {  # table kind -> (header, result key, format[, scale])
     'lm': [('test PPL', 'test_ppl', '{:.2f}'), ('bits/char', 'test_bpc', '{:.3f}')],
     'class': [('accuracy %', 'test_acc', '{:.1f}', 100), ('macro-F1 %', 'test_f1', '{:.1f}', 100)],
+    'generation': [('BLEU-1', 'test_bleu1', '{:.1f}'), ('BLEU-2', 'test_bleu2', '{:.1f}'),
+                   ('BLEU-4', 'test_bleu4', '{:.1f}'), ('Distinct-1', 'test_distinct1', '{:.3f}'),
+                   ('Distinct-2', 'test_distinct2', '{:.3f}'), ('entity F1 %', 'test_entity_f1', '{:.1f}', 100)],
 }
+N_PROMPT = 25            # p-tuning rows that do not sweep the prompt length
+NGRAM_ORDER = 5
+DIALOGUE_SETS = {'covid': 'COVID-DDC', 'imcs': 'IMCS-21'}
+CLASS_SETS = ('department', 'dxy', 'imcs')
+
+
+# ----------------------------------------------------------------------------- what each table runs
+
+def table_specs(prompt_lengths):
+    """Each table: title, what its cells measure ('lm', 'class' or 'generation'), rows of (label, run spec).
+    prompt_lengths: {dataset: the prompt lengths Table 5 sweeps on it}."""
+    def cell(**spec):
+        return dict(dict(base='medical', init='pretrained', dataset='covid', task='dialogue', mode='full'), **spec)
+    ptune = dict(mode='ptune', n_prompt=N_PROMPT)
+    tables = []
+    for dataset, name in DIALOGUE_SETS.items():
+        rows = [(f"{label}, {adapted}", cell(dataset=dataset, base=base, mode=mode))
+                for base, label in (('general', 'general news text'), ('medical_equal', 'medical text, equal size'),
+                                    ('medical', 'medical text, all of data/pretrain'))
+                for mode, adapted in (('none', 'no adaptation'), ('full', 'fine-tuned'))]
+        rows.append((f"random init, trained on {name} only", cell(dataset=dataset, init='scratch')))
+        if dataset == 'covid':
+            rows.append((f"character {NGRAM_ORDER}-gram Kneser-Ney, data/pretrain text", dict(ngram=NGRAM_ORDER)))
+        tables.append(dict(title=f"Table 3: general vs medical pretraining ({name} test, doctor replies)", kind='lm',
+                           rows=rows))
+    tables += [
+        dict(title='Table 4: no adaptation vs fine-tuning vs p-tuning', kind='lm',
+             rows=[(f"{dataset}: {label}", cell(dataset=dataset, **spec)) for dataset in ('covid', 'imcs', 'dxy')
+                   for label, spec in (('no adaptation', dict(mode='none')), ('full fine-tuning', {}),
+                                       (f"p-tuning ({N_PROMPT} vectors)", ptune))]),
+        dict(title='Table 5: p-tuning, number of prompt vectors', kind='lm',
+             rows=[(f"{dataset}: {n} vectors", cell(dataset=dataset, mode='ptune', n_prompt=n))
+                   for dataset, lengths in prompt_lengths.items() for n in lengths]),
+        dict(title=f"Table 6: entity-aware p-tuning ({N_PROMPT} vectors)", kind='lm',
+             rows=[(f"{dataset}: {label}", cell(dataset=dataset, **ptune, **extra)) for dataset in DIALOGUE_SETS
+                   for label, extra in (('p-tuning', {}), ('+ lexical', dict(lexical=True)),
+                                        ('+ entity', dict(entity=True)),
+                                        ('+ lexical + entity', dict(lexical=True, entity=True)),
+                                        ('entity splicing', dict(entity_splice=True)))]),
+        dict(title=f"New: entity ids from IMCS-21's gold symptom labels vs from lexicon matching (p-tuning, "
+                   f"{N_PROMPT} vectors, IMCS-21 test)", kind='lm',
+             rows=[(f"{label}, {tags}", cell(dataset=dataset, **ptune, **extra))
+                   for label, extra in (('+ entity', dict(entity=True)),
+                                        ('+ lexical + entity', dict(lexical=True, entity=True)))
+                   for dataset, tags in (('imcs', 'gold tags'), ('imcs_lexicon', 'lexicon tags'))]),
+        dict(title='New: generated replies (greedy) scored against the references', kind='generation',
+             rows=[(f"{dataset}: {label}", cell(dataset=dataset, **spec)) for dataset in DIALOGUE_SETS
+                   for label, spec in (('no adaptation', dict(mode='none')), ('full fine-tuning', {}),
+                                       (f"p-tuning ({N_PROMPT} vectors)", ptune),
+                                       ('p-tuning + lexical + entity', dict(ptune, lexical=True, entity=True)))]),
+        dict(title='MEDI-BERPT: classification, full fine-tuning (department QA; DXY disease; IMCS-21 disease)',
+             kind='class',
+             rows=[(f"{dataset}: {label}", cell(dataset=dataset, task=task)) for dataset in CLASS_SETS
+                   for label, task in (('classification head alone', 'classify'),
+                                       ('multitask (class + 1.0 x LM)', 'multitask'),
+                                       ('label as text', 'label_text'))]),
+        dict(title=f"BioGPT: where the soft prompt goes (p-tuning, {N_PROMPT} vectors, COVID-DDC)",
+             kind='lm', rows=[('in front of the source', cell(**ptune)),
+                              ('between source and target', cell(**ptune, prompt_position='infix'))]),
+    ]
+    return tables
+
+
+def is_deterministic(spec):
+    """Runs that train nothing give the same numbers for every seed: one evaluation is all there is."""
+    return 'ngram' in spec or spec['mode'] == 'none'
+
+
+# ----------------------------------------------------------------------------- from results to tables
 
 
 def mean_std(values):
@@ -68,12 +145,15 @@ def non_finite_cells(rows_results, kind):
     return sorted(set(bad))
 
 
-def pretraining_note(sizes_info):
-    facts = '; '.join(f"{name}: {format_count(p['params'])} parameters, {p['iters']} iterations, val bits/char "
-                      f"{p['val_bpc']:.3f}, {p['wall_time_s'] or '?'} s" for name, p in sizes_info.items())
-    return (f"Pretraining: one run per size (seed 1337; the compute budget), on data/pretrain ({facts}). "
-            f"± is the sample std over fine-tuning seeds (for random-init rows, over seeds of the init too); "
-            f"rows without ± train nothing and give the same numbers for every seed.")
+def pretraining_note(bases):
+    size = next(iter(bases.values()))
+    facts = '; '.join(f"{name} (data/{p['dataset']}: {p['train_chars'] / 1e6:.2f}M training characters, val "
+                      f"bits/char {p['val_bpc']:.3f}, {p['wall_time_s'] or '?'} s)" for name, p in bases.items())
+    return (f"Pretraining: one run per corpus (seed 1337; the compute budget), each {format_count(size['params'])} "
+            f"parameters and {size['iters']} iterations: {facts}. The general and the equal-size medical text share "
+            f"data/pretrain's tokenizer, so that both fine-tune on the same example sets. ± is the sample std over "
+            f"fine-tuning seeds (for random-init rows, over seeds of the init too); rows without ± train nothing and "
+            f"give the same numbers for every seed.")
 
 
 def ngram_verdict(rows_results):

@@ -1,6 +1,6 @@
 """
 Fine-tuning example sets as model inputs, and how they are scored: shared by finetune.py (training),
-eval.py-style scoring and reproduce.py.
+eval.py and reproduce.py.
 
 An example set (prepare/: covid, dxy, department) stores, per split, the tokens of every example with
 its lexical and entity ids, a loss mask that is 1 on the target (the doctor's reply + <eot>) and an
@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from common import autocast_context, load_char_counts
 
@@ -228,6 +229,49 @@ def label_text_accuracy(model, examples, cfg, task_data):
     return dict(acc=float(np.mean(np.array(predictions) == labels)), f1=macro_f1(predictions, labels))
 
 
+def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+                      seed=1337):
+    """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
+    generator) and score the replies against the references (metrics.py)."""
+    from metrics import bleu, distinct, entities_in, entity_scores
+    from prepare.tagging import Tagger
+    tok = task_data.tokenizer
+    stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
+    source_cfg = SimpleNamespace(**dict(vars(task_cfg), task='classify'))  # the source alone, up to <doctor>
+    generator = torch.Generator(device=task_data.device).manual_seed(seed)
+    generated, references = [], []
+    model.eval()
+    for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
+        x = build_input(ex, source_cfg, task_data.room - max_new_tokens, task_data.special)
+        batch = collate([x], source_cfg, task_data.pad_id, task_data.device)
+        with task_data.autocast:
+            out = model.generate(batch['idx'], max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                 top_p=top_p if top_p < 1.0 else None, lexical=batch.get('lexical'),
+                                 entity=batch.get('entity'), prompt_pos=batch.get('prompt_pos'), eos_id=stops,
+                                 generator=generator)
+        generated.append(tok.decode([t for t in out[0, batch['idx'].size(1):].tolist() if t not in stops]))
+        target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
+        references.append(tok.decode([t for t in target if t not in stops]))
+    model.train()
+    tagger = Tagger(tagging_lexicon(task_data.meta))
+    precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
+                                          [entities_in(t, tagger) for t in references])
+    return dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
+                bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
+                distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
+
+
+def tagging_lexicon(meta):
+    """The lexicon folder the example set was tagged with (meta.json lists its files), so that entity F1 counts
+    the terms the entity ids mark; prepare/'s default folder if that one has gone."""
+    from prepare.lexicon import lexicon_dir
+    files = [path for path in meta.get('sources', {}) if os.path.basename(os.path.dirname(path)) == 'medical_lexicon']
+    folders = {os.path.dirname(path) for path in files}
+    if len(folders) == 1 and all(os.path.isfile(path) for path in files):
+        return folders.pop()
+    return lexicon_dir()
+
+
 # ----------------------------------------------------------------------------- a task's data
 
 def load_task(cfg, model_args, meta, data_dir, device, dtype):
@@ -236,7 +280,7 @@ def load_task(cfg, model_args, meta, data_dir, device, dtype):
     from prepare.tokenizer import Tokenizer  # here: only runs that fine-tune need the tokenizer
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = meta['special_ids']
-    task_data = SimpleNamespace(device=device, dtype=dtype, autocast=autocast_context(device, dtype),
+    task_data = SimpleNamespace(device=device, dtype=dtype, autocast=autocast_context(device, dtype), meta=meta,
                            tokenizer=tokenizer, special=special, pad_id=special['eot'],
                            char_counts=load_char_counts(data_dir), label_names=meta.get('label_names', []),
                            room=model_args['block_size'] - cfg.n_prompt)

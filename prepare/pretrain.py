@@ -2,6 +2,11 @@
 
     python prepare/pretrain.py [--src DIR] [--tokenizer bpe|char|PATH/vocab.txt] [--vocab_size 8000]
     python prepare/pretrain.py --corpus PATH [PATH ...] --out data/NAME      # any corpus you have
+    python prepare/pretrain.py --tokenizer=data/pretrain/tokenizer.model --train_chars=600000 --out data/small
+
+--tokenizer=PATH/tokenizer.model reuses a tokenizer another set was built with (two pretraining sets that
+fine-tune on the same example sets must share one); --train_chars keeps an even sample of about that many
+characters of training text (reproduce.py compares general and medical pretraining on equal amounts).
 
 Without --corpus: the default set from the shared sources: COVID raw consultations (minus duplicates and
 minus the validation/test dialogues of the official split), DXY and department QA training consultations,
@@ -12,6 +17,7 @@ are the validation split; prepare/stream.py does the work in two streaming passe
 Dialogues are written with speaker pieces ('<patient>…<doctor>…'), each document followed by <eot>.
 """
 import os
+import shutil
 import sys
 import time
 
@@ -22,9 +28,9 @@ from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_me
 from prepare.heldout import HeldOut
 from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
 from prepare.sources import DataError, Skipped, source_file
-from prepare.stream import spool, tag_and_write, tokenizer_sample
+from prepare.stream import spool, tag_and_write, thin_spool, tokenizer_sample
 from prepare.text import dialogue_text
-from prepare.tokenizer import check_vocab_size, import_bert_vocab, train_bpe, train_char
+from prepare.tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
 
@@ -69,6 +75,11 @@ def held_out_dialogues(src, skipped):
 
 
 def make_tokenizer(args, sample_lines, path):
+    if args.tokenizer.endswith('.model'):  # a tokenizer this project wrote: copied as it is
+        if not os.path.isfile(args.tokenizer):
+            raise DataError(f"no tokenizer at {args.tokenizer}: build that data set first, or give 'bpe' or 'char'")
+        shutil.copyfile(args.tokenizer, path)
+        return Tokenizer.load(path)
     if args.tokenizer not in ('bpe', 'char'):
         return import_bert_vocab(args.tokenizer, path)
     if not sample_lines:
@@ -95,18 +106,23 @@ def main():
     parser.add_argument('--txt_document', choices=['block', 'line', 'file'], default='block',
                         help='what one document of a .txt file is: a blank-line-separated block, a line, or the file')
     parser.add_argument('--tokenizer', default='bpe',
-                        help="'bpe' (SentencePiece), 'char', or a BERT vocab.txt (GPT2-Chinese's, for continued pretraining)")
+                        help="'bpe' (SentencePiece), 'char', a BERT vocab.txt (GPT2-Chinese's, for continued "
+                             "pretraining), or another data set's tokenizer.model (reused as it is)")
     parser.add_argument('--vocab_size', type=int, default=8000, help='must be < 65536 (ids are uint16)')
     parser.add_argument('--char_coverage', type=float, default=0.9995,
                         help='BPE: share of characters that get a piece; the rarest fall back to bytes')
     parser.add_argument('--tokenizer_chars', type=int, default=4_000_000,
                         help='the tokenizer trains on a seeded sample of about this many characters of training text')
+    parser.add_argument('--train_chars', type=int, default=0,
+                        help='keep an even, hash-chosen sample of about this many training characters (0 = all)')
     parser.add_argument('--chunk_docs', type=int, default=256, help='documents tagged per chunk (bounds memory)')
     args = parser.parse_args()
     try:
         check_vocab_size(args.vocab_size)
     except ValueError as e:
         parser.error(str(e))
+    if args.train_chars < 0:
+        parser.error(f'--train_chars must be >= 0 (0 = all), not {args.train_chars}')
     skipped, paths, report = Skipped(), [], {}
     lexicon = lexicon_dir(args.src)
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out
@@ -118,6 +134,9 @@ def main():
         spool_path = os.path.join(folder, 'documents.spool.jsonl')
         per_source, n_documents, train_chars = spool(documents, spool_path, held_out, VAL_FRACTION)
         print('documents per source:', per_source)
+        if args.train_chars:
+            n_documents, train_chars = thin_spool(spool_path, train_chars, args.train_chars)
+            print(f'kept {n_documents:,} documents, {train_chars:,} training characters (--train_chars={args.train_chars:,})')
         timings['read'] = time.time() - started
         tokenizer_path = os.path.join(folder, 'tokenizer.model')
         sample_lines = tokenizer_sample(spool_path, train_chars, args.tokenizer_chars, SEED) \
@@ -132,7 +151,7 @@ def main():
         timings['total'] = time.time() - started
         write_meta(folder, tok, args.entity_types, counts, skipped, paths + lexicon_files(lexicon), timings,
                    documents=per_source, held_out_dialogues=len(held_out), files=report,
-                   chars_per_s=round(chars_per_s), workers=args.workers)
+                   chars_per_s=round(chars_per_s), workers=args.workers, train_chars_wanted=args.train_chars)
     print_summary(counts, timings, skipped)
     print(f'wrote {args.out}: tagged at {chars_per_s:,.0f} chars/s on {args.workers} worker(s)')
 

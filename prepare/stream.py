@@ -5,6 +5,9 @@ Pass 1, spool: each document once, in input order. An exact duplicate (hash of i
 is a document that holds a validation/test dialogue of a fine-tuning set (prepare/heldout.py); both are
 counted per source. The split is chosen by a hash of the text, so adding a source never moves a document
 between splits. What is kept goes to a spool file on disk.
+Thinning (optional): each training document of the spool kept with probability train_chars / training
+characters, by a hash of its text (one independent of the split's), for a sample of a corpus of a given size
+drawn evenly from every source; validation documents all stay.
 Tokenizer sample: the spool's training lines, each kept with probability budget / training characters
 (seeded), so that the tokenizer trains on about `budget` characters however large the corpus: its time and
 memory are bounded too (SentencePiece's grow with its input).
@@ -66,6 +69,25 @@ def spool(documents, spool_path, held_out, val_fraction):
             n_spooled += 1
             train_chars += len(text) if split == 'train' else 0
     return {source: dict(count) for source, count in counts.items()}, n_spooled, train_chars
+
+
+def thin_spool(spool_path, train_chars, wanted_chars):
+    """Keep about wanted_chars of the spool's training text (all of it when there is less); rewrites the
+    spool. Returns (documents left, their training characters)."""
+    keep = min(1.0, wanted_chars / max(train_chars, 1))
+    n_kept = kept_chars = 0
+    with open(spool_path, encoding='utf-8') as spooled, open(spool_path + '.thin', 'w', encoding='utf-8') as out:
+        for line in spooled:
+            record = json.loads(line)
+            if record['split'] == 'train':
+                digest = hashlib.blake2b(record['text'].encode('utf-8'), digest_size=8, person=b'thin').digest()
+                if int.from_bytes(digest, 'little') / 2 ** 64 >= keep:
+                    continue
+                kept_chars += len(record['text'])
+            out.write(line)
+            n_kept += 1
+    os.replace(spool_path + '.thin', spool_path)
+    return n_kept, kept_chars
 
 
 def tokenizer_sample(spool_path, train_chars, budget, seed):

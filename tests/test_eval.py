@@ -114,3 +114,14 @@ def test_generated_replies_are_scored_and_seeded(base_path, data_dir):
         assert math.isfinite(first[key]) and first[key] >= 0, key
     assert 0 < first['distinct1'] <= 1
     assert evaluator.main(args + ['--temperature=0.9', '--seed=3']) == first  # seeded
+
+
+def test_entity_f1_reads_the_lexicon_the_set_was_tagged_with(tmp_path):
+    from tasks import tagging_lexicon
+    folder = tmp_path / 'elsewhere' / 'medical_lexicon'
+    folder.mkdir(parents=True)
+    files = [folder / f'{name}.txt' for name in ('symptom', 'disease')]
+    for path in files:
+        path.write_text('发热\n', encoding='utf-8')
+    meta = dict(sources={str(tmp_path / 'covid_dialog_zh' / 'train_data.json'): 'x', **{str(p): 'y' for p in files}})
+    assert tagging_lexicon(meta) == str(folder)

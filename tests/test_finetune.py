@@ -334,3 +334,23 @@ def test_sample_unknown_device_is_a_clear_error(base_path):
 def test_sample_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='no prompt.pt, best.pt or ckpt.pt'):
         sample.main([f'--out_dir={tmp_path}'])
+
+
+def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prompt(base_path, data_dir, tmp_path):
+    import eval as evaluator
+    out = tmp_path / 'ptuned'
+    result = finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=3', '--lexical=True',
+                                         '--entity=True', '--generate_examples=3', '--max_new_tokens=5'))
+    scored = evaluator.main([f'--checkpoint={out}/prompt.pt', f'--dataset={data_dir}', '--generate', '--max_examples=3',
+                             '--max_new_tokens=5'])
+    assert scored['generated'] == result['test_generated'] == 3
+    for key in ('bleu1', 'bleu4', 'distinct1', 'distinct2', 'entity_f1'):
+        assert result[f'test_{key}'] == pytest.approx(scored[key]), key
+    assert result['test_loss'] == pytest.approx(scored['loss'])
+
+
+@pytest.mark.parametrize('extra', [['--task=classify'], ['--entity_splice=True']])
+def test_generating_replies_needs_a_dialogue_task(base_path, data_dir, tmp_path, extra):
+    with pytest.raises(SystemExit, match='--generate_examples generates doctor replies'):
+        finetune.main(finetune_args(base_path, data_dir, tmp_path / 'out', '--generate_examples=2', *extra))
+    assert not (tmp_path / 'out').exists()

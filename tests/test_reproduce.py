@@ -83,15 +83,16 @@ def test_ngram_verdict_says_which_wins():
 
 
 def test_render_tables_from_results():
-    specs = [dict(title='T', kind='lm', rows=[('full', dict(size='s', mode='full')),
-                                               ('n-gram', dict(ngram=5, size='s'))])]
+    specs = [dict(title='T', kind='lm', rows=[('full', dict(base='s', mode='full')), ('n-gram', dict(ngram=5))])]
     results = dict(runs={'a': lm_result(10.0, 2.0), 'b': lm_result(12.0, 2.2), 'g': ngram_row_result(3.0)},
-                   pretraining=dict(s=dict(params=1000, iters=5, val_bpc=4.0, wall_time_s=2.0)))
-    keys_of_spec = {'{"mode": "full", "size": "s"}': ['a', 'b'], '{"ngram": 5, "size": "s"}': ['g']}
+                   pretraining=dict(s=dict(params=1000, iters=5, val_bpc=4.0, wall_time_s=2.0, dataset='d',
+                                           train_chars=650_000)))
+    keys_of_spec = {'{"base": "s", "mode": "full"}': ['a', 'b'], '{"ngram": 5}': ['g']}
     markdown, aggregated, bad = tables.render(specs, keys_of_spec, results)
     assert '| full | 11.00 ± 1.41 | 2.100 ± 0.141 | 1.0k | 10 | 2 |' in markdown
     assert '| n-gram | — | 3.000 | — | 3 | 1 |' in markdown
-    assert 'beats the n-gram' in markdown and 'one run per size' in markdown
+    assert 'beats the n-gram' in markdown and 'one run per corpus' in markdown
+    assert 's (data/d: 0.65M training characters, val bits/char 4.000, 2.0 s)' in markdown
     assert aggregated[0]['rows'][0][0] == 'full' and bad == []
 
 
@@ -113,20 +114,25 @@ def test_seen_fraction_counts_pieces_found_in_training_text():
 
 
 def test_only_runs_that_train_nothing_are_deterministic():
-    assert reproduce.is_deterministic(dict(mode='none'))
-    assert reproduce.is_deterministic(dict(ngram=5))
-    assert not reproduce.is_deterministic(dict(mode='ptune'))
+    assert tables.is_deterministic(dict(mode='none'))
+    assert tables.is_deterministic(dict(ngram=5))
+    assert not tables.is_deterministic(dict(mode='ptune'))
 
 
 def test_finetune_settings(tmp_path):
     cfg = reproduce.SimpleNamespace(out_dir=str(tmp_path), finetune_iters=0)
-    scale = dict(finetune_iters=40, max_eval_examples=16)
+    scale = dict(finetune_iters=40, max_eval_examples=16, generate_examples=5, max_new_tokens=8)
     model_args = dict(block_size=16, vocab_size=32, n_layer=1, n_head=1, n_embd=8, dropout=0.0, bias=False,
                       n_lexical=0, n_entity=0)
     pretrained = dict(dir=str(tmp_path / 'pretrain-s'), model_args=model_args, learning_rate=1e-3)
-    spec = dict(size='s', init='pretrained', dataset='covid', task='dialogue', mode='full')
+    spec = dict(base='s', init='pretrained', dataset='covid', task='dialogue', mode='full')
     settings = reproduce.finetune_settings(spec, 7, pretrained, scale, cfg)
     assert settings['mode'] == 'full' and settings['seed'] == 7 and settings['max_iters'] == 40
+    assert 'base' not in settings and 'init' not in settings
+    # replies are generated for dialogue cells on COVID-DDC and IMCS-21, not for splicing, DXY or classification
+    assert settings['generate_examples'] == 5 and settings['max_new_tokens'] == 8
+    for other in (dict(entity_splice=True), dict(dataset='dxy'), dict(task='classify')):
+        assert 'generate_examples' not in reproduce.finetune_settings(dict(spec, **other), 7, pretrained, scale, cfg)
     assert settings['learning_rate'] == reproduce.FULL_FINETUNE_LR and settings['init_checkpoint'] == 'best.pt'
     scratch = reproduce.finetune_settings(dict(spec, init='scratch'), 7, pretrained, scale, cfg)
     assert scratch['learning_rate'] == 0.001  # trained from nothing: the pretraining rate
@@ -140,17 +146,36 @@ def test_run_script_writes_a_config_file_the_script_reads(tmp_path, monkeypatch)
     monkeypatch.chdir(ROOT)
     settings = dict(init_from=str(tmp_path / 'nothing'), out_dir=str(tmp_path / 'out'), max_iters=1)
     with pytest.raises(SystemExit, match='finetune.py failed'):
-        reproduce.run_script('finetune.py', settings, str(tmp_path / 'run'), 'finetune')
+        reproduce.run_script('finetune.py', settings, str(tmp_path / 'run'), 'finetune', 1)
     written = (tmp_path / 'run' / 'finetune.py').read_text(encoding='utf-8')
     assert f"max_iters = 1\n" in written and f"out_dir = {str(tmp_path / 'out')!r}\n" in written
     assert 'max_iters' in (tmp_path / 'run' / 'finetune.log').read_text(encoding='utf-8')  # the child printed it
 
 
 def test_table_specs_cover_the_papers_tables():
-    tables = reproduce.table_specs(['big', 'small'])
-    assert len(tables) == 6
-    for table in tables:
+    specs = tables.table_specs({'covid': (1, 25, 100), 'imcs': (1, 25)})
+    assert len(specs) == 9 and len({table['title'] for table in specs}) == 9
+    for table in specs:
         labels = [label for label, _ in table['rows']]
         assert len(labels) == len(set(labels)), table['title']
-    assert len(tables[0]['rows']) == 2 * 3 + 1 and tables[0]['rows'][-1][1]['ngram'] == reproduce.NGRAM_ORDER
-    assert [spec['n_prompt'] for _, spec in tables[2]['rows']] == [1, 25, 50, 75, 100]
+    covid3, imcs3 = specs[0], specs[1]
+    # general vs equal-size medical vs all medical, each without and with fine-tuning; random init; the n-gram
+    assert [(s.get('base'), s.get('mode')) for _, s in covid3['rows'][:6]] == \
+        [(b, m) for b in ('general', 'medical_equal', 'medical') for m in ('none', 'full')]
+    assert covid3['rows'][6][1]['init'] == 'scratch' and covid3['rows'][-1][1] == dict(ngram=tables.NGRAM_ORDER)
+    assert {s['dataset'] for _, s in covid3['rows'][:-1]} == {'covid'} and {s['dataset'] for _, s in imcs3['rows']} == {'imcs'}
+    assert len(imcs3['rows']) == 7  # no n-gram row: it is trained and scored on COVID text
+    table5 = next(t for t in specs if t['title'].startswith('Table 5'))
+    assert [(s['dataset'], s['n_prompt']) for _, s in table5['rows']] == \
+        [('covid', 1), ('covid', 25), ('covid', 100), ('imcs', 1), ('imcs', 25)]
+    gold_vs_lexicon = next(t for t in specs if 'gold' in t['title'])
+    pairs = [spec for _, spec in gold_vs_lexicon['rows']]
+    assert [s['dataset'] for s in pairs] == ['imcs', 'imcs_lexicon'] * 2
+    assert all(dict(a, dataset=None) == dict(b, dataset=None) and a['entity'] for a, b in zip(pairs[::2], pairs[1::2]))
+    # every generation row is a cell of Table 4 or 6: its replies come from runs those tables make anyway
+    generation = next(t for t in specs if t['kind'] == 'generation')
+    elsewhere = [spec for t in specs if t['title'].startswith(('Table 4', 'Table 6')) for _, spec in t['rows']]
+    assert len(generation['rows']) == 8 and all(spec in elsewhere for _, spec in generation['rows'])
+    classification = next(t for t in specs if t['kind'] == 'class')
+    assert [(s['dataset'], s['task']) for _, s in classification['rows']] == \
+        [(d, t) for d in ('department', 'dxy', 'imcs') for t in ('classify', 'multitask', 'label_text')]

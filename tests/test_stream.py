@@ -97,3 +97,33 @@ def test_gold_entity_ids_replace_lexicon_matching():
         gold = np.array([0, 0, 1, 1, 0, 0], dtype=np.uint8)  # only 发烧, as if annotated so
         _, _, gold_tags = tagger.encode(tok, text, (), gold)
         assert lexicon_tags.tolist() != gold_tags.tolist() and gold_tags.tolist() == gold.tolist()
+
+
+def test_thinning_keeps_an_even_sample_of_the_training_text(tmp_path):
+    from prepare.stream import thin_spool
+    texts = [f"第{i}篇：发热咳嗽，多喝水。" * (1 + i % 5) for i in range(400)]
+    _, n, train_chars = spool(documents(texts), str(tmp_path / 'spool'), HeldOut(), 0.1)
+    n_val = sum(split == 'val' for split, _ in read_spool(str(tmp_path / 'spool')))
+    kept, kept_chars = thin_spool(str(tmp_path / 'spool'), train_chars, train_chars // 3)
+    after = list(read_spool(str(tmp_path / 'spool')))
+    assert len(after) == kept and sum(split == 'val' for split, _ in after) == n_val  # validation all stays
+    assert kept_chars == sum(len(job[0]) for split, job in after if split == 'train')
+    assert 0.25 < kept_chars / train_chars < 0.42  # about a third, chosen by hash: no source favoured
+    assert [job[0] for _, job in after] == [t for t in texts if t in {job[0] for _, job in after}]  # order kept
+    spool(documents(texts), str(tmp_path / 'again'), HeldOut(), 0.1)
+    assert thin_spool(str(tmp_path / 'again'), train_chars, train_chars // 3) == (kept, kept_chars)  # deterministic
+    assert thin_spool(str(tmp_path / 'again'), kept_chars, 10 ** 9) == (kept, kept_chars)  # more than there is: all
+
+
+def test_a_set_built_with_another_sets_tokenizer_and_a_character_budget(small_src, tmp_path):
+    full = build(small_src, tmp_path / 'full')
+    small = build(small_src, tmp_path / 'small', '--tokenizer', str(tmp_path / 'full' / 'tokenizer.model'),
+                  '--train_chars', str(full['splits']['train']['input_chars'] // 2))
+    assert (tmp_path / 'small' / 'tokenizer.model').read_bytes() == (tmp_path / 'full' / 'tokenizer.model').read_bytes()
+    assert 0.35 < small['splits']['train']['input_chars'] / full['splits']['train']['input_chars'] < 0.65
+    assert small['splits']['val'] == full['splits']['val'] and small['train_chars_wanted'] > 0
+    missing = subprocess.run([sys.executable, 'prepare/pretrain.py', '--src', str(small_src), '--out',
+                              str(tmp_path / 'none'), '--tokenizer', str(tmp_path / 'nowhere' / 'tokenizer.model')],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and 'Traceback' not in missing.stderr and 'nowhere' in missing.stderr
+    assert not (tmp_path / 'none').exists()
