@@ -3,11 +3,14 @@ Score any model a user has (a pretraining run, a fine-tuned run, a p-tuned promp
 loss, perplexity per token and bits per character.
 
     python eval.py --out_dir=out/tiny --text=notes.txt                  # any UTF-8 text file, streamed
+    python eval.py --out_dir=out/tiny --text=dialogues.jsonl            # any corpus file prepare/ reads
     python eval.py --out_dir=out/finetune --dataset=covid --split=test  # the doctor replies of an example set
     python eval.py --out_dir=out/finetune --dataset=imcs --generate     # + replies generated and scored
 
---text: the file is read in chunks of lines and tokenized with the model's own tokenizer (the one its
-checkpoint carries); windows of block_size tokens slide by `stride`, and each window scores only the tokens
+--text: a .txt file is read in chunks of lines as it is; a .jsonl, .json or .csv file (or a .txt file with
+--documents=block|line|file) is read by prepare/corpus.py's readers, each document written as pretraining
+writes it (dialogues with speaker pieces, cleaned text) and followed by <eot>. Either way the tokens come from
+the model's own tokenizer (the one its checkpoint carries); windows of block_size tokens slide by `stride`, and each window scores only the tokens
 the previous one did not, so every token after the first is scored exactly once, with up to block_size -
 stride tokens of context. Memory holds one chunk and one window. --dataset: tasks.evaluate on the split's
 reply tokens, as finetune.py reports them; with --generate, a reply is generated for each example's source
@@ -26,6 +29,7 @@ import torch
 from checkpoint import check_tokenizer, load_model
 from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
 from configurator import configure
+from prepare.sources import DataError
 from tasks import evaluate, generation_scores, load_task
 
 DEFAULTS = dict(
@@ -33,10 +37,11 @@ DEFAULTS = dict(
     checkpoint='',          # ... or this checkpoint / p-tuning file
     base='',                # a p-tuning file's base checkpoint ('' = the path the file recorded)
     text='',                # score this UTF-8 text file ...
-    dataset='',             # ... or the reply tokens of data/<dataset>/ (covid, dxy, department)
+    dataset='',             # ... or the reply tokens of data/<dataset>/ (covid, imcs, dxy, department)
     split='test',
     stride=0,               # tokens a window moves on; 0 = half the block (each token sees half a block or more)
-    chunk_lines=2000,       # lines of the text file tokenized at a time
+    chunk_lines=2000,       # lines (or documents) of the text file tokenized at a time
+    documents='',           # .txt only: '' = plain text; 'block', 'line' or 'file' = read as a corpus (see above)
     batch_size=8,           # --dataset: examples per batch
     generate=False,         # --dataset: also generate a reply for each example and score it
     max_examples=0,         # --generate: at most this many examples (0 = all)
@@ -50,7 +55,7 @@ DEFAULTS = dict(
 )
 
 
-def score_text(model, tokenizer, path, stride, chunk_lines, autocast):
+def score_text(model, tokens_of_file, tokenizer, stride, autocast):
     """(nats, scored tokens, characters) over the whole file, one window at a time."""
     T = model.config.block_size - model.config.n_prompt
     char_counts = tokenizer.char_counts()
@@ -58,7 +63,7 @@ def score_text(model, tokenizer, path, stride, chunk_lines, autocast):
     pending = np.zeros(0, dtype=np.int64)  # tokens read but not yet scored, after `context` ones already scored
     nats = tokens = chars = 0.0
     context = 0
-    for ids in _token_chunks(tokenizer, path, chunk_lines):
+    for ids in tokens_of_file:
         pending = np.concatenate([pending, ids])
         while len(pending) > T:  # a full window: T inputs, T targets
             window_nats, n, c = _score_window(model, pending[:T + 1], context, char_counts, device, autocast)
@@ -70,7 +75,8 @@ def score_text(model, tokenizer, path, stride, chunk_lines, autocast):
     return nats, tokens, chars
 
 
-def _token_chunks(tokenizer, path, chunk_lines):
+def plain_text_tokens(tokenizer, path, chunk_lines):
+    """Token chunks of a UTF-8 text file as it is, chunk_lines lines at a time."""
     with open(path, encoding='utf-8') as f:
         lines = []
         for line in f:
@@ -80,6 +86,20 @@ def _token_chunks(tokenizer, path, chunk_lines):
                 lines = []
         if lines:
             yield np.array(tokenizer.encode(''.join(lines)), dtype=np.int64)
+
+
+def corpus_tokens(tokenizer, path, documents, chunk_docs):
+    """Token chunks of a corpus file read as pretraining reads it: each document, then <eot>."""
+    from prepare.corpus import read_corpus_file
+    from prepare.sources import Skipped
+    chunk = []
+    for document in read_corpus_file(path, Skipped(), {}, documents or 'block'):
+        chunk += tokenizer.encode(document.text) + [tokenizer.eot_id]
+        if len(chunk) >= chunk_docs * 64:  # about chunk_docs short documents
+            yield np.array(chunk, dtype=np.int64)
+            chunk = []
+    if chunk:
+        yield np.array(chunk, dtype=np.int64)
 
 
 @torch.no_grad()
@@ -101,6 +121,10 @@ def main(argv=None):
         raise SystemExit("give --text=FILE or --dataset=NAME (one of them)")
     if cfg.text and not os.path.isfile(cfg.text):
         raise SystemExit(f"no text file at {cfg.text}")
+    if cfg.text and not cfg.text.endswith(('.txt', '.jsonl', '.json', '.csv')):
+        raise SystemExit(f"{cfg.text}: give a .txt, .jsonl, .json or .csv file (prepare/corpus.py lists the shapes read)")
+    if cfg.documents not in ('', 'block', 'line', 'file'):
+        raise SystemExit(f"--documents must be '', 'block', 'line' or 'file', not {cfg.documents!r}")
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     try:
         model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
@@ -117,8 +141,14 @@ def main(argv=None):
         stride = cfg.stride or max(T // 2, 1)
         if not 1 <= stride <= T:
             raise SystemExit(f"--stride must be in [1, {T}] (the tokens of one window), not {cfg.stride}")
-        nats, tokens, chars = score_text(model, Tokenizer.from_bytes(checkpoint['tokenizer']['data']), cfg.text,
-                                         stride, cfg.chunk_lines, autocast)
+        tokenizer = Tokenizer.from_bytes(checkpoint['tokenizer']['data'])
+        plain = cfg.text.endswith('.txt') and not cfg.documents
+        tokens_of_file = plain_text_tokens(tokenizer, cfg.text, cfg.chunk_lines) if plain else \
+            corpus_tokens(tokenizer, cfg.text, cfg.documents, cfg.chunk_lines)
+        try:
+            nats, tokens, chars = score_text(model, tokens_of_file, tokenizer, stride, autocast)
+        except DataError as error:
+            raise SystemExit(str(error)) from None
         if not tokens:
             raise SystemExit(f"{cfg.text} has fewer than two tokens: nothing to score")
         result.update(text=cfg.text, tokens=int(tokens), chars=int(chars), stride=stride, loss=nats / tokens,

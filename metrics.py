@@ -1,6 +1,6 @@
 """
 Measures of generated replies against reference replies, as the medical dialogue papers report them
-(MedDG, IMCS-21): BLEU-n, Distinct-n and entity precision/recall/F1. Used by eval.py.
+(MedDG, IMCS-21): BLEU-n, Distinct-n and entity precision/recall/F1. Used by tasks.generation_scores.
 
 - BLEU: sacrebleu's corpus BLEU with its Chinese tokenisation (`tokenize='zh'`: each CJK character a
   token), n-grams up to n; 0-100.
@@ -8,6 +8,9 @@ Measures of generated replies against reference replies, as the medical dialogue
   measure of diversity); 0-1.
 - Entity P/R/F1: the medical entities (lexicon terms, found by the longest match prepare/'s tagger uses)
   mentioned in each generated reply vs in its reference, as sets per reply, summed over replies (micro).
+- Gold entity P/R/F1, for a set whose entity ids come from its own labels (IMCS-21): a reference's entities
+  are the spans its annotators marked; a generated reply has no annotation, so its entities are the strings
+  annotators marked anywhere in the training split, found by the same longest match (terms_in).
 """
 from sacrebleu.metrics import BLEU
 
@@ -24,6 +27,20 @@ def distinct(texts, n):
 def entities_in(text, tagger):
     """The distinct lexicon terms text mentions (prepare/'s forward maximum matching)."""
     return {term for _, term in tagger.lexicon_matches(text)}
+
+
+def terms_in(text, terms, longest):
+    """The distinct terms of a set that text mentions, by forward maximum matching (longest term first)."""
+    found, i = set(), 0
+    while i < len(text):
+        for n in range(min(longest, len(text) - i), 0, -1):
+            if text[i:i + n] in terms:
+                found.add(text[i:i + n])
+                i += n
+                break
+        else:
+            i += 1
+    return found
 
 
 def entity_scores(generated_sets, reference_sets):

@@ -18,8 +18,10 @@ COLUMNS = {  # table kind -> (header, result key, format[, scale])
     'class': [('accuracy %', 'test_acc', '{:.1f}', 100), ('macro-F1 %', 'test_f1', '{:.1f}', 100)],
     'generation': [('BLEU-1', 'test_bleu1', '{:.1f}'), ('BLEU-2', 'test_bleu2', '{:.1f}'),
                    ('BLEU-4', 'test_bleu4', '{:.1f}'), ('Distinct-1', 'test_distinct1', '{:.3f}'),
-                   ('Distinct-2', 'test_distinct2', '{:.3f}'), ('entity F1 %', 'test_entity_f1', '{:.1f}', 100)],
+                   ('Distinct-2', 'test_distinct2', '{:.3f}'), ('entity F1 %', 'test_entity_f1', '{:.1f}', 100),
+                   ('gold entity F1 %', 'test_gold_entity_f1', '{:.1f}', 100)],
 }
+OPTIONAL = {'test_gold_entity_f1'}  # only sets with their own entity labels have it
 N_PROMPT = 25            # p-tuning rows that do not sweep the prompt length
 NGRAM_ORDER = 5
 DIALOGUE_SETS = {'covid': 'COVID-DDC', 'imcs': 'IMCS-21'}
@@ -134,13 +136,15 @@ def markdown_table(header_cells, rows):
 
 
 def non_finite_cells(rows_results, kind):
-    """(row label, metric) of every metric value that is missing or not finite (the n-gram's PPL aside)."""
+    """(row label, metric) of every metric value that is missing or not finite (the n-gram's PPL and the
+    OPTIONAL ones aside)."""
     bad = []
     for label, row_results in rows_results:
         for _, key, *_ in COLUMNS[kind]:
             for r in row_results:
-                if not (r.get(key) is None and 'ngram' in r) and \
-                        not (isinstance(r.get(key), (int, float)) and math.isfinite(r[key])):
+                if r.get(key) is None and ('ngram' in r or key in OPTIONAL):
+                    continue
+                if not (isinstance(r.get(key), (int, float)) and math.isfinite(r[key])):
                     bad.append((label, key))
     return sorted(set(bad))
 

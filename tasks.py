@@ -233,13 +233,13 @@ def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temp
                       seed=1337):
     """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
     generator) and score the replies against the references (metrics.py)."""
-    from metrics import bleu, distinct, entities_in, entity_scores
+    from metrics import bleu, distinct, entities_in, entity_scores, terms_in
     from prepare.tagging import Tagger
     tok = task_data.tokenizer
     stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
     source_cfg = SimpleNamespace(**dict(vars(task_cfg), task='classify'))  # the source alone, up to <doctor>
     generator = torch.Generator(device=task_data.device).manual_seed(seed)
-    generated, references = [], []
+    generated, references, marked = [], [], []  # marked: the entity spans of each reference
     model.eval()
     for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
         x = build_input(ex, source_cfg, task_data.room - max_new_tokens, task_data.special)
@@ -250,15 +250,27 @@ def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temp
                                  entity=batch.get('entity'), prompt_pos=batch.get('prompt_pos'), eos_id=stops,
                                  generator=generator)
         generated.append(tok.decode([t for t in out[0, batch['idx'].size(1):].tolist() if t not in stops]))
-        target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
-        references.append(tok.decode([t for t in target if t not in stops]))
+        target_start = int(np.argmax(ex['mask']))
+        references.append(tok.decode([t for t in ex['tokens'][target_start:].tolist() if t not in stops]))
+        marked.append(span_texts(tok, ex['tokens'][target_start:], ex['entity'][target_start:]))
     model.train()
     tagger = Tagger(tagging_lexicon(task_data.meta))
     precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
                                           [entities_in(t, tagger) for t in references])
-    return dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
-                bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
-                distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
+    scores = dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
+                  bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
+                  distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
+    if task_data.meta.get('entity_source') == 'gold':  # the set's own labels: see metrics.py
+        terms = set().union(*(span_texts(tok, ex['tokens'], ex['entity']) for ex in task_data.examples['train']))
+        longest = max(map(len, terms), default=1)
+        precision, recall, f1 = entity_scores([terms_in(t, terms, longest) for t in generated], marked)
+        scores.update(gold_entity_precision=precision, gold_entity_recall=recall, gold_entity_f1=f1)
+    return scores
+
+
+def span_texts(tok, tokens, entity):
+    """The text of each run of entity-tagged tokens."""
+    return {text for text in (tok.decode(list(run)).strip() for run in entity_runs(tokens, entity)) if text}
 
 
 def tagging_lexicon(meta):

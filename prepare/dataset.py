@@ -118,9 +118,10 @@ def arg_parser(description, name, example_set=True):
     return parser
 
 
-def build_example_set(args, splits, label_names, skipped, source_paths, started):
+def build_example_set(args, splits, label_names, skipped, source_paths, started, entity_source='lexicon'):
     """Tag the dialogue records of each split with the pretraining tokenizer and write data/<name>/.
-    splits: {split: [record]}, record = dict(turns=[(speaker, text)], entities=[...], label=int)."""
+    splits: {split: [record]}, record = dict(turns=[(speaker, text)], entities=[...], label=int).
+    entity_source ('lexicon', or 'gold' where the set's own labels give the entity ids) goes into meta.json."""
     if not os.path.exists(args.tokenizer_model):
         raise DataError(f'{args.tokenizer_model} not found: run `python prepare/pretrain.py` first')
     lexicon = lexicon_dir(args.src)
@@ -144,7 +145,7 @@ def build_example_set(args, splits, label_names, skipped, source_paths, started)
             print(f'{split}: {len(records):,} records, {len(examples):,} examples, {len(ids):,} tokens')
         timings['total'] = time.time() - started
         write_meta(folder, tok, args.entity_types, counts, skipped, source_paths + lexicon_files(lexicon), timings,
-                   label_names=label_names)
+                   label_names=label_names, entity_source=entity_source)
     skipped.report()
     print(f'wrote {args.out} in {timings["total"]:.1f}s')
 

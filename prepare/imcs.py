@@ -72,7 +72,7 @@ def main():
         for r in records:
             r['entities'] = ()
     print({split: len(records) for split, records in splits.items()}, 'dialogues;', diseases)
-    build_example_set(args, splits, diseases, skipped, paths, started)
+    build_example_set(args, splits, diseases, skipped, paths, started, 'lexicon' if args.lexicon_entities else 'gold')
 
 
 if __name__ == '__main__':

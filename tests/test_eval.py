@@ -39,7 +39,11 @@ def test_text_scores_match_the_models_loss_on_the_same_windows(tools, run_dir, t
     path = tmp_path / 'notes.txt'
     path.write_text(TEXT, encoding='utf-8')
     result = evaluator.main([f'--out_dir={run_dir}', f'--text={path}', '--stride=16', '--chunk_lines=3'])
-    ids = np.array(tok.encode(TEXT))
+    check_scores(result, np.array(tok.encode(TEXT)), tok, run_dir)
+
+
+def check_scores(result, ids, tok, run_dir):
+    """result is what the model's own loss gives on windows of 16 tokens side by side."""
     assert result['tokens'] == len(ids) - 1  # every token after the first, once
     model, _ = load_model(str(run_dir))
     nats = 0.0
@@ -50,6 +54,37 @@ def test_text_scores_match_the_models_loss_on_the_same_windows(tools, run_dir, t
     assert result['loss'] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
     chars = tok.char_counts()[ids[1:]].sum()
     assert result['bpc'] == pytest.approx(nats / math.log(2) / chars, rel=1e-5)
+
+
+def test_a_corpus_file_is_scored_as_pretraining_writes_it(tools, run_dir, tmp_path):
+    from prepare.text import dialogue_text, normalize
+    tok, _ = tools
+    dialogues = [[('病人', '孩子发烧三天了，咳嗽有痰。'), ('医生', '体温多少度？')],
+                 [('病人', '有没有气喘？'), ('医生', '注意补液，可以吃蒙脱石散。')]] * 3
+    path = tmp_path / 'dialogues.jsonl'
+    path.write_text(''.join(json.dumps([f'{who}：{text}' for who, text in turns], ensure_ascii=False)
+                            + '\n' for turns in dialogues), encoding='utf-8')
+    result = evaluator.main([f'--out_dir={run_dir}', f'--text={path}', '--stride=16', '--chunk_lines=1'])
+    # the reader's text: speaker pieces, the text normalised as prepare/ normalises it (full-width comma -> ',')
+    speaker = {'病人': 'patient', '医生': 'doctor'}
+    texts = [dialogue_text([(speaker[who], normalize(text)) for who, text in turns]) for turns in dialogues]
+    assert texts[0] == '<patient>孩子发烧三天了,咳嗽有痰。<doctor>体温多少度?'
+    ids = [t for text in texts for t in tok.encode(text) + [tok.eot_id]]
+    check_scores(result, np.array(ids), tok, run_dir)
+    # a .txt file read as a corpus: one document per line, each followed by <eot>
+    lines = tmp_path / 'lines.txt'
+    lines.write_text('孩子发烧三天了。\n注意补液。\n', encoding='utf-8')
+    by_line = evaluator.main([f'--out_dir={run_dir}', f'--text={lines}', '--documents=line'])
+    assert by_line['tokens'] == len(tok.encode('孩子发烧三天了。') + tok.encode('注意补液。')) + 2 - 1
+
+
+def test_a_bad_corpus_file_is_a_one_line_error_naming_it(run_dir, tmp_path):
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text('{"text": "发热"}\n{"what": 1}\n', encoding='utf-8')
+    with pytest.raises(SystemExit, match=rf'{bad}:2'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={bad}'])
+    with pytest.raises(SystemExit, match=r'give a \.txt, \.jsonl, \.json or \.csv file'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={ROOT / "README.md"}'])
 
 
 def test_every_stride_scores_each_token_once(run_dir, tmp_path):

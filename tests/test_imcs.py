@@ -1,5 +1,6 @@
 """prepare/imcs.py: IMCS-21's gold symptom tags reach the tokens, val and test hold labelled dialogues only,
 and no IMCS val/test dialogue can enter the pretraining text."""
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,40 @@ def test_imcs_val_and_test_never_enter_the_pretraining_text():
     for record in splits['test'][:5]:
         assert held_out.holds('病人：' + dialogue_text(record['turns'])) == 'imcs'
     assert np.mean([held_out.holds(dialogue_text(r['turns'])) is None for r in splits['train'][:40]]) > 0.9
+
+
+def test_the_built_set_says_where_its_entity_ids_come_from_and_replies_are_scored_on_gold_spans(tmp_path):
+    import subprocess
+    import torch
+    import eval as evaluator
+    from checkpoint import save_checkpoint, tokenizer_record
+    from model import GPT, GPTConfig
+    from tasks import span_texts
+    records = imcs.read_imcs(str(DATA / imcs.LABELLED), Skipped())
+    tok = train_char([dialogue_text(r['turns']) for r in records], str(tmp_path / 'tok'), vocab_size=3000)
+    for name, extra in (('gold', []), ('lexicon', ['--lexicon_entities'])):
+        built = subprocess.run([sys.executable, 'prepare/imcs.py', '--src', str(DATA), '--tokenizer_model', str(tmp_path / 'tok'),
+                                '--out', str(tmp_path / name), *extra], cwd=ROOT, capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr[-2000:]
+        assert json.loads((tmp_path / name / 'meta.json').read_text(encoding='utf-8'))['entity_source'] == name
+    # the gold spans of a reply, by hand: token runs tagged as entities, decoded
+    ids = np.array(tok.encode('宝贝主要是呕吐,有一点拉肚子'))
+    entity = np.array([0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1])
+    assert span_texts(tok, ids, entity) == {'呕吐', '拉肚子'}
+    # a (random) model's greedy replies: gold entity scores on the gold set only
+    torch.manual_seed(0)
+    model_args = dict(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=False,
+                      n_lexical=0, n_entity=0)
+    save_checkpoint(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args, config={},
+                         tokenizer=tokenizer_record(str(tmp_path / 'tok'))), str(tmp_path / 'best.pt'))
+    args = [f'--checkpoint={tmp_path / "best.pt"}', '--generate', '--max_examples=4', '--max_new_tokens=8']
+    gold = evaluator.main(args + [f'--dataset={tmp_path / "gold"}'])
+    assert all(0 <= gold[f'gold_entity_{k}'] <= 1 for k in ('precision', 'recall', 'f1'))
+    assert 'gold_entity_f1' not in evaluator.main(args + [f'--dataset={tmp_path / "lexicon"}'])
+
+
+def test_terms_are_found_longest_first():
+    from metrics import terms_in
+    terms = {'发热', '发热三天', '咳嗽', '咳'}
+    assert terms_in('孩子发热三天,咳嗽,又发热', terms, 4) == {'发热三天', '咳嗽', '发热'}
+    assert terms_in('', terms, 4) == set() and terms_in('咳', terms, 4) == {'咳'}
