@@ -25,6 +25,7 @@ data/%/meta.json: data/pretrain/meta.json
 # data/pretrain's sources), both with data/pretrain's tokenizer so that both fine-tune on the same example sets;
 # and IMCS-21 with lexicon entity tags instead of its gold ones
 data/general/meta.json: data/pretrain/meta.json
+	$(if $(CMED_DATA),,$(error data/general is built from the data mirror's general_zh/ (no public download is wired): set CMED_DATA))
 	$(PY) prepare/pretrain.py --corpus $(CMED_DATA)/general_zh --txt_document=line --tokenizer=data/pretrain/tokenizer.model --out data/general
 
 data/medical_equal/meta.json: data/general/meta.json

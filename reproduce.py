@@ -121,13 +121,14 @@ def pretrain(name, size_overrides, cfg, results):
     for candidate in filter(None, [cfg.pretrained_dir, run_dir]):
         last = same_config_checkpoint(candidate, wanted)
         if last is not None and last['iter_num'] >= wanted['max_iters']:
-            print(f"pretraining {name}: reusing the finished run in {candidate}")
+            print(f"pretraining {name}: reusing the finished run in {candidate}\n", end='', flush=True)
             previous = results['pretraining'].get(name, {})
             return describe_pretraining(candidate, previous.get('wall_time_s') if previous.get('dir') == candidate
                                         else None)
     resume = same_config_checkpoint(run_dir, wanted) is not None
-    print(f"pretraining {name} on data/{BASES[name]}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}",
-          flush=True)
+    # one write per line: the bases are pretrained on parallel threads
+    print(f"pretraining {name} on data/{BASES[name]}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}\n",
+          end='', flush=True)
     t0 = time.time()
     # a scratch run replaces whatever other run reproduce left in its own folder
     run_script('train.py', dict(wanted, init_from='resume' if resume else 'scratch', overwrite=not resume), run_dir,
