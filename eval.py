@@ -122,7 +122,8 @@ def main(argv=None):
     if cfg.text and not os.path.isfile(cfg.text):
         raise SystemExit(f"no text file at {cfg.text}")
     if cfg.text and not cfg.text.endswith(('.txt', '.jsonl', '.json', '.csv')):
-        raise SystemExit(f"{cfg.text}: give a .txt, .jsonl, .json or .csv file (prepare/corpus.py lists the shapes read)")
+        raise SystemExit(f"{cfg.text}: give a .txt, .jsonl, .json or .csv file "
+                         f"(prepare/corpus.py lists the shapes it reads)")
     if cfg.documents not in ('', 'block', 'line', 'file'):
         raise SystemExit(f"--documents must be '', 'block', 'line' or 'file', not {cfg.documents!r}")
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)

@@ -121,7 +121,8 @@ def check_config(cfg):
     if cfg.mode == 'none' and cfg.task in ('classify', 'multitask'):
         raise SystemExit("--mode=none cannot classify: the class head is new and must be trained")
     if cfg.generate_examples and (cfg.task != 'dialogue' or cfg.entity_splice):
-        raise SystemExit("--generate_examples generates doctor replies: it needs --task=dialogue without --entity_splice")
+        raise SystemExit("--generate_examples generates doctor replies: "
+                         "it needs --task=dialogue without --entity_splice")
 
 
 def load_base(cfg, data_dir, meta):

@@ -10,7 +10,7 @@ Measures of generated replies against reference replies, as the medical dialogue
   mentioned in each generated reply vs in its reference, as sets per reply, summed over replies (micro).
 - Gold entity P/R/F1, for a set whose entity ids come from its own labels (IMCS-21): a reference's entities
   are the spans its annotators marked; a generated reply has no annotation, so its entities are the strings
-  annotators marked anywhere in the training split, found by the same longest match (terms_in).
+  annotators marked in the training replies (of the labelled dialogues), found by longest match (terms_in).
 """
 from sacrebleu.metrics import BLEU
 

@@ -17,12 +17,13 @@ The papers' tables in miniature, measured on 2 CPU cores (tables.py says what ea
     python reproduce.py --quick                      # every table at toy size in minutes (CI: structure only)
     python reproduce.py --pretrained_dir=out/mine    # use a finished pretraining run whose config matches
 
-Needs `make data` (data/pretrain, general, medical_equal, covid, imcs, imcs_lexicon, dxy, department). Every training run is train.py or
-finetune.py in a child process, given its settings as a config file kept beside its log (rerun it with
-`python finetune.py that_file.py`). Writes out_dir/results.json: every run's result dict (keyed by its settings
-and base weights), the pretraining runs, and the aggregated tables; prints the tables as Markdown. A run whose
-result is already in results.json is not run again, and an interrupted pretraining run resumes from its
-checkpoint, so a crash loses at most one run.
+Needs `make data` (data/pretrain, general, medical_equal, covid, imcs, imcs_lexicon, dxy, department).
+Every training run is train.py or finetune.py in a child process, given its settings as a config file kept
+beside its log (rerun it with `python finetune.py that_file.py`); --jobs of them run at once (default: one per
+core, one thread each). Writes out_dir/results.json: every run's result dict (keyed by its settings and base
+weights), the pretraining runs, and the aggregated tables; prints the tables as Markdown. A run whose result
+is already in results.json is not run again, and an interrupted pretraining run resumes from its checkpoint,
+so a crash loses at most the runs under way.
 """
 import hashlib
 import json
@@ -31,7 +32,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import numpy as np
@@ -262,45 +263,60 @@ def run_finetune(settings, key, cfg):
     return dict(result, log=log_path)
 
 
-def run_all(tables, seeds, pretrained, scale, cfg, results, pool):
-    """Every (cell, seed) not yet in results['runs'], cfg.jobs at a time; saves results as each ends.
-    Returns {row spec as json: [result keys]}.
+def run_all(tables, seeds, scale, cfg, results, pool):
+    """Pretrains every base and runs every (cell, seed) not yet in results['runs'], cfg.jobs at a time; a base's
+    cells start as soon as it is pretrained, and results are saved as each run ends.
+    Returns ({base: facts}, {row spec as json: [result keys]}).
 
     Small models use two cores poorly: two runs of one thread each finish sooner than two runs one after the
     other on two threads (README: measured). A run's numbers depend on its thread count in the last digits
     (the order of a matmul's sums), so the same --jobs on the same machine gives the same results."""
-    keys_of_spec, todo = {}, {}
-    for table in tables:
-        for _, spec in table['rows']:
-            for seed in (seeds[:1] if is_deterministic(spec) else seeds):
-                if 'ngram' in spec:  # test replies cut to the window the GPT rows use
-                    room = pretrained['medical']['model_args']['block_size']
-                    key, job = f"ngram order={spec['ngram']} texts={scale['ngram_texts']} room={room}", room
-                else:
-                    job = finetune_settings(spec, seed, pretrained[spec['base']], scale, cfg)
-                    key = run_key(job, pretrained[spec['base']]['fingerprint'])
-                keys = keys_of_spec.setdefault(json.dumps(spec, sort_keys=True), [])
-                if key not in keys:  # (the same cell may be in two tables)
-                    keys.append(key)
-                if key not in results['runs']:
-                    todo[key] = (spec, seed, job)
+    cells = [(spec, seed) for table in tables for _, spec in table['rows']
+             for seed in (seeds[:1] if is_deterministic(spec) else seeds)]
+    keys_of_spec = {json.dumps(spec, sort_keys=True): [] for spec, _ in cells}
+    pretrained, todo, done, t0 = {}, {}, 0, time.time()
+    running = {pool.submit(pretrain, name, scale['size'], cfg, results): name for name in BASES}
+    while running:
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            name_or_key = running.pop(future)
+            if name_or_key in BASES:  # a base is ready: its cells can start
+                pretrained[name_or_key] = results['pretraining'][name_or_key] = future.result()
+                save_results(results, cfg)
+                for spec, seed in cells:
+                    if spec.get('base', 'medical') != name_or_key:  # (the n-gram's test replies: medical's window)
+                        continue
+                    key, job = cell_run(spec, seed, pretrained[name_or_key], scale, cfg)
+                    keys = keys_of_spec[json.dumps(spec, sort_keys=True)]
+                    if key not in keys:  # (the same cell may be in two tables)
+                        keys.append(key)
+                    if key not in results['runs'] and key not in todo:
+                        todo[key] = (spec, seed)
+                        running[pool.submit(run_cell, key, spec, job, scale, cfg)] = key
+                continue
+            results['runs'][name_or_key] = future.result()  # a failed run raises here and stops reproduce
+            save_results(results, cfg)
+            done += 1
+            spec, seed = todo[name_or_key]
+            elapsed = time.time() - t0
+            print(f"[{done}/{len(todo)} so far] {describe(spec)} seed {seed}: "
+                  f"{summary_line(results['runs'][name_or_key])} ({elapsed / 60:.1f} min)", flush=True)
+    return pretrained, keys_of_spec
 
-    def run_one(key, spec, job):
-        if 'ngram' in spec:
-            return ngram_result(spec['ngram'], job, scale['ngram_texts'])
-        return dict(run_finetune(job, key, cfg), spec=spec)
 
-    t0 = time.time()
-    running = {pool.submit(run_one, key, spec, job): key for key, (spec, _, job) in todo.items()}
-    for done, future in enumerate(as_completed(running), 1):
-        key = running[future]
-        results['runs'][key] = future.result()  # a failed run raises here and stops reproduce
-        save_results(results, cfg)
-        spec, seed, _ = todo[key]
-        elapsed = time.time() - t0
-        print(f"[{done}/{len(todo)}] {describe(spec)} seed {seed}: {summary_line(results['runs'][key])} "
-              f"({elapsed / 60:.1f} min, ETA {elapsed / done * (len(todo) - done) / 60:.1f} min)", flush=True)
-    return keys_of_spec
+def cell_run(spec, seed, base, scale, cfg):
+    """(result key, what run_cell needs) of one cell and seed on its pretrained base."""
+    if 'ngram' in spec:  # test replies cut to the window the GPT rows use
+        room = base['model_args']['block_size']
+        return f"ngram order={spec['ngram']} texts={scale['ngram_texts']} room={room}", room
+    settings = finetune_settings(spec, seed, base, scale, cfg)
+    return run_key(settings, base['fingerprint']), settings
+
+
+def run_cell(key, spec, job, scale, cfg):
+    if 'ngram' in spec:
+        return ngram_result(spec['ngram'], job, scale['ngram_texts'])
+    return dict(run_finetune(job, key, cfg), spec=spec)
 
 
 def describe(spec):
@@ -352,10 +368,7 @@ def main(argv=None):
     # a failed run stops reproduce: the runs not yet started are cancelled, the running ones end first
     with ThreadPoolExecutor(cfg.jobs) as pool:
         try:
-            pretrained = dict(zip(BASES, pool.map(lambda name: pretrain(name, scale['size'], cfg, results), BASES)))
-            results['pretraining'].update(pretrained)
-            save_results(results, cfg)
-            keys_of_spec = run_all(tables, seeds, pretrained, scale, cfg, results, pool)
+            pretrained, keys_of_spec = run_all(tables, seeds, scale, cfg, results, pool)
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise

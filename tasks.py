@@ -261,16 +261,35 @@ def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temp
                   bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
                   distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
     if task_data.meta.get('entity_source') == 'gold':  # the set's own labels: see metrics.py
-        terms = set().union(*(span_texts(tok, ex['tokens'], ex['entity']) for ex in task_data.examples['train']))
+        # the vocabulary: what annotators marked in the training replies of the labelled dialogues (the
+        # unlabelled ones carry lexicon tags)
+        terms = set().union(*(span_texts(tok, ex['tokens'][int(np.argmax(ex['mask'])):],
+                                         ex['entity'][int(np.argmax(ex['mask'])):])
+                              for ex in labelled_dialogue_examples(task_data.examples['train'])))
         longest = max(map(len, terms), default=1)
         precision, recall, f1 = entity_scores([terms_in(t, terms, longest) for t in generated], marked)
         scores.update(gold_entity_precision=precision, gold_entity_recall=recall, gold_entity_f1=f1)
     return scores
 
 
+def labelled_dialogue_examples(examples):
+    """The examples of labelled dialogues. Only a dialogue's first example carries its label (prepare/dataset.py:
+    one classification example per dialogue); its other examples follow it, each extending the one before."""
+    kept, inside, previous = [], False, np.zeros(0, dtype=np.int64)
+    for ex in examples:
+        body = previous[:-1]  # the previous example without its closing <eot>
+        extends = len(ex['tokens']) > len(previous) > 0 and np.array_equal(ex['tokens'][:len(body)], body)
+        inside = ex['label'] >= 0 or (inside and extends)
+        if inside:
+            kept.append(ex)
+        previous = ex['tokens']
+    return kept
+
+
 def span_texts(tok, tokens, entity):
     """The text of each run of entity-tagged tokens."""
-    return {text for text in (tok.decode(list(run)).strip() for run in entity_runs(tokens, entity)) if text}
+    texts = (tok.decode(list(run)).strip() for run in entity_runs(tokens, entity))
+    return {text for text in texts if text and '\ufffd' not in text}  # (not a run that cuts a character)
 
 
 def tagging_lexicon(meta):

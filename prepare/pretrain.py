@@ -136,7 +136,8 @@ def main():
         print('documents per source:', per_source)
         if args.train_chars:
             n_documents, train_chars = thin_spool(spool_path, train_chars, args.train_chars)
-            print(f'kept {n_documents:,} documents, {train_chars:,} training characters (--train_chars={args.train_chars:,})')
+            print(f'kept {n_documents:,} documents, {train_chars:,} training characters '
+                  f'(--train_chars={args.train_chars:,})')
         timings['read'] = time.time() - started
         tokenizer_path = os.path.join(folder, 'tokenizer.model')
         sample_lines = tokenizer_sample(spool_path, train_chars, args.tokenizer_chars, SEED) \

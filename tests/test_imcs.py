@@ -92,3 +92,16 @@ def test_terms_are_found_longest_first():
     terms = {'发热', '发热三天', '咳嗽', '咳'}
     assert terms_in('孩子发热三天,咳嗽,又发热', terms, 4) == {'发热三天', '咳嗽', '发热'}
     assert terms_in('', terms, 4) == set() and terms_in('咳', terms, 4) == {'咳'}
+
+
+def test_the_examples_of_labelled_dialogues_are_told_apart():
+    from tasks import labelled_dialogue_examples
+    def example(tokens, label=-1):
+        return dict(tokens=np.array(tokens), label=label)
+    examples = [example([1, 2, 9], 0), example([1, 2, 3, 4, 9]), example([1, 2, 3, 4, 5, 9]),  # labelled, 3 turns
+                example([7, 8, 9]), example([7, 8, 6, 9]),                                       # unlabelled
+                example([1, 5, 9], 2), example([1, 5, 6, 9]),                                    # labelled
+                example([1, 5, 6, 9])]  # the same length again: a new (unlabelled) dialogue, not a continuation
+    kept = labelled_dialogue_examples(examples)
+    assert [ex['tokens'].tolist() for ex in kept] == [[1, 2, 9], [1, 2, 3, 4, 9], [1, 2, 3, 4, 5, 9], [1, 5, 9],
+                                                      [1, 5, 6, 9]]
