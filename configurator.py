@@ -41,6 +41,16 @@ def configure(defaults, argv=None, file_keys_elsewhere=False):
     return config
 
 
+def given_keys(defaults, argv=None):
+    """The keys the config file or the command line set, whatever the value (the default's own included):
+    what the user asked for, as configure reads it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    keys = set()
+    if args and not args[0].startswith('-'):
+        keys |= set(config_file_values(args.pop(0)))
+    return keys | {key for key, _ in split_overrides(args, defaults)}
+
+
 def config_file_values(path):
     """Execute a config file and return its top-level names (modules and _private names skipped)."""
     if not os.path.isfile(path):

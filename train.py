@@ -27,7 +27,7 @@ from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, refuse_p
 from common import TAG_FILES, Windows, autocast_context, check_attention_memory, check_token_files, data_dir_of, \
     device_type, learning_rate_at, load_char_counts, load_meta, new_model_args, optimizer_step, peak_flops, \
     resolve_device_and_dtype, tag_table_size
-from configurator import configure
+from configurator import configure, given_keys
 from model import GPT, GPTConfig
 
 # Defaults are the paper's base model (CMed-GPT); config/*.py and --key=value override them.
@@ -100,19 +100,21 @@ def check_config(cfg):
             raise SystemExit(f"--{key} must be {expected}, not {getattr(cfg, key)!r}")
 
 
-def adopt_architecture(cfg, model_args, source, windows_may_be_shorter):
-    """The model's shape comes from the checkpoint. A shape key set (config file or command line: it differs
-    from the default) to another value is an error naming both; the others take the checkpoint's value, so
-    that the config saved with the next checkpoint tells the truth."""
+def adopt_architecture(cfg, model_args, source, windows_may_be_shorter, given):
+    """The model's shape comes from the checkpoint. A shape key the config file or the command line set
+    (`given`, even to the default's value) to another value is an error naming both; the others take the
+    checkpoint's value, so that the config saved with the next checkpoint tells the truth."""
     wanted = {key: model_args[key] for key in ARCHITECTURE}
     wanted.update(lexical=model_args['n_lexical'] > 0 or (windows_may_be_shorter and cfg.lexical),
                   entity=model_args['n_entity'] > 0 or (windows_may_be_shorter and cfg.entity))
     if not windows_may_be_shorter:
         wanted['block_size'] = model_args['block_size']
     for key, value in wanted.items():
-        given = getattr(cfg, key)
-        if given != value and given != DEFAULTS[key]:
-            raise SystemExit(f"--{key}={given!r} differs from {source}'s {value!r}: the model keeps its architecture "
+        asked = getattr(cfg, key)
+        # a table the checkpoint has is kept though not asked for; one it lacks is never added on resume
+        conflict = asked if key in ('lexical', 'entity') else key in given
+        if conflict and asked != value:
+            raise SystemExit(f"--{key}={asked!r} differs from {source}'s {value!r}: the model keeps its architecture "
                              f"(drop --{key}, or start a new run in another --out_dir)")
         setattr(cfg, key, value)
     if cfg.block_size > model_args['block_size']:
@@ -306,7 +308,7 @@ def report_passes(cfg, training, train_tokens, data_dir):
               f"data (prepare/pretrain.py --corpus ...) or lower --max_iters.", flush=True)
 
 
-def starting_point(cfg, data_dir, meta):
+def starting_point(cfg, data_dir, meta, given):
     """(model_args, checkpoint): new ones and None from scratch; out_dir/ckpt.pt's when resuming; for
     continued pretraining (init_from = a run's folder or checkpoint, e.g. an imported GPT2-Chinese) its
     weights alone, with tables added as asked: the optimiser and the schedule start anew."""
@@ -322,7 +324,7 @@ def starting_point(cfg, data_dir, meta):
     except (FileNotFoundError, ValueError) as error:  # a user's mistake, not a bug: no traceback
         raise SystemExit(f"cannot {'resume' if resuming else 'start from ' + cfg.init_from}: {error}")
     model_args = dict(checkpoint['model_args'])
-    adopt_architecture(cfg, model_args, path, windows_may_be_shorter=not resuming)
+    adopt_architecture(cfg, model_args, path, windows_may_be_shorter=not resuming, given=given)
     beside = os.path.join(os.path.dirname(path), 'tokenizer.model')  # convert.py writes it beside best.pt
     record = checkpoint.get('tokenizer') or (tokenizer_record(beside) if os.path.isfile(beside) else None)
     if record is not None:
@@ -392,7 +394,7 @@ def main(argv=None):
     device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)
     data_dir = data_dir_of(cfg.dataset)
     meta = load_meta(data_dir)
-    model_args, checkpoint = starting_point(cfg, data_dir, meta)
+    model_args, checkpoint = starting_point(cfg, data_dir, meta, given_keys(DEFAULTS, argv))
     train_tokens = check_token_files(data_dir, cfg.block_size)
     check_attention_memory(cfg.block_size, cfg.batch_size, model_args['n_layer'], model_args['n_head'], device)
     rank0 = os.environ.get('RANK', '0') == '0'

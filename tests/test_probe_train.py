@@ -110,7 +110,9 @@ def test_best_is_written_before_last(data_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('override, message', [
     (dict(n_layer=2), r"--n_layer=2 differs from .*ckpt.pt's 1"),
-    (dict(block_size=32), r"--block_size=32 differs from .*ckpt.pt's 16")])
+    (dict(block_size=32), r"--block_size=32 differs from .*ckpt.pt's 16"),
+    # asked for explicitly, even when it is the default's value (train.py's block_size default is 512)
+    (dict(block_size=512), r"--block_size=512 differs from .*ckpt.pt's 16")])
 def test_resume_refuses_another_architecture(data_dir, finished_run, override, message):
     before = snapshot(finished_run)
     with pytest.raises(SystemExit, match=message):

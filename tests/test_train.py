@@ -79,6 +79,14 @@ def test_boolean_flag_takes_an_explicit_value_and_config_file_comes_first(tmp_pa
     assert config['learning_rate'] == 1.0 and type(config['learning_rate']) is float
 
 
+def test_given_keys_are_what_the_file_and_command_line_set_whatever_the_value(tmp_path):
+    from configurator import given_keys
+    config_file = tmp_path / 'run.py'
+    config_file.write_text("max_iters = 100\n")  # the default's own value: still asked for
+    assert given_keys(DEFAULTS, [str(config_file), '--compile', '--top_k=None']) == {'max_iters', 'compile', 'top_k'}
+    assert given_keys(DEFAULTS, []) == set()
+
+
 def test_unknown_key_names_the_closest_known_key(tmp_path):
     with pytest.raises(SystemExit, match="unknown config key 'learnig_rate'.*'learning_rate'"):
         configure(DEFAULTS, ['--learnig_rate=0.1'])
