@@ -87,14 +87,20 @@ def start_fresh(out_dir, overwrite):
     open(os.path.join(out_dir, 'log.jsonl'), 'w').close()
 
 
+def load_weights_only(path, device='cpu'):
+    """torch.load(weights_only=True): plain tensors and data only, never code. torch warns about an odd pickle
+    header before it refuses such a file; the caller's error is the one message the user sees."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return torch.load(path, map_location=device, weights_only=True)
+
+
 def load_checkpoint(path, device='cpu', required_keys=MODEL_KEYS):
     """Load a checkpoint dict onto `device`; a clear error if it is missing, not one, or incomplete."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickle headers before it refuses: one message is ours
-            warnings.simplefilter('ignore')
-            checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = load_weights_only(path, device)
     except Exception as error:
         # torch's message advises loading with weights_only=False: never pass that on, it would run
         # whatever code the file holds; keep only what it says is wrong

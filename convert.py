@@ -18,11 +18,10 @@ import json
 import os
 import pickle
 import shutil
-import warnings
 
 import torch
 
-from checkpoint import load_model, save_checkpoint
+from checkpoint import load_model, load_weights_only, save_checkpoint
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -90,9 +89,7 @@ def read_hf_weights(hf_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {hf_dir}")
     try:
-        with warnings.catch_warnings():  # torch warns about odd pickle headers before it refuses: one message is ours
-            warnings.simplefilter('ignore')
-            weights = torch.load(path, map_location='cpu', weights_only=True)
+        weights = load_weights_only(path)
     except pickle.UnpicklingError as error:  # weights_only refused something: it never ran
         reason = str(error).split('\n')[0]
         raise ValueError(f"{path}: refused, the pickle holds more than tensors and could run code ({reason}); "

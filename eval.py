@@ -10,12 +10,12 @@ loss, perplexity per token and bits per character.
 --text: a .txt file is read in chunks of lines as it is; a .jsonl, .json or .csv file (or a .txt file with
 --documents=block|line|file) is read by prepare/corpus.py's readers, each document written as pretraining
 writes it (dialogues with speaker pieces, cleaned text) and followed by <eot>. Either way the tokens come from
-the model's own tokenizer (the one its checkpoint carries); windows of block_size tokens slide by `stride`, and each window scores only the tokens
-the previous one did not, so every token after the first is scored exactly once, with up to block_size -
-stride tokens of context. Memory holds one chunk and one window. --dataset: tasks.evaluate on the split's
-reply tokens, as finetune.py reports them; with --generate, a reply is generated for each example's source
-(greedy, or sampled with a seed) and scored against the reference by BLEU-1/2/4, Distinct-1/2 and entity
-precision/recall/F1 (metrics.py). Bits per character = total nats / ln 2 / characters of the
+the model's own tokenizer (the one its checkpoint carries); windows of block_size tokens slide by `stride`,
+and each window scores only the tokens the previous one did not, so every token after the first is scored
+exactly once, with up to block_size - stride tokens of context. Memory holds one chunk and one window.
+--dataset: tasks.evaluate on the split's reply tokens, as finetune.py reports them; with --generate, a reply
+is generated for each example's source (greedy, or sampled with a seed) and scored against the reference by
+BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metrics.py). Bits per character = total nats / ln 2 / characters of the
 scored tokens, which compares models with different tokenizers. Prints one JSON line.
 """
 import json
@@ -92,10 +92,11 @@ def corpus_tokens(tokenizer, path, documents, chunk_docs):
     """Token chunks of a corpus file read as pretraining reads it: each document, then <eot>."""
     from prepare.corpus import read_corpus_file
     from prepare.sources import Skipped
-    chunk = []
+    chunk, n_docs = [], 0
     for document in read_corpus_file(path, Skipped(), {}, documents or 'block'):
         chunk += tokenizer.encode(document.text) + [tokenizer.eot_id]
-        if len(chunk) >= chunk_docs * 64:  # about chunk_docs short documents
+        n_docs += 1
+        if n_docs % chunk_docs == 0:
             yield np.array(chunk, dtype=np.int64)
             chunk = []
     if chunk:

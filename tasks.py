@@ -250,9 +250,9 @@ def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temp
                                  entity=batch.get('entity'), prompt_pos=batch.get('prompt_pos'), eos_id=stops,
                                  generator=generator)
         generated.append(tok.decode([t for t in out[0, batch['idx'].size(1):].tolist() if t not in stops]))
-        target_start = int(np.argmax(ex['mask']))
-        references.append(tok.decode([t for t in ex['tokens'][target_start:].tolist() if t not in stops]))
-        marked.append(span_texts(tok, ex['tokens'][target_start:], ex['entity'][target_start:]))
+        target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
+        references.append(tok.decode([t for t in target if t not in stops]))
+        marked.append(reply_spans(tok, ex))
     model.train()
     tagger = Tagger(tagging_lexicon(task_data.meta))
     precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
@@ -263,9 +263,7 @@ def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temp
     if task_data.meta.get('entity_source') == 'gold':  # the set's own labels: see metrics.py
         # the vocabulary: what annotators marked in the training replies of the labelled dialogues (the
         # unlabelled ones carry lexicon tags)
-        terms = set().union(*(span_texts(tok, ex['tokens'][int(np.argmax(ex['mask'])):],
-                                         ex['entity'][int(np.argmax(ex['mask'])):])
-                              for ex in labelled_dialogue_examples(task_data.examples['train'])))
+        terms = set().union(*(reply_spans(tok, ex) for ex in labelled_dialogue_examples(task_data.examples['train'])))
         longest = max(map(len, terms), default=1)
         precision, recall, f1 = entity_scores([terms_in(t, terms, longest) for t in generated], marked)
         scores.update(gold_entity_precision=precision, gold_entity_recall=recall, gold_entity_f1=f1)
@@ -284,6 +282,12 @@ def labelled_dialogue_examples(examples):
             kept.append(ex)
         previous = ex['tokens']
     return kept
+
+
+def reply_spans(tok, ex):
+    """The entity spans of an example's reply (its target)."""
+    start = int(np.argmax(ex['mask']))
+    return span_texts(tok, ex['tokens'][start:], ex['entity'][start:])
 
 
 def span_texts(tok, tokens, entity):
