@@ -34,6 +34,7 @@ import torch
 from common import TAG_FILES, Windows, autocast_context, device_type, load_meta, measure_matmul_flops, \
     new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype, synchronize
 from configurator import configure
+from optim import configure_optimizers
 from model import GPT, GPTConfig
 from prepare.lexicon import lexicon_dir
 from prepare.sources import DataError, read_text, source_file
@@ -147,7 +148,7 @@ def bench_training(cfg, model_args, batches, device, attention, dtype, peak_flop
     """One row: seconds per optimizer step, tokens/s and MFU for one attention kind and precision."""
     torch.manual_seed(cfg.seed)  # the same initial weights in every row
     model = GPT(GPTConfig(**dict(model_args, attention=attention))).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+    optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device_type(device))
     scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == 'float16')
     step_model = torch.compile(model) if cfg.compile else model

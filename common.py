@@ -103,13 +103,22 @@ def synchronize(device):
 
 # ----------------------------------------------------------------------------- schedule and step
 
-def learning_rate_at(it, learning_rate, min_lr, warmup_iters, lr_decay_iters):
-    """Linear warm-up to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+def learning_rate_at(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, schedule='cosine',
+                     warmdown_fraction=0.2):
+    """Linear warm-up to learning_rate, then down to min_lr at lr_decay_iters (held there after).
+
+    'cosine' (nanoGPT's and the papers'): a cosine from the end of warm-up. 'wsd' (warm-up, stable, decay):
+    held at learning_rate, then a straight line down over the last warmdown_fraction of the iterations after
+    warm-up. A run whose length is fixed late (a time budget) decays only at its end, and learns at the full
+    rate until then, where the cosine has already lowered it."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    if schedule == 'wsd':
+        decay = max(0.0, (progress - (1 - warmdown_fraction)) / warmdown_fraction) if warmdown_fraction else 0.0
+        return learning_rate - decay * (learning_rate - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
@@ -118,8 +127,8 @@ def optimizer_step(optimizer, scaler, parameters, grad_clip, learning_rate):
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    for group in optimizer.param_groups:
-        group['lr'] = learning_rate
+    for group in optimizer.param_groups:  # optim.py: a group's peak is lr_scale times learning_rate's
+        group['lr'] = learning_rate * group.get('lr_scale', 1.0)
     scale_before = scaler.get_scale()
     scaler.step(optimizer)  # with fp16, skips the step when a gradient is inf/nan
     scaler.update()         # ... and then lowers the scale: that is how we see the skip

@@ -27,6 +27,7 @@ from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, save_ada
 from common import data_dir_of, device_type, learning_rate_at, load_meta, optimizer_step, resolve_device_and_dtype, \
     tag_table_size
 from configurator import configure
+from optim import configure_optimizers
 from model import GPT, GPTConfig
 from tasks import collate, evaluate, generation_scores, label_text_accuracy, load_task, selection_loss, task_loss
 
@@ -181,7 +182,7 @@ def train(model, task_data, cfg):
     def learning_rate(it):  # warm-up, then cosine to a tenth of the peak at the last iteration
         return learning_rate_at(it, peak_lr, peak_lr / 10, cfg.warmup_iters, n_iters)
     device = task_data.device
-    optimizer = model.configure_optimizers(cfg.weight_decay, peak_lr, (cfg.beta1, cfg.beta2), device_type(device))
+    optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, peak_lr, (cfg.beta1, cfg.beta2), device_type(device))
     scaler = torch.amp.GradScaler(device_type(device), enabled=task_data.dtype == 'float16')
     trainable = [p for p in model.parameters() if p.requires_grad]
     step = torch.compile(task_loss) if cfg.compile else task_loss

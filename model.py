@@ -16,7 +16,6 @@ was inserted. Output t is the hidden state from which token t+1 is predicted, so
 is scored against targets[:, t] = idx[:, t+1], as in nanoGPT.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -219,7 +218,7 @@ class GPT(nn.Module):
         if self.prompt is not None:
             self.prompt.zero_output_layer()
 
-    # ----- counting, freezing, optimiser -------------------------------------------------------
+    # ----- counting and freezing (the optimiser: optim.py) -------------------------------------------------------
 
     def num_params(self, trainable_only=False):
         """Parameters in the model (a tied matrix counts once)."""
@@ -249,20 +248,6 @@ class GPT(nn.Module):
             raise ValueError(f"need exactly n_prompt={self.config.n_prompt} token ids, got {ids.numel()}")
         with torch.no_grad():
             self.prompt.embedding.copy_(self.wte.weight[ids])
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW over the trainable parameters; weight decay only on 2-D weight matrices of linear
-        maps (not biases, norms, embedding tables or the soft prompt)."""
-        # named_parameters lists a tied matrix once, under its first name: wte.weight (also the LM head)
-        tables = ('wte.weight', 'wpe.weight', 'wle.weight', 'wee.weight', 'prompt.embedding')
-        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        decay = [p for name, p in trainable if p.dim() >= 2 and name not in tables]
-        no_decay = [p for name, p in trainable if p.dim() < 2 or name in tables]
-        groups = [{'params': decay, 'weight_decay': weight_decay},
-                  {'params': no_decay, 'weight_decay': 0.0}]
-        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        extra = dict(fused=True) if use_fused else dict()
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len):
         """Model flops utilisation: achieved flop/s over peak_flops (PaLM appendix B's count), for
@@ -376,15 +361,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, lexical=None,
-                 entity=None, prompt_pos=None, eos_id=None, use_cache=True, generator=None, on_token=None):
+                 entity=None, prompt_pos=None, eos_id=None, use_cache=True, generator=None, on_token=None,
+                 repetition_penalty=1.0, no_repeat_ngram_size=0):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new).
 
-        With use_cache, each new token costs one position's worth of compute: keys and values of the
-        past stay in a KV cache (rebuilt after cropping, below); use_cache=False recomputes everything
-        each step and gives the same result. temperature 0 is greedy. Generated tokens get lexical and entity id 0. eos_id is one id or a list of them (e.g.
-        end of text and the speaker pieces, to stop at the end of a turn); a row that emits one keeps
-        emitting it, and generation stops when every row has. on_token, if given, is called with each
-        step's new ids (B, 1), e.g. to stream them.
+        With use_cache, keys and values of the past stay in a KV cache (rebuilt after cropping, below):
+        each new token costs one position's compute; use_cache=False recomputes all and gives the same result.
+        temperature 0 is greedy; generated tokens get lexical and entity id 0. eos_id: one id or a list (e.g.
+        <eot> and the speaker pieces); a row that emits one keeps emitting it; all rows stopped: done.
+        on_token(ids (B, 1)) is called each step, e.g. to stream. repetition_penalty and no_repeat_ngram_size
+        work as in Hugging Face's generate, over context and reply alike: see penalize_repeats.
         """
         B = idx.size(0)
         # tag ids for the whole generation, padded once: every generated token gets id 0
@@ -412,7 +398,8 @@ class GPT(nn.Module):
                     (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
                 cache = self.new_kv_cache() if use_cache else None
                 logits, _ = self(idx[:, crop:], prompt_pos=pos, kv_cache=cache, **tags_of(crop, T))
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            logits = penalize_repeats(logits[:, -1, :], idx, repetition_penalty, no_repeat_ngram_size)
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if stop_ids is not None:
                 next_id = torch.where(finished[:, None], last_id, next_id)  # a finished row repeats its stop id
                 finished |= torch.isin(next_id[:, 0], stop_ids)
@@ -429,6 +416,24 @@ def _places(mask, n, C):
     """Indices of the n True entries of each row of mask (B, L), in order, expanded to (B, n, C) for
     gather/scatter. A stable sort finds them instead of mask indexing, so no device-to-host sync."""
     return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :n, None].expand(-1, -1, C)
+
+
+def penalize_repeats(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0):
+    """Logits (B, V) for the next token after idx (B, T), with Hugging Face's two rules against loops: every
+    token already in idx has its logit divided by repetition_penalty (multiplied, when negative: CTRL's rule,
+    so that the penalty always lowers it), and a token that would repeat an n-gram of idx
+    (n = no_repeat_ngram_size) is forbidden."""
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, idx)
+        logits = logits.scatter(1, idx, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    n = no_repeat_ngram_size
+    if n > 0 and idx.size(1) >= n:
+        ngrams = idx.unfold(1, n, 1)                          # (B, T - n + 1, n): every n-gram so far
+        # an n-gram whose first n - 1 tokens are the last n - 1 tokens would be repeated by its last token
+        repeats = (ngrams[:, :, :-1] == idx[:, idx.size(1) - n + 1:][:, None, :]).all(dim=-1)  # (B, T - n + 1)
+        banned = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, ngrams[:, :, -1], repeats.long())
+        logits = logits.masked_fill(banned > 0, float('-inf'))
+    return logits
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -28,6 +28,7 @@ from common import TAG_FILES, Windows, autocast_context, check_attention_memory,
     device_type, learning_rate_at, load_char_counts, load_meta, new_model_args, optimizer_step, peak_flops, \
     resolve_device_and_dtype, tag_table_size
 from configurator import configure, given_keys
+from optim import configure_optimizers
 from model import GPT, GPTConfig
 
 # Defaults are the paper's base model (CMed-GPT); config/*.py and --key=value override them.
@@ -350,7 +351,7 @@ def build_training(cfg, device, dtype, data_dir, model_args, checkpoint):
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+    optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device_type(device))
     scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == 'float16')
     resuming = checkpoint is not None and 'optimizer' in checkpoint

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from convert import export_hf, import_hf  # noqa: E402
+from optim import configure_optimizers
 from model import GPT, GPTConfig  # noqa: E402
 from prepare.text import normalize  # noqa: E402
 from prepare.tokenizer import Tokenizer, import_bert_vocab  # noqa: E402
@@ -97,7 +98,7 @@ def trained_model(tmp_path, steps=5):
     args = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=False,
                 n_lexical=0, n_entity=0, attention='manual')
     model = GPT(GPTConfig(**args))
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    optimizer = configure_optimizers(model, 'adamw', 0.1, 1e-2, (0.9, 0.95), 'cpu')
     data = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(2))
     for _ in range(steps):
         _, loss = model(data[:, :-1], targets=data[:, 1:])

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from optim import configure_optimizers
 from model import GPT, GPTConfig, sample_next
 
 V, BLOCK = 97, 32
@@ -350,7 +351,7 @@ def test_ptuning_trains_only_the_prompt():
                          'prompt.mlp.2.weight', 'prompt.mlp.2.bias', 'wle.weight'}
     assert model.num_params(trainable_only=True) == sum(model.get_parameter(n).numel() for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    optimizer = configure_optimizers(model, 'adamw', 0.1, 1e-2, (0.9, 0.95), 'cpu')
     model.train()
     idx, lexical, entity = random_batch(B=4, T=12)
     for _ in range(3):
@@ -378,7 +379,7 @@ def test_ptuning_needs_a_prompt_and_the_tables_it_trains():
 
 def test_weight_decay_only_on_trainable_linear_matrices():
     model = make_model(n_prompt=3, n_lexical=4, n_entity=2, n_classes=2)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    optimizer = configure_optimizers(model, 'adamw', 0.1, 1e-3, (0.9, 0.95), 'cpu')
     decay, no_decay = optimizer.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     decayed = {id(p) for p in decay['params']}
@@ -391,7 +392,7 @@ def test_weight_decay_only_on_trainable_linear_matrices():
         + ['class_head.weight'])
     assert sum(p.numel() for g in optimizer.param_groups for p in g['params']) == model.num_params()
     model.freeze_for_ptuning()
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    optimizer = configure_optimizers(model, 'adamw', 0.1, 1e-3, (0.9, 0.95), 'cpu')
     n_opt = sum(p.numel() for g in optimizer.param_groups for p in g['params'])
     assert n_opt == model.num_params(trainable_only=True) < model.num_params()
 
@@ -402,7 +403,7 @@ def test_tiny_model_overfits_one_batch():
     model = make_model(n_lexical=4, n_entity=2)
     model.train()
     idx, lexical, entity = random_batch(B=4, T=16)
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    optimizer = configure_optimizers(model, 'adamw', 0.0, 3e-3, (0.9, 0.95), 'cpu')
     for _ in range(150):
         _, loss = model(idx[:, :-1], targets=idx[:, 1:], lexical=lexical[:, :-1], entity=entity[:, :-1])
         optimizer.zero_grad(set_to_none=True)

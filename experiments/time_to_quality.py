@@ -1,0 +1,176 @@
+"""
+Time to quality: how many seconds of training each recipe needs to reach a validation bits/char target on
+this machine, and how that compares with the reference recipe (nanoGPT's for small models).
+
+    python -m experiments.time_to_quality                                # every recipe below, one after another
+    python -m experiments.time_to_quality --recipes=reference,muon --time_cap=300 --target=4.0
+
+Each recipe is train.py on config/tiny.py plus a few `--key=value` overrides (a recipe changes one lever of the
+reference, or combines the ones that helped). A run is stopped at the time cap; its eval lines in log.jsonl give
+(training seconds, tokens, val bits/char): the seconds count training steps only, not the evaluations this
+benchmark adds. Val bits/char is train.py's estimate on eval_iters fixed windows of the validation split; bits
+per character, not per token, so recipes with different tokenizers compare honestly.
+
+The n-gram line is ngram.py's character Kneser-Ney model, best of orders 3 to 6, trained on data/pretrain's
+training text and scored on its validation text (both decoded from the bins and cut at every special piece).
+Writes out/ttq/results.json (the curves) and out/ttq/curves.png. Run it on an otherwise idle machine: the
+seconds are wall-clock seconds.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from configurator import configure
+
+DEFAULTS = dict(
+    recipes='',          # comma-separated names from RECIPES ('' = all, in order)
+    target=0.0,          # bits/char to reach; 0 = the n-gram's
+    time_cap=600,        # seconds of training per recipe at most
+    eval_interval=50,    # iterations between two points of a curve
+    eval_iters=40,       # 40 x 16 windows of 128 tokens: about the size of the validation split
+    out='out/ttq',
+    ngram_orders='3,4,5,6',
+)
+
+# nanoGPT's recipe for small models (its shakespeare_char config): AdamW, lr 1e-3, beta2 0.99, warm-up then
+# cosine to a tenth of the peak, no dropout; on config/tiny.py's model and data. max_iters sets where the
+# schedule ends: about what fits the default 10-minute cap on 2 cores.
+REFERENCE = ['--learning_rate=1e-3', '--min_lr=1e-4', '--beta2=0.99', '--weight_decay=0.1', '--grad_clip=1.0',
+             '--warmup_iters=100', '--dropout=0.0', '--max_iters=2000', '--lr_decay_iters=2000']
+RECIPES = {
+    'reference': REFERENCE,
+    'muon': REFERENCE + ['--optimizer=muon', '--muon_lr=0.02', '--learning_rate=3e-3', '--min_lr=3e-4'],
+    'wsd': REFERENCE + ['--lr_schedule=wsd'],
+}
+
+
+def ngram_bpc(orders, out):
+    """(best bits/char, order) of the character n-gram on data/pretrain's validation text (cached)."""
+    from experiments.ngram import KneserNey
+    from tokenizer import Tokenizer
+    cache = os.path.join(out, 'ngram.json')
+    meta_path = os.path.join('data', 'pretrain', 'meta.json')
+    key = {'orders': orders, 'meta_mtime': os.path.getmtime(meta_path)}
+    if os.path.exists(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached['key'] == key:
+            return cached['bpc'], cached['order']
+    tokenizer = Tokenizer.load(os.path.join('data', 'pretrain', 'tokenizer.model'))
+
+    def texts(split):  # each utterance or chapter one text: the n-gram has no speaker pieces
+        ids = np.fromfile(os.path.join('data', 'pretrain', f'{split}.bin'), dtype=np.uint16)
+        pieces = np.split(ids, np.flatnonzero(np.isin(ids, tokenizer.special_ids)))
+        decoded = (tokenizer.decode(p[1:] if p[0] in tokenizer.special_ids else p) for p in pieces if len(p))
+        return [t for t in decoded if t]
+
+    train_texts, val_texts = texts('train'), texts('val')
+    scores = {}
+    for order in orders:
+        t0 = time.time()
+        bpc, _ = KneserNey(order).fit(train_texts).bits_per_char(val_texts)
+        scores[order] = bpc
+        print(f"n-gram order {order}: val {bpc:.4f} bits/char ({time.time() - t0:.0f} s)", flush=True)
+    order = min(scores, key=scores.get)
+    with open(cache, 'w') as f:
+        json.dump({'key': key, 'bpc': scores[order], 'order': order, 'all': scores}, f)
+    return scores[order], order
+
+
+def run_recipe(name, overrides, cfg):
+    """Train one recipe until the time cap; returns its curve [(train seconds, tokens, val bits/char)]."""
+    out_dir = os.path.join(cfg.out, name)
+    command = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out_dir}', '--overwrite',
+               f'--eval_interval={cfg.eval_interval}', f'--eval_iters={cfg.eval_iters}', *overrides]
+    print(f"\n== {name}: {' '.join(command[1:])}", flush=True)
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    process = subprocess.Popen(command)
+    curve, read = [], 0
+    while True:
+        finished = process.poll() is not None
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                lines = f.readlines()
+            complete = lines[:len(lines) if finished else max(len(lines) - 1, 0)]  # the last may be half-written
+            for line in complete[read:]:
+                record = json.loads(line)
+                if 'val_bpc' in record:
+                    curve.append((record['train_s'], record['tokens'], record['val_bpc']))
+            read = len(complete)
+        if finished or (curve and curve[-1][0] >= cfg.time_cap):
+            break
+        time.sleep(0.5)
+    if not finished:
+        process.terminate()
+        process.wait()
+    elif process.returncode:
+        raise SystemExit(f"recipe {name} failed (exit {process.returncode}): see the output above")
+    return curve
+
+
+def time_to(curve, target):
+    """Training seconds at which the curve first reaches the target (linear between two evals), or None."""
+    for (t0, _, b0), (t1, _, b1) in zip([(0, 0, math.inf)] + curve[:-1], curve):
+        if b1 <= target:
+            return t1 if not math.isfinite(b0) else t0 + (t1 - t0) * (b0 - target) / (b0 - b1)
+    return None
+
+
+def plot(curves, ngram, ngram_order, target, path):
+    import matplotlib
+    matplotlib.use('Agg')  # no screen needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curve in curves.items():
+        ax.plot([c[0] for c in curve], [c[2] for c in curve], label=name)
+    ax.axhline(ngram, color='k', linestyle='--', label=f'{ngram_order}-gram Kneser-Ney ({ngram:.3f})')
+    if target != ngram:
+        ax.axhline(target, color='gray', linestyle=':', label=f'target ({target:.3f})')
+    ax.set_xlabel('training seconds')
+    ax.set_ylabel('val bits per character')
+    ax.set_ylim(top=min(ax.get_ylim()[1], ngram + 2))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+
+
+def main(argv=None):
+    cfg = configure(DEFAULTS, argv)
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(**cfg)
+    names = cfg.recipes.split(',') if cfg.recipes else list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}: choose from {list(RECIPES)}")
+    os.makedirs(cfg.out, exist_ok=True)
+    ngram, ngram_order = ngram_bpc([int(o) for o in cfg.ngram_orders.split(',')], cfg.out)
+    target = cfg.target or ngram
+    results_path = os.path.join(cfg.out, 'results.json')
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    for name in names:
+        results[name] = {'overrides': RECIPES[name], 'curve': run_recipe(name, RECIPES[name], cfg),
+                         'time_cap': cfg.time_cap}
+        with open(results_path, 'w') as f:
+            json.dump(results, f, indent=1)
+    curves = {name: results[name]['curve'] for name in results}
+    reference = time_to(curves.get('reference', []), target)
+    print(f"\ntarget {target:.4f} bits/char ({'the ' + str(ngram_order) + '-gram' if not cfg.target else 'given'}); "
+          f"n-gram {ngram:.4f}")
+    print(f"{'recipe':<24} {'time to target':>15} {'vs reference':>13} {'best bpc':>9} {'at s':>6}")
+    for name, curve in curves.items():
+        seconds = time_to(curve, target)
+        best = min(curve, key=lambda c: c[2])
+        ratio = f"{reference / seconds:.2f}x" if seconds and reference else '-'
+        print(f"{name:<24} {f'{seconds:.0f} s' if seconds else 'not reached':>15} {ratio:>13} "
+              f"{best[2]:>9.4f} {best[0]:>6.0f}")
+    plot(curves, ngram, ngram_order, target, os.path.join(cfg.out, 'curves.png'))
+    print(f"curves: {os.path.join(cfg.out, 'curves.png')}")
+
+
+if __name__ == '__main__':
+    main()
