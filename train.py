@@ -1,5 +1,6 @@
 """
-Pretraining a GPT on Chinese medical text.
+Pretraining a GPT on Chinese medical text. Read main() top to bottom: settings; DDP, device and
+precision; data; model; optimiser; then the training loop (evaluate and checkpoint, step, log).
 
 On a laptop:           python train.py config/tiny.py
 On 4 GPUs (DDP):       torchrun --standalone --nproc_per_node=4 train.py config/base.py
@@ -24,12 +25,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, refuse_previous_run, save_checkpoint, \
     start_fresh, tokenizer_record
-from common import TAG_FILES, Windows, autocast_context, check_attention_memory, check_token_files, data_dir_of, \
-    device_type, learning_rate_at, load_char_counts, load_meta, new_model_args, optimizer_step, peak_flops, \
-    resolve_device_and_dtype, tag_table_size
+from common import TAG_FILES, Windows, check_attention_memory, check_token_files, data_dir_of, learning_rate_at, \
+    load_char_counts, load_meta, new_model_args, peak_flops, resolve_device_and_dtype, tag_table_size
 from configurator import configure, given_keys
-from optim import configure_optimizers
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 
 # Defaults are the paper's base model (CMed-GPT); config/*.py and --key=value override them.
 DEFAULTS = dict(
@@ -79,7 +79,216 @@ ARCHITECTURE = ('n_layer', 'n_head', 'n_embd', 'bias')  # what a checkpoint fixe
 MAX_PASSES = 4                     # more passes over the training tokens than this: the model memorises them
 
 
-# ----------------------------------------------------------------------------- checks before anything is touched
+def main(argv=None):
+    # ---------------------------------------------------------------------------------------------- settings
+    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
+    # everything is checked before out_dir is touched: a failed start loses nothing of a previous run
+    check_config(cfg)
+    if cfg.init_from != 'resume':
+        refuse_previous_run(cfg.out_dir, cfg.overwrite)
+    data_dir = data_dir_of(cfg.dataset)
+    meta = load_meta(data_dir)
+    # Resuming or continuing from a checkpoint: the checkpoint's architecture (layers, width, block_size,
+    # tag tables) replaces the settings' in cfg, so the data below is read in windows the model fits.
+    model_args, checkpoint = load_starting_point(cfg, data_dir, meta, given_keys(DEFAULTS, argv))
+
+    # ------------------------------------------------------------------------- DDP, device and precision
+    device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)  # 'auto' -> the fastest here
+    ddp = 'RANK' in os.environ  # started by torchrun: this process is one rank of several
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        if device.startswith('cuda'):  # one GPU per process
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master_process = rank == 0  # the one that prints, logs and writes checkpoints
+    if cfg.gradient_accumulation_steps % world_size:
+        raise SystemExit(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
+                         f"multiple of the number of processes ({world_size})")
+    accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps per iteration on this rank
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps  # over all ranks
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: float32 speed for free
+    torch.backends.cudnn.allow_tf32 = True
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'  # what autocast and the scaler want
+    # bf16/fp16: autocast runs the matmuls in that type while the weights stay float32; float32: nothing
+    autocast = contextlib.nullcontext() if dtype == 'float32' else \
+        torch.autocast(device_type, dtype=getattr(torch, dtype))
+    # fp16's small range lets gradients underflow: the scaler multiplies the loss up before backward and
+    # divides the gradients back before the step (with bf16 or float32 it does nothing)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+
+    # ------------------------------------------------------------------------------------------------ data
+    train_tokens = check_token_files(data_dir, cfg.block_size)
+    tag_inputs = [name for name in TAG_FILES if model_args[f"n_{name}"] > 0]  # tags the model has a table for
+    windows = Windows(data_dir, cfg.block_size, cfg.batch_size, tag_inputs, device)
+    char_counts = load_char_counts(data_dir)  # characters per token id, for bits per character
+    char_counts = None if char_counts is None else torch.as_tensor(char_counts, device=device)
+    tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
+    tokenizer = tokenizer_record(tokenizer_path) if os.path.isfile(tokenizer_path) else None  # saved with the weights
+
+    # ----------------------------------------------------------------------------------------------- model
+    check_attention_memory(cfg.block_size, cfg.batch_size, model_args['n_layer'], model_args['n_head'], device)
+    model = GPT(GPTConfig(**model_args)).to(device)  # scratch: these random weights
+    resuming = cfg.init_from == 'resume'
+    if resuming:  # out_dir/ckpt.pt: its weights here, its optimiser, scaler and iteration below
+        model.load_state_dict(checkpoint['model'])
+    elif checkpoint is not None:  # continued pretraining: the weights; tag tables they lack start at zero
+        missing, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
+        if unexpected or any(not name.startswith(('wle.', 'wee.')) for name in missing):
+            raise SystemExit(f"{cfg.init_from} does not fit its own model_args: missing {missing}, "
+                             f"unexpected {unexpected}")
+
+    # ------------------------------------------------------------------------------------------- optimiser
+    optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     device_type)
+    iter_num, best_val_loss = 0, math.inf  # continued pretraining too: a new schedule from iteration 0
+    if resuming:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if checkpoint['scaler']:  # {} from a run without fp16: the fresh scaler is right then
+            scaler.load_state_dict(checkpoint['scaler'])
+        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    checkpoint = None  # free the loaded copy
+    # `model` stays the plain module (its state_dict is what checkpoints hold); the loop runs the wrappers:
+    # torch.compile's, and DDP's, which averages the gradients over the ranks during backward
+    eval_model = torch.compile(model) if cfg.compile else model
+    train_model = eval_model
+    if ddp:
+        train_model = DDP(eval_model, device_ids=[torch.device(device)] if device_type == 'cuda' else None)
+
+    # ---------------------------------------------------------------------------------------- the loop
+    # every check has passed: only now does the run hold out_dir (and a new run clear the old files)
+    out_dir_lock = hold_out_dir(cfg.out_dir, cfg.init_from != 'resume', cfg.overwrite) if master_process else None
+    peak, peak_source = (cfg.peak_flops, 'given') if cfg.peak_flops else peak_flops(device, dtype)
+    if master_process:
+        print(f"{model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device} in {dtype} "
+              f"({dtype_reason}), {tokens_per_iter:,} tokens per iteration; MFU against a peak of "
+              f"{peak / 1e9:,.0f} GFLOP/s ({peak_source})")
+        report_passes((cfg.max_iters - iter_num) * tokens_per_iter, train_tokens, data_dir)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Train/val loss on eval_iters fixed batches per split (over all ranks), val perplexity, bits/char."""
+        totals = {}  # split -> (nats, tokens, characters), summed over batches and ranks
+        eval_model.eval()
+        for split in ('train', 'val'):
+            # the same windows at every evaluation, so successive losses differ only by the model
+            rng = window_rng(cfg.seed, rank, EVAL_STREAM, ('train', 'val').index(split))
+            nats = tokens = chars = 0.0
+            for _ in range(cfg.eval_iters):
+                batch = windows.batch(split, rng)
+                with autocast:
+                    _, loss = eval_model(**batch)
+                n = batch['targets'].numel()
+                nats, tokens = nats + loss.item() * n, tokens + n
+                if char_counts is not None:
+                    chars += char_counts[batch['targets']].sum().item()
+            totals[split] = sum_over_ranks([nats, tokens, chars], world_size, device)
+        eval_model.train()
+        val_nats, val_tokens, val_chars = totals['val']
+        val_loss = val_nats / val_tokens
+        return {'train_loss': totals['train'][0] / totals['train'][1], 'val_loss': val_loss,
+                'val_ppl': math.exp(val_loss) if val_loss < 700 else math.inf,  # exp overflows past ~709
+                'val_bpc': val_nats / math.log(2) / val_chars if val_chars else None}
+
+    start_iter, saved = iter_num, False
+    loop_start = time.time()
+    interval_seconds, interval_iters = 0.0, 0  # training time since the last log line
+    while True:
+        # evaluate, and checkpoint what was learned, every eval_interval iterations and at the end
+        if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
+            metrics = estimate_loss()
+            if master_process:
+                log(cfg.out_dir, {'iter': iter_num, **metrics},
+                    f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+                    f"val ppl {metrics['val_ppl']:.2f}, val bits/char {bpc_text(metrics)}")
+            if not math.isfinite(metrics['val_loss']):
+                raise SystemExit(f"stopping: non-finite val loss at iter {iter_num}; no checkpoint written.")
+            improved = metrics['val_loss'] < best_val_loss
+            best_val_loss = min(metrics['val_loss'], best_val_loss)
+            if master_process and iter_num > start_iter:  # nothing new has been learned before
+                checkpoint = {'model': model.state_dict(), 'model_args': model_args, 'config': vars(cfg),
+                              'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                              'iter_num': iter_num, 'best_val_loss': best_val_loss, 'tokenizer': tokenizer}
+                # best.pt first: a kill between the two writes must not leave best.pt behind the best ckpt.pt records
+                if improved:
+                    save_checkpoint(checkpoint, os.path.join(cfg.out_dir, 'best.pt'))
+                if improved or cfg.always_save_checkpoint:
+                    save_checkpoint(checkpoint, os.path.join(cfg.out_dir, 'ckpt.pt'))
+                saved = True
+        if iter_num >= cfg.max_iters:
+            break
+
+        # one optimiser step over accum_steps micro-batches
+        step_start = time.time()
+        # Windows and dropout masks are a function of (seed, rank, iteration) alone, so a resumed run
+        # draws exactly what the uninterrupted one drew, with nothing but iter_num to restore.
+        rng = window_rng(cfg.seed, rank, TRAIN_STREAM, iter_num)
+        torch.manual_seed(int(rng.integers(2 ** 62)))
+        lr = learning_rate_at(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+        for group in optimizer.param_groups:  # optim.py: a group's peak is lr_scale times learning_rate's
+            group['lr'] = lr * group.get('lr_scale', 1.0)
+        loss_sum = torch.zeros((), device=device)  # kept on the device: reading it would wait for the GPU
+        for micro_step in range(accum_steps):
+            batch = windows.batch('train', rng)
+            # DDP averages gradients over ranks in every backward; only the last micro-step's needs it
+            skip_sync = ddp and micro_step < accum_steps - 1
+            with train_model.no_sync() if skip_sync else contextlib.nullcontext():
+                with autocast:
+                    _, loss = train_model(**batch)
+                scaler.scale(loss / accum_steps).backward()  # gradients add up over the micro-steps
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)  # with fp16, skips the step when a gradient is inf/nan
+        scaler.update()         # ... and then lowers the scale: that is how the skip shows
+        optimizer.zero_grad(set_to_none=True)
+        skipped = scaler.get_scale() < scale_before
+
+        # log: the loss averaged over ranks, speed, MFU
+        log_now = iter_num % cfg.log_interval == 0 or skipped  # the same on every rank
+        if log_now:  # reading the loss waits for the device: only here, not every step
+            loss = sum_over_ranks([(loss_sum / accum_steps).item()], world_size, device)[0] / world_size
+            if not math.isfinite(loss) and not scaler.is_enabled():  # fp16 skips such a step instead
+                raise SystemExit(f"stopping: non-finite training loss ({loss}) at iter {iter_num} with dtype "
+                                 f"{dtype} (checked every log_interval={cfg.log_interval} iterations); no "
+                                 f"checkpoint was written after it. Lower learning_rate or check the data.")
+        interval_seconds, interval_iters = interval_seconds + time.time() - step_start, interval_iters + 1
+        if log_now and master_process:
+            dt = interval_seconds / interval_iters  # seconds per iteration since the last log line
+            tokens_per_s = tokens_per_iter / dt
+            # at the windows' length, which may be below the model's block_size
+            mfu = model.estimate_mfu(cfg.batch_size * accum_steps, dt, peak, cfg.block_size)
+            eta = (time.time() - loop_start) / (iter_num - start_iter + 1) * (cfg.max_iters - iter_num - 1)
+            skip_note = f", fp16 overflow: step skipped, scale now {scaler.get_scale():g}" if skipped else ""
+            log(cfg.out_dir, {'iter': iter_num, 'loss': loss, 'lr': lr, 'tokens_per_s': tokens_per_s, 'mfu': mfu,
+                              'skipped_step': skipped},
+                f"iter {iter_num}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
+                f"{tokens_per_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min{skip_note}")
+        if log_now:
+            interval_seconds, interval_iters = 0.0, 0
+        iter_num += 1
+
+    if ddp:  # DDP must leave every rank with the same weights: compare each rank's sum of squared weights
+        checksum = sum(p.detach().double().square().sum() for p in model.parameters()).reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+        dist.all_gather(gathered, checksum)
+        checksums = [c.item() for c in gathered]
+        if master_process:
+            log(cfg.out_dir, {'iter': iter_num, 'param_checksums': checksums},
+                f"ranks in step: {len(set(checksums)) == 1} (weight checksums {checksums})")
+    if master_process:
+        written = f"checkpoints in {cfg.out_dir}/" if saved else "no checkpoint written (max_iters=0)"
+        print(f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
+              f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; {written}")
+    del out_dir_lock  # held to here: the lock is released (as it is when the process ends)
+    if ddp:
+        leave_process_group()
+
+
+# ----------------------------------------------------------------------------- the checks and helpers main calls
 
 def check_config(cfg):
     """Every option a number must be, with its range: one line naming the key, before any work."""
@@ -101,218 +310,11 @@ def check_config(cfg):
             raise SystemExit(f"--{key} must be {expected}, not {getattr(cfg, key)!r}")
 
 
-def adopt_architecture(cfg, model_args, source, windows_may_be_shorter, given):
-    """The model's shape comes from the checkpoint. A shape key the config file or the command line set
-    (`given`, even to the default's value) to another value is an error naming both; the others take the
-    checkpoint's value, so that the config saved with the next checkpoint tells the truth."""
-    wanted = {key: model_args[key] for key in ARCHITECTURE}
-    wanted.update(lexical=model_args['n_lexical'] > 0 or (windows_may_be_shorter and cfg.lexical),
-                  entity=model_args['n_entity'] > 0 or (windows_may_be_shorter and cfg.entity))
-    if not windows_may_be_shorter:
-        wanted['block_size'] = model_args['block_size']
-    for key, value in wanted.items():
-        asked = getattr(cfg, key)
-        # a table the checkpoint has is kept though not asked for; one it lacks is never added on resume
-        conflict = asked if key in ('lexical', 'entity') else key in given
-        if conflict and asked != value:
-            raise SystemExit(f"--{key}={asked!r} differs from {source}'s {value!r}: the model keeps its architecture "
-                             f"(drop --{key}, or start a new run in another --out_dir)")
-        setattr(cfg, key, value)
-    if cfg.block_size > model_args['block_size']:
-        raise SystemExit(f"--block_size={cfg.block_size} is longer than {source}'s {model_args['block_size']} "
-                         f"positions: lower --block_size")
-
-
-# ----------------------------------------------------------------------------- setup
-
-def setup_distributed(device):
-    """Under torchrun join the process group; returns (rank, world_size, device)."""
-    if 'RANK' not in os.environ:
-        return 0, 1, device
-    on_gpu = device.startswith('cuda')
-    dist.init_process_group(backend='nccl' if on_gpu else 'gloo')
-    if on_gpu:  # one GPU per process
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-# ----------------------------------------------------------------------------- training
-
-def window_rng(training, stream, index):
-    """Random numbers that depend on (seed, rank, stream, index) only: each rank reads its own windows."""
-    return np.random.default_rng([training.cfg.seed, training.rank, stream, index])
-
-
-def sum_over_ranks(values, world_size, device):
-    """Element-wise sum of a list of numbers over all ranks (the list itself when single process)."""
-    if world_size == 1:
-        return values
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    return totals.tolist()
-
-
-def train_step(training, iter_num):
-    """One optimizer step over gradient_accumulation_steps micro-batches.
-
-    Returns (this rank's mean loss as a tensor on the device, whether fp16 skipped the step). The loss
-    stays on the device so that a GPU is not made to wait for it on every step."""
-    # Windows and dropout masks are a function of (seed, rank, iteration) alone, so a resumed run
-    # draws exactly what the uninterrupted one drew, with nothing but iter_num to restore.
-    rng = window_rng(training, TRAIN_STREAM, iter_num)
-    torch.manual_seed(int(rng.integers(2 ** 62)))
-    loss_sum = torch.zeros((), device=training.device)
-    for micro_step in range(training.accum_steps):
-        batch = training.windows.batch('train', rng)
-        is_last = micro_step == training.accum_steps - 1
-        # DDP averages gradients over ranks on every backward; only the last micro-step needs it
-        skip_sync = training.world_size > 1 and not is_last
-        with training.train_model.no_sync() if skip_sync else contextlib.nullcontext():
-            with training.autocast:
-                _, loss = training.train_model(**batch)
-            training.scaler.scale(loss / training.accum_steps).backward()
-        loss_sum += loss.detach()
-    skipped = optimizer_step(training.optimizer, training.scaler, training.model.parameters(), training.cfg.grad_clip,
-                             learning_rate_of(training.cfg, iter_num))
-    return loss_sum / training.accum_steps, skipped
-
-
-def learning_rate_of(cfg, iter_num):
-    return learning_rate_at(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-
-
-def mean_loss_over_ranks(training, loss, iter_num):
-    """The training loss averaged over ranks, as a number; stops the run if it is not finite."""
-    loss = sum_over_ranks([loss.item()], training.world_size, training.device)[0] / training.world_size
-    if not math.isfinite(loss) and not training.scaler.is_enabled():
-        raise SystemExit(f"stopping: non-finite training loss ({loss}) at iter {iter_num} with dtype "
-                         f"{training.dtype} (checked every log_interval={training.cfg.log_interval} iterations); "
-                         f"no checkpoint was written after it. Lower learning_rate or check the data.")
-    return loss
-
-
-@torch.no_grad()
-def evaluate(training):
-    """Train/val loss on eval_iters fixed batches per split (over all ranks), val perplexity, bits/char."""
-    training.eval_model.eval()
-    train_nats, train_tokens, _ = split_totals(training, 'train')
-    val_nats, val_tokens, val_chars = split_totals(training, 'val')
-    training.eval_model.train()
-    val_loss = val_nats / val_tokens
-    return {'train_loss': train_nats / train_tokens, 'val_loss': val_loss,
-            'val_ppl': math.exp(val_loss) if val_loss < 700 else math.inf,  # exp overflows past ~709
-            'val_bpc': val_nats / math.log(2) / val_chars if val_chars else None}
-
-
-def split_totals(training, split):
-    """(nats, tokens, characters) summed over eval_iters batches of one split and over all ranks."""
-    # the same windows at every evaluation, so successive losses differ only by the model
-    rng = window_rng(training, EVAL_STREAM, ('train', 'val').index(split))
-    nats = tokens = chars = 0.0
-    for _ in range(training.cfg.eval_iters):
-        batch = training.windows.batch(split, rng)
-        with training.autocast:
-            _, loss = training.eval_model(**batch)
-        n = batch['targets'].numel()
-        nats, tokens = nats + loss.item() * n, tokens + n
-        if training.char_counts is not None:
-            chars += training.char_counts[batch['targets']].sum().item()
-    return sum_over_ranks([nats, tokens, chars], training.world_size, training.device)
-
-
-def ranks_in_step_checksums(training):
-    """Each rank's sum of squared weights: DDP must leave every rank with the same numbers."""
-    checksum = sum(p.detach().double().square().sum() for p in training.model.parameters()).reshape(1)
-    gathered = [torch.zeros_like(checksum) for _ in range(training.world_size)]
-    dist.all_gather(gathered, checksum)
-    return [c.item() for c in gathered]
-
-
-def leave_process_group():
-    """Leave torchrun's process group and end this process, skipping the interpreter's teardown."""
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # A Gloo worker thread may still be releasing the last collective's tensors (which takes the GIL)
-    # after wait() returned; DDP keeps the group alive, so destroy does not join it. If Python is tearing
-    # down by then, 3.11 kills the thread mid-destructor and the process aborts ("terminate called without
-    # an active exception"). Everything is written and flushed: exit now, with no teardown to race.
-    os._exit(0)
-
-
-# ----------------------------------------------------------------------------- output
-
-def log(training, record, text):
-    """Print a line and append a JSON record to out_dir/log.jsonl (rank 0 only)."""
-    if training.rank == 0:
-        print(text, flush=True)
-        with open(os.path.join(training.cfg.out_dir, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
-
-
-def checkpoint_of(training, iter_num, best_val_loss):
-    return {'model': training.model.state_dict(), 'model_args': training.model_args, 'config': vars(training.cfg),
-            'optimizer': training.optimizer.state_dict(), 'scaler': training.scaler.state_dict(),
-            'iter_num': iter_num, 'best_val_loss': best_val_loss, 'tokenizer': training.tokenizer}
-
-
-def evaluate_and_save(training, iter_num, best_val_loss):
-    """Evaluate, log, write ckpt.pt / best.pt (rank 0); returns the metrics and the new best val loss."""
-    metrics = evaluate(training)
-    log(training, {'iter': iter_num, **metrics},
-        f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-        f"val ppl {metrics['val_ppl']:.2f}, val bits/char {bpc_text(metrics)}")
-    val_loss = metrics['val_loss']
-    if not math.isfinite(val_loss):
-        raise SystemExit(f"stopping: non-finite val loss at iter {iter_num}; no checkpoint written.")
-    improved = val_loss < best_val_loss
-    best_val_loss = min(val_loss, best_val_loss)
-    if training.rank == 0 and iter_num > training.start_iter:  # nothing new has been learned before
-        checkpoint = checkpoint_of(training, iter_num, best_val_loss)
-        # best.pt first: a kill between the two writes must not leave best.pt behind the best ckpt.pt records
-        if improved:
-            save_checkpoint(checkpoint, os.path.join(training.cfg.out_dir, 'best.pt'))
-        if improved or training.cfg.always_save_checkpoint:
-            save_checkpoint(checkpoint, os.path.join(training.cfg.out_dir, 'ckpt.pt'))
-        training.saved = True
-    return metrics, best_val_loss
-
-
-def bpc_text(metrics):
-    return 'n/a (no tokenizer.model)' if metrics['val_bpc'] is None else f"{metrics['val_bpc']:.4f}"
-
-
-def log_progress(training, iter_num, loss, skipped, dt, seconds_per_iter):
-    tokens_per_s = training.tokens_per_iter / dt
-    mfu = training.model.estimate_mfu(training.cfg.batch_size * training.accum_steps, dt, training.peak_flops,
-                                      training.cfg.block_size)  # the windows' length: it may be below the model's
-    lr = learning_rate_of(training.cfg, iter_num)
-    eta = seconds_per_iter * (training.cfg.max_iters - iter_num - 1)
-    skip_note = f", fp16 overflow: step skipped, scale now {training.scaler.get_scale():g}" if skipped else ""
-    log(training, {'iter': iter_num, 'loss': loss, 'lr': lr, 'tokens_per_s': tokens_per_s, 'mfu': mfu,
-                   'skipped_step': skipped},
-        f"iter {iter_num}/{training.cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
-        f"{tokens_per_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min{skip_note}")
-
-
-# ----------------------------------------------------------------------------- main
-
-def report_passes(cfg, training, train_tokens, data_dir):
-    """How much data the run reads, and a warning when it will memorise its corpus."""
-    tokens_to_read = (cfg.max_iters - training.start_iter) * training.tokens_per_iter
-    passes = tokens_to_read / train_tokens
-    print(f"this run reads {tokens_to_read:,} tokens: {passes:,.1f} passes over the {train_tokens:,} training "
-          f"tokens of {data_dir}")
-    if passes > MAX_PASSES:
-        print(f"WARNING: {passes:,.0f} passes (more than {MAX_PASSES}): the model will memorise the corpus. Add "
-              f"data (prepare/pretrain.py --corpus ...) or lower --max_iters.", flush=True)
-
-
-def starting_point(cfg, data_dir, meta, given):
+def load_starting_point(cfg, data_dir, meta, given):
     """(model_args, checkpoint): new ones and None from scratch; out_dir/ckpt.pt's when resuming; for
     continued pretraining (init_from = a run's folder or checkpoint, e.g. an imported GPT2-Chinese) its
-    weights alone, with tables added as asked: the optimiser and the schedule start anew."""
+    weights alone, with tables added as asked: the optimiser and the schedule start anew. A checkpoint
+    must fit the data's tokenizer, and its architecture is adopted into cfg (adopt_architecture)."""
     if cfg.init_from == 'scratch':
         return new_model_args(cfg, meta), None
     resuming = cfg.init_from == 'resume'
@@ -341,103 +343,83 @@ def starting_point(cfg, data_dir, meta, given):
     return model_args, {'model': checkpoint['model']}
 
 
-def build_training(cfg, device, dtype, data_dir, model_args, checkpoint):
-    """Everything a training loop needs, in one namespace: model, optimizer, data, precision, ranks."""
-    rank, world_size, device = setup_distributed(device)
-    if cfg.gradient_accumulation_steps % world_size:
-        raise SystemExit(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
-                         f"multiple of the number of processes ({world_size})")
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: float32 speed for free
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device_type(device))
-    scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == 'float16')
-    resuming = checkpoint is not None and 'optimizer' in checkpoint
-    if resuming:
-        model.load_state_dict(checkpoint['model'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        if checkpoint['scaler']:  # {} from a run without fp16: the fresh scaler is right then
-            scaler.load_state_dict(checkpoint['scaler'])
-    elif checkpoint is not None:  # continued pretraining: the weights; tag tables it lacks start at zero
-        missing, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
-        if unexpected or any(not name.startswith(('wle.', 'wee.')) for name in missing):
-            raise SystemExit(f"{cfg.init_from} does not fit its own model_args: missing {missing}, unexpected {unexpected}")
-    eval_model = torch.compile(model) if cfg.compile else model
-    train_model = eval_model
-    if world_size > 1:
-        train_model = DDP(eval_model, device_ids=[torch.device(device)] if device_type(device) == 'cuda' else None)
-    tag_inputs = [name for name in TAG_FILES if model_args[f"n_{name}"] > 0]
-    char_counts = load_char_counts(data_dir)
-    accum_steps = cfg.gradient_accumulation_steps // world_size
-    peak, peak_source = (cfg.peak_flops, 'given') if cfg.peak_flops else peak_flops(device, dtype)
-    tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
-    return SimpleNamespace(
-        cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, model_args=model_args,
-        tokenizer=tokenizer_record(tokenizer_path) if os.path.isfile(tokenizer_path) else None, saved=False,
-        model=model, eval_model=eval_model, train_model=train_model, optimizer=optimizer, scaler=scaler,
-        autocast=autocast_context(device, dtype), accum_steps=accum_steps,
-        windows=Windows(data_dir, cfg.block_size, cfg.batch_size, tag_inputs, device),
-        char_counts=None if char_counts is None else torch.as_tensor(char_counts, device=device),
-        tokens_per_iter=cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
-        peak_flops=peak, peak_source=peak_source,
-        start_iter=checkpoint['iter_num'] if resuming else 0,
-        best_val_loss=checkpoint['best_val_loss'] if resuming else math.inf)
+def adopt_architecture(cfg, model_args, source, windows_may_be_shorter, given):
+    """The model's shape comes from the checkpoint. A shape key the config file or the command line set
+    (`given`, even to the default's value) to another value is an error naming both; the others take the
+    checkpoint's value, so that the config saved with the next checkpoint tells the truth."""
+    wanted = {key: model_args[key] for key in ARCHITECTURE}
+    wanted.update(lexical=model_args['n_lexical'] > 0 or (windows_may_be_shorter and cfg.lexical),
+                  entity=model_args['n_entity'] > 0 or (windows_may_be_shorter and cfg.entity))
+    if not windows_may_be_shorter:
+        wanted['block_size'] = model_args['block_size']
+    for key, value in wanted.items():
+        asked = getattr(cfg, key)
+        # a table the checkpoint has is kept though not asked for; one it lacks is never added on resume
+        conflict = asked if key in ('lexical', 'entity') else key in given
+        if conflict and asked != value:
+            raise SystemExit(f"--{key}={asked!r} differs from {source}'s {value!r}: the model keeps its architecture "
+                             f"(drop --{key}, or start a new run in another --out_dir)")
+        setattr(cfg, key, value)
+    if cfg.block_size > model_args['block_size']:
+        raise SystemExit(f"--block_size={cfg.block_size} is longer than {source}'s {model_args['block_size']} "
+                         f"positions: lower --block_size")
 
 
-def main(argv=None):
-    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
-    # everything is checked before out_dir is touched: a failed start loses nothing of a previous run
-    check_config(cfg)
-    if cfg.init_from != 'resume':
-        refuse_previous_run(cfg.out_dir, cfg.overwrite)
-    device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)
-    data_dir = data_dir_of(cfg.dataset)
-    meta = load_meta(data_dir)
-    model_args, checkpoint = starting_point(cfg, data_dir, meta, given_keys(DEFAULTS, argv))
-    train_tokens = check_token_files(data_dir, cfg.block_size)
-    check_attention_memory(cfg.block_size, cfg.batch_size, model_args['n_layer'], model_args['n_head'], device)
-    rank0 = os.environ.get('RANK', '0') == '0'
-    lock = claim_out_dir(cfg.out_dir) if rank0 else None  # noqa: F841 (held until the process ends)
-    if rank0 and cfg.init_from != 'resume':
-        start_fresh(cfg.out_dir, cfg.overwrite)
-    training = build_training(cfg, device, dtype, data_dir, model_args, checkpoint)
-    if training.rank == 0:
-        print(f"{training.model.num_params() / 1e6:.2f}M parameters, {training.world_size} process(es) on "
-              f"{training.device} in {training.dtype} ({dtype_reason}), "
-              f"{training.tokens_per_iter:,} tokens per iteration; MFU against a peak of "
-              f"{training.peak_flops / 1e9:,.0f} GFLOP/s ({training.peak_source})")
-        report_passes(cfg, training, train_tokens, data_dir)
-    iter_num, best_val_loss = training.start_iter, training.best_val_loss
-    loop_start = time.time()
-    interval_seconds, interval_iters = 0.0, 0  # training time since the last log line
-    while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
-            metrics, best_val_loss = evaluate_and_save(training, iter_num, best_val_loss)
-        if iter_num >= cfg.max_iters:
-            break
-        step_start = time.time()
-        loss, skipped = train_step(training, iter_num)
-        log_now = iter_num % cfg.log_interval == 0 or skipped  # the same on every rank
-        if log_now:  # reading the loss waits for the device: only here, not every step
-            loss = mean_loss_over_ranks(training, loss, iter_num)
-        interval_seconds, interval_iters = interval_seconds + time.time() - step_start, interval_iters + 1
-        if log_now:
-            seconds_per_iter = (time.time() - loop_start) / (iter_num - training.start_iter + 1)
-            log_progress(training, iter_num, loss, skipped, interval_seconds / interval_iters, seconds_per_iter)
-            interval_seconds, interval_iters = 0.0, 0
-        iter_num += 1
-    if training.world_size > 1:
-        checksums = ranks_in_step_checksums(training)
-        log(training, {'iter': iter_num, 'param_checksums': checksums},
-            f"ranks in step: {len(set(checksums)) == 1} (weight checksums {checksums})")
-    if training.rank == 0:
-        saved = f"checkpoints in {cfg.out_dir}/" if training.saved else "no checkpoint written (max_iters=0)"
-        print(f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
-              f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; {saved}")
-    if training.world_size > 1:
-        leave_process_group()
+def hold_out_dir(out_dir, new_run, overwrite):
+    """Lock out_dir for this process, so that a second run into it is refused, and for a new run clear the
+    previous run's files (refused again here without --overwrite: out_dir may have changed since the first
+    check). Returns the lock file: keep it referenced, the system releases it when the process ends."""
+    lock = claim_out_dir(out_dir)
+    if new_run:
+        start_fresh(out_dir, overwrite)
+    return lock
+
+
+def report_passes(tokens_to_read, train_tokens, data_dir):
+    """How much data the run reads, and a warning when it will memorise its corpus."""
+    passes = tokens_to_read / train_tokens
+    print(f"this run reads {tokens_to_read:,} tokens: {passes:,.1f} passes over the {train_tokens:,} training "
+          f"tokens of {data_dir}")
+    if passes > MAX_PASSES:
+        print(f"WARNING: {passes:,.0f} passes (more than {MAX_PASSES}): the model will memorise the corpus. Add "
+              f"data (prepare/pretrain.py --corpus ...) or lower --max_iters.", flush=True)
+
+
+def window_rng(seed, rank, stream, index):
+    """Random numbers that depend on (seed, rank, stream, index) only: each rank reads its own windows."""
+    return np.random.default_rng([seed, rank, stream, index])
+
+
+def sum_over_ranks(values, world_size, device):
+    """Element-wise sum of a list of numbers over all ranks (the list itself when single process)."""
+    if world_size == 1:
+        return values
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def log(out_dir, record, text):
+    """Print a line and append its JSON record to out_dir/log.jsonl."""
+    print(text, flush=True)
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def bpc_text(metrics):
+    return 'n/a (no tokenizer.model)' if metrics['val_bpc'] is None else f"{metrics['val_bpc']:.4f}"
+
+
+def leave_process_group():
+    """Leave torchrun's process group and end this process, skipping the interpreter's teardown."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A Gloo worker thread may still be releasing the last collective's tensors (which takes the GIL)
+    # after wait() returned; DDP keeps the group alive, so destroy does not join it. If Python is tearing
+    # down by then, 3.11 kills the thread mid-destructor and the process aborts ("terminate called without
+    # an active exception"). Everything is written and flushed: exit now, with no teardown to race.
+    os._exit(0)
 
 
 if __name__ == '__main__':

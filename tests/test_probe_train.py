@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,10 +196,9 @@ def test_continued_pretraining_starts_from_the_given_weights(data_dir, finished_
 
 
 def test_the_passes_line_warns_before_memorising(capsys):
-    cfg = SimpleNamespace(max_iters=1000)
-    train.report_passes(cfg, SimpleNamespace(start_iter=0, tokens_per_iter=2048), 100_000, 'data/x')
+    train.report_passes(1000 * 2048, 100_000, 'data/x')
     out = capsys.readouterr().out
     assert 'reads 2,048,000 tokens: 20.5 passes over the 100,000 training tokens of data/x' in out
     assert 'WARNING: 20 passes' in out and '--corpus' in out
-    train.report_passes(cfg, SimpleNamespace(start_iter=0, tokens_per_iter=2048), 10_000_000, 'data/x')
+    train.report_passes(1000 * 2048, 10_000_000, 'data/x')
     assert 'WARNING' not in capsys.readouterr().out
