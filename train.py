@@ -80,7 +80,7 @@ MAX_PASSES = 4                     # more passes over the training tokens than t
 
 
 def main(argv=None):
-    # ---------------------------------------------------------------------------------------------- settings
+    # ----------------------------------------------------------------------------------------------- settings
     cfg = SimpleNamespace(**configure(DEFAULTS, argv))
     # everything is checked before out_dir is touched: a failed start loses nothing of a previous run
     check_config(cfg)
@@ -92,7 +92,7 @@ def main(argv=None):
     # tag tables) replaces the settings' in cfg, so the data below is read in windows the model fits.
     model_args, checkpoint = load_starting_point(cfg, data_dir, meta, given_keys(DEFAULTS, argv))
 
-    # ------------------------------------------------------------------------- DDP, device and precision
+    # ------------------------------------------------------------------------------ DDP, device and precision
     device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)  # 'auto' -> the fastest here
     ddp = 'RANK' in os.environ  # started by torchrun: this process is one rank of several
     if ddp:
@@ -118,7 +118,7 @@ def main(argv=None):
     # divides the gradients back before the step (with bf16 or float32 it does nothing)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 
-    # ------------------------------------------------------------------------------------------------ data
+    # --------------------------------------------------------------------------------------------------- data
     train_tokens = check_token_files(data_dir, cfg.block_size)
     tag_inputs = [name for name in TAG_FILES if model_args[f"n_{name}"] > 0]  # tags the model has a table for
     windows = Windows(data_dir, cfg.block_size, cfg.batch_size, tag_inputs, device)
@@ -127,7 +127,7 @@ def main(argv=None):
     tokenizer_path = os.path.join(data_dir, 'tokenizer.model')
     tokenizer = tokenizer_record(tokenizer_path) if os.path.isfile(tokenizer_path) else None  # saved with the weights
 
-    # ----------------------------------------------------------------------------------------------- model
+    # -------------------------------------------------------------------------------------------------- model
     check_attention_memory(cfg.block_size, cfg.batch_size, model_args['n_layer'], model_args['n_head'], device)
     model = GPT(GPTConfig(**model_args)).to(device)  # scratch: these random weights
     resuming = cfg.init_from == 'resume'
@@ -139,7 +139,7 @@ def main(argv=None):
             raise SystemExit(f"{cfg.init_from} does not fit its own model_args: missing {missing}, "
                              f"unexpected {unexpected}")
 
-    # ------------------------------------------------------------------------------------------- optimiser
+    # ---------------------------------------------------------------------------------------------- optimiser
     optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
     iter_num, best_val_loss = 0, math.inf  # continued pretraining too: a new schedule from iteration 0
@@ -156,7 +156,7 @@ def main(argv=None):
     if ddp:
         train_model = DDP(eval_model, device_ids=[torch.device(device)] if device_type == 'cuda' else None)
 
-    # ---------------------------------------------------------------------------------------- the loop
+    # ---------------------------------------------------------------------------------------------- the start
     # every check has passed: only now does the run hold out_dir (and a new run clear the old files)
     out_dir_lock = hold_out_dir(cfg.out_dir, cfg.init_from != 'resume', cfg.overwrite) if master_process else None
     peak, peak_source = (cfg.peak_flops, 'given') if cfg.peak_flops else peak_flops(device, dtype)
@@ -191,6 +191,7 @@ def main(argv=None):
                 'val_ppl': math.exp(val_loss) if val_loss < 700 else math.inf,  # exp overflows past ~709
                 'val_bpc': val_nats / math.log(2) / val_chars if val_chars else None}
 
+    # ----------------------------------------------------------------------------------------------- the loop
     start_iter, saved = iter_num, False
     loop_start = time.time()
     interval_seconds, interval_iters = 0.0, 0  # training time since the last log line
