@@ -80,6 +80,15 @@ def peak_flops(device, dtype):
     return flops, f"measured: best of 5 {n}x{n} {dtype} matmuls"
 
 
+def busy_note(device):
+    """'' on an idle CPU; else a note for the start-up line: other work lowers the measured peak."""
+    if device.startswith('cuda'):
+        return ''
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    return f"; the machine looked busy (load average {load:.1f} on {cores} cores): the peak is measured again at " \
+        "every evaluation" if load > cores / 2 else ''
+
+
 def measure_matmul_flops(device, dtype, n, tries=5):
     """The best FLOP/s of `tries` timed n x n matmuls after a warm-up (the best burst is the one least
     slowed by anything else running on the machine)."""

@@ -25,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, refuse_previous_run, save_checkpoint, \
     start_fresh, tokenizer_record
-from common import TAG_FILES, Windows, check_attention_memory, check_token_files, data_dir_of, learning_rate_at, \
-    load_char_counts, load_meta, new_model_args, peak_flops, resolve_device_and_dtype, tag_table_size
+from common import TAG_FILES, Windows, busy_note, check_attention_memory, check_token_files, data_dir_of, \
+    learning_rate_at, load_char_counts, load_meta, new_model_args, peak_flops, resolve_device_and_dtype, \
+    tag_table_size
 from configurator import configure, given_keys
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -56,14 +57,20 @@ DEFAULTS = dict(
     lexical=False,                 # add a part-of-speech embedding (its size comes from meta.json)
     entity=False,                  # add an entity embedding (its size comes from meta.json)
     attention='fused',             # 'manual' (hand-written) or 'fused' (scaled_dot_product_attention)
-    # AdamW
+    # optimiser: AdamW for every weight, or Muon for the blocks' matrices and AdamW for the rest (optim.py)
+    optimizer='adamw',             # 'adamw' or 'muon'
+    muon_lr=0.02,                  # muon: the peak rate of the Muon matrices (learning_rate is AdamW's)
+    muon_momentum=0.95,
     learning_rate=1e-4,            # peak, reached after warm-up
     max_iters=100000,
     weight_decay=0.1,
     beta1=0.9,
     beta2=0.95,
     grad_clip=0.5,                 # clip the global gradient norm to this; 0 = off
-    # schedule: linear warm-up, then cosine down to min_lr at lr_decay_iters, then held at min_lr
+    # schedule: linear warm-up, then down to min_lr at lr_decay_iters (held there after): 'cosine' all the way,
+    # or 'wsd' (held at the peak, then a straight line down over the last warmdown_fraction)
+    lr_schedule='cosine',
+    warmdown_fraction=0.2,
     warmup_iters=2000,
     lr_decay_iters=100000,
     min_lr=5e-6,
@@ -140,10 +147,14 @@ def main(argv=None):
                              f"unexpected {unexpected}")
 
     # ---------------------------------------------------------------------------------------------- optimiser
-    optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     device_type)
+    optimizer = configure_optimizers(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
+                                     (cfg.beta1, cfg.beta2), device_type, cfg.muon_lr, cfg.muon_momentum)
     iter_num, best_val_loss = 0, math.inf  # continued pretraining too: a new schedule from iteration 0
     if resuming:
+        saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
+        if saved_optimizer != cfg.optimizer:  # the saved state holds the other optimiser's moments
+            raise SystemExit(f"{cfg.out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}: resume with "
+                             f"it, or start a new run (--init_from={cfg.out_dir} continues from its weights)")
         optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint['scaler']:  # {} from a run without fp16: the fresh scaler is right then
             scaler.load_state_dict(checkpoint['scaler'])
@@ -159,11 +170,14 @@ def main(argv=None):
     # ---------------------------------------------------------------------------------------------- the start
     # every check has passed: only now does the run hold out_dir (and a new run clear the old files)
     out_dir_lock = hold_out_dir(cfg.out_dir, cfg.init_from != 'resume', cfg.overwrite) if master_process else None
+    # MFU divides by a peak FLOP/s. A peak measured while other work runs is too low (and MFU too high): a
+    # measured peak is measured again at every evaluation and the best kept, so it only ever gets truer.
     peak, peak_source = (cfg.peak_flops, 'given') if cfg.peak_flops else peak_flops(device, dtype)
+    remeasure_peak = peak_source.startswith('measured')
     if master_process:
         print(f"{model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device} in {dtype} "
               f"({dtype_reason}), {tokens_per_iter:,} tokens per iteration; MFU against a peak of "
-              f"{peak / 1e9:,.0f} GFLOP/s ({peak_source})")
+              f"{peak / 1e9:,.0f} GFLOP/s ({peak_source}){busy_note(device) if remeasure_peak else ''}")
         report_passes((cfg.max_iters - iter_num) * tokens_per_iter, train_tokens, data_dir)
 
     @torch.no_grad()
@@ -187,20 +201,26 @@ def main(argv=None):
         eval_model.train()
         val_nats, val_tokens, val_chars = totals['val']
         val_loss = val_nats / val_tokens
-        return {'train_loss': totals['train'][0] / totals['train'][1], 'val_loss': val_loss,
+        train_nats, train_tokens, train_chars = totals['train']
+        return {'train_loss': train_nats / train_tokens, 'val_loss': val_loss,
                 'val_ppl': math.exp(val_loss) if val_loss < 700 else math.inf,  # exp overflows past ~709
+                'train_bpc': train_nats / math.log(2) / train_chars if train_chars else None,
                 'val_bpc': val_nats / math.log(2) / val_chars if val_chars else None}
 
     # ----------------------------------------------------------------------------------------------- the loop
     start_iter, saved = iter_num, False
     loop_start = time.time()
     interval_seconds, interval_iters = 0.0, 0  # training time since the last log line
+    train_seconds = 0.0  # time spent in optimiser steps (not evaluating or saving): what plot.py draws against
     while True:
         # evaluate, and checkpoint what was learned, every eval_interval iterations and at the end
         if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
             metrics = estimate_loss()
+            if remeasure_peak:
+                peak = max(peak, peak_flops(device, dtype)[0])
             if master_process:
-                log(cfg.out_dir, {'iter': iter_num, **metrics},
+                log(cfg.out_dir, {'iter': iter_num, **metrics, 'train_s': round(train_seconds, 2),
+                                  'tokens': (iter_num - start_iter) * tokens_per_iter},
                     f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                     f"val ppl {metrics['val_ppl']:.2f}, val bits/char {bpc_text(metrics)}")
             if not math.isfinite(metrics['val_loss']):
@@ -226,7 +246,8 @@ def main(argv=None):
         # draws exactly what the uninterrupted one drew, with nothing but iter_num to restore.
         rng = window_rng(cfg.seed, rank, TRAIN_STREAM, iter_num)
         torch.manual_seed(int(rng.integers(2 ** 62)))
-        lr = learning_rate_at(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+        lr = learning_rate_at(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters,
+                              cfg.lr_schedule, cfg.warmdown_fraction)
         for group in optimizer.param_groups:  # optim.py: a group's peak is lr_scale times learning_rate's
             group['lr'] = lr * group.get('lr_scale', 1.0)
         loss_sum = torch.zeros((), device=device)  # kept on the device: reading it would wait for the GPU
@@ -256,7 +277,9 @@ def main(argv=None):
                 raise SystemExit(f"stopping: non-finite training loss ({loss}) at iter {iter_num} with dtype "
                                  f"{dtype} (checked every log_interval={cfg.log_interval} iterations); no "
                                  f"checkpoint was written after it. Lower learning_rate or check the data.")
-        interval_seconds, interval_iters = interval_seconds + time.time() - step_start, interval_iters + 1
+        step_seconds = time.time() - step_start
+        train_seconds += step_seconds
+        interval_seconds, interval_iters = interval_seconds + step_seconds, interval_iters + 1
         if log_now and master_process:
             dt = interval_seconds / interval_iters  # seconds per iteration since the last log line
             tokens_per_s = tokens_per_iter / dt
@@ -265,7 +288,7 @@ def main(argv=None):
             eta = (time.time() - loop_start) / (iter_num - start_iter + 1) * (cfg.max_iters - iter_num - 1)
             skip_note = f", fp16 overflow: step skipped, scale now {scaler.get_scale():g}" if skipped else ""
             log(cfg.out_dir, {'iter': iter_num, 'loss': loss, 'lr': lr, 'tokens_per_s': tokens_per_s, 'mfu': mfu,
-                              'skipped_step': skipped},
+                              'skipped_step': skipped, 'train_s': round(train_seconds, 2)},
                 f"iter {iter_num}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
                 f"{tokens_per_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min{skip_note}")
         if log_now:
@@ -305,7 +328,12 @@ def check_config(cfg):
              ('grad_clip', 0 <= cfg.grad_clip < math.inf, 'a finite number >= 0 (0 = off)'),
              ('dropout', 0 <= cfg.dropout < 1, 'in [0, 1)'), ('beta1', 0 <= cfg.beta1 < 1, 'in [0, 1)'),
              ('beta2', 0 <= cfg.beta2 < 1, 'in [0, 1)'),
-             ('attention', cfg.attention in ('manual', 'fused'), "'manual' or 'fused'")]
+             ('attention', cfg.attention in ('manual', 'fused'), "'manual' or 'fused'"),
+             ('optimizer', cfg.optimizer in ('adamw', 'muon'), "'adamw' or 'muon'"),
+             ('muon_lr', 0 < cfg.muon_lr < math.inf, 'a finite number > 0'),
+             ('muon_momentum', 0 <= cfg.muon_momentum < 1, 'in [0, 1)'),
+             ('lr_schedule', cfg.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
+             ('warmdown_fraction', 0 < cfg.warmdown_fraction <= 1, 'in (0, 1]')]
     for key, ok, expected in rules:
         if not ok:
             raise SystemExit(f"--{key} must be {expected}, not {getattr(cfg, key)!r}")
