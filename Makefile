@@ -21,7 +21,7 @@ data/pretrain/meta.json: | .venv/installed
 data/%/meta.json: data/pretrain/meta.json
 	$(PY) prepare/$*.py
 
-# reproduce.py's Table 3: general news text, an equal number of characters of medical text (an even sample of
+# experiments/reproduce.py's Table 3: general news text, an equal number of characters of medical text (an even sample of
 # data/pretrain's sources), both with data/pretrain's tokenizer so that both fine-tune on the same example sets;
 # and IMCS-21 with lexicon entity tags instead of its gold ones
 data/general/meta.json: data/pretrain/meta.json
@@ -44,6 +44,6 @@ demo: data/pretrain/meta.json
 	$(PY) sample.py --out_dir=out/tiny --dialogue --prompt="$(PROMPT)" --max_new_tokens=120
 
 reproduce-quick: data
-	$(PY) reproduce.py --quick
+	$(PY) -m experiments.reproduce --quick
 
 .PHONY: install test data demo reproduce-quick

@@ -6,7 +6,7 @@
 
 --tokenizer=PATH/tokenizer.model reuses a tokenizer another set was built with (two pretraining sets that
 fine-tune on the same example sets must share one); --train_chars keeps an even sample of about that many
-characters of training text (reproduce.py compares general and medical pretraining on equal amounts).
+characters of training text (experiments/reproduce.py compares general and medical pretraining on equal amounts).
 
 Without --corpus: the default set from the shared sources: COVID raw consultations (minus duplicates and
 minus the validation/test dialogues of the official split), DXY and department QA training consultations,

@@ -1,9 +1,9 @@
 """
 How fast is the code? Training, generation and data preparation, measured on this machine.
 
-    python bench.py                                  # config/tiny.py's sizes on whatever device there is
-    python bench.py config/base.py --device=cuda     # any train.py config file, any train.py key
-    python bench.py --steps=50 --out=bench.json      # also write the numbers as JSON
+    python -m experiments.bench                                 # config/tiny.py's sizes on whatever device there is
+    python -m experiments.bench config/base.py --device=cuda    # any train.py config file, any train.py key
+    python -m experiments.bench --steps=50 --out=bench.json     # also write the numbers as JSON
 
 Prints Markdown tables:
 - training tokens/s and MFU, hand-written vs fused attention, float32 vs bfloat16 (and float16 with the
