@@ -162,7 +162,7 @@ def load_char_counts(data_dir):
     path = os.path.join(data_dir, 'tokenizer.model')
     if not os.path.exists(path):
         return None
-    from prepare.tokenizer import Tokenizer  # here, not at the top: training itself needs no tokenizer
+    from tokenizer import Tokenizer  # here, not at the top: training itself needs no tokenizer
     return Tokenizer.load(path).char_counts()
 
 

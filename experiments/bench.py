@@ -35,11 +35,10 @@ from common import TAG_FILES, Windows, autocast_context, device_type, load_meta,
     new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype, synchronize
 from configurator import configure
 from model import GPT, GPTConfig
-from prepare.lexicon import lexicon_dir
 from prepare.sources import DataError, read_text, source_file
-from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
 from prepare.text import normalize
-from prepare.tokenizer import train_bpe
+from tagging import LEXICAL_MAP, entity_map, lexicon_dir, tag_texts
+from tokenizer import train_bpe
 
 # The train.py keys a benchmark uses, at config/tiny.py's sizes (a 2-core CPU in a minute or two); a
 # train.py config file works here too: its other keys (out_dir, max_iters, ...) are listed and ignored.
@@ -218,7 +217,7 @@ def tokenizer_for_prepare(cfg, text, folder):
 
 
 def bench_prepare(cfg):
-    """chars/s of prepare.tagging.tag_texts (normalise, encode, jieba POS, lexicon entities), 1 vs N processes."""
+    """chars/s of tagging.tag_texts (normalise, encode, jieba POS, lexicon entities), 1 vs N processes."""
     src = raw_data_folder(cfg)
     try:
         text = read_text(source_file(COVID_TEXT, src))[:cfg.prepare_chars]
@@ -290,7 +289,7 @@ def prepare_markdown(p):
         return ["## Prepare", "", "skipped (--prepare_chars=0)"]
     if not p['available']:
         return ["## Prepare", "", f"prepare not available: {p['reason']}"]
-    return ["## Prepare: tag + encode (prepare.tagging.tag_texts)", "",
+    return ["## Prepare: tag + encode (tagging.tag_texts)", "",
             f"{p['chars']:,} characters ({p['records']} consultations) of {p['source']}; "
             f"tokenizer: {p['tokenizer']}", "",
             "| processes | seconds | chars/s |", "|---:|---:|---:|",

@@ -172,7 +172,7 @@ def ngram_training_texts(max_texts):
     """The pretraining text as the n-gram sees it: train.bin decoded, cut at every special piece. The
     n-gram has no speaker tokens, so each utterance (or book chapter) is one text: it learns how an
     utterance starts and ends, as a test reply is scored from its start to its end marker."""
-    from prepare.tokenizer import Tokenizer
+    from tokenizer import Tokenizer
     tokenizer = Tokenizer.load(os.path.join('data', 'pretrain', 'tokenizer.model'))
     ids = np.fromfile(os.path.join('data', 'pretrain', 'train.bin'), dtype=np.uint16)
     pieces = np.split(ids, np.flatnonzero(np.isin(ids, tokenizer.special_ids)))
@@ -184,7 +184,7 @@ def ngram_training_texts(max_texts):
 def scored_replies(room):
     """The COVID test replies exactly as a GPT without a prompt scores them: (text, whether <eot> is scored),
     each reply cut where the GPT's window cuts it."""
-    from prepare.tokenizer import Tokenizer
+    from tokenizer import Tokenizer
     data_dir = os.path.join('data', 'covid')
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = load_meta(data_dir)['special_ids']

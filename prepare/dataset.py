@@ -16,11 +16,10 @@ import time
 
 import numpy as np
 
-from prepare.lexicon import lexicon_dir, lexicon_files
 from prepare.sources import DataError, sha256
-from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
 from prepare.text import dialogue_text
-from prepare.tokenizer import Tokenizer
+from tagging import LEXICAL_MAP, entity_map, lexicon_dir, lexicon_files, tag_texts
+from tokenizer import Tokenizer
 
 def stratified_split(labels, fractions, seed):
     """{split: sorted indices}. Within each label, a seeded shuffle; then round(n * fraction) indices go to each

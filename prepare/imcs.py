@@ -19,12 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from prepare.corpus import record_turns, tagged_dialogue
 from prepare.dataset import arg_parser, build_example_set, exit_on_data_error, stratified_split
-from prepare.lexicon import ENTITY_TYPES
 from prepare.sources import DataError, Skipped, read_text, source_file
+from tagging import SYMPTOM
 
 LABELLED, UNLABELLED = 'imcs21/attr_dev.json', 'imcs21/test.json'
 FRACTIONS, SEED = {'val': 0.15, 'test': 0.15}, 1337
-SYMPTOM = 1 + ENTITY_TYPES.index('symptom')
 
 
 def read_imcs(path, skipped, gold=True, entity_types=False):

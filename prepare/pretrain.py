@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from prepare import book, covid, department, dxy, imcs
 from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_meta
 from prepare.heldout import HeldOut
-from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
 from prepare.sources import DataError, Skipped, source_file
 from prepare.stream import spool, tag_and_write, thin_spool, tokenizer_sample
 from prepare.text import dialogue_text
-from prepare.tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
+from tagging import lexicon_dir, lexicon_files, read_lexicon
+from tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
 

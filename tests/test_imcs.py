@@ -10,11 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prepare import imcs  # noqa: E402
-from prepare.lexicon import lexicon_dir  # noqa: E402
 from prepare.sources import Skipped  # noqa: E402
-from prepare.tagging import Tagger  # noqa: E402
 from prepare.text import dialogue_text  # noqa: E402
-from prepare.tokenizer import train_char  # noqa: E402
+from tagging import Tagger, lexicon_dir  # noqa: E402
+from tokenizer import train_char  # noqa: E402
 from test_prepare import DATA  # noqa: E402
 
 

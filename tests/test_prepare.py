@@ -16,11 +16,10 @@ import pytest
 
 from prepare import covid, department, dxy
 from prepare.dataset import atomic_dir, cut_examples, stratified_split, write_examples, write_tokens
-from prepare.text import dialogue_text
 from prepare.sources import DataError, Skipped, atomic_write, download, read_text, source_file
-from prepare.tagging import Tagger, tag_texts
-from prepare.text import normalize
-from prepare.tokenizer import Tokenizer, check_vocab_size, train_bpe, train_char
+from prepare.text import dialogue_text, normalize
+from tagging import Tagger, tag_texts
+from tokenizer import Tokenizer, check_vocab_size, train_bpe, train_char
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()

@@ -19,7 +19,7 @@ import torch
 import finetune
 import sample
 from checkpoint import claim_out_dir, fingerprint, load_checkpoint, load_model, save_checkpoint, tokenizer_record
-from prepare.tokenizer import Tokenizer, train_char
+from tokenizer import Tokenizer, train_char
 from test_finetune import DIALOGUES, LABELS, base_path, data_dir, finetune_args, tools  # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

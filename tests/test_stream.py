@@ -85,9 +85,8 @@ def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
 
 
 def test_gold_entity_ids_replace_lexicon_matching():
-    from prepare.lexicon import lexicon_dir
-    from prepare.tagging import Tagger
-    from prepare.tokenizer import train_char
+    from tagging import Tagger, lexicon_dir
+    from tokenizer import train_char
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         tok = train_char(['孩子发烧咳嗽'], os.path.join(folder, 'tok'), vocab_size=300)
