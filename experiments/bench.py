@@ -14,7 +14,7 @@ Prints Markdown tables:
   produced the same tokens;
 - prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text.
 With --prepare_scales=1,10,30 it instead builds synthetic corpora of that many times the shared medical
-texts with prepare/pretrain.py --corpus and prints build time, chars/s and peak RSS per scale.
+texts with python -m prepare.pretrain --corpus and prints build time, chars/s and peak RSS per scale.
 It trains on data/<dataset>/ when that has been prepared, else on random tokens (the output says which).
 A benchmark, not a test: it asserts nothing about speed.
 """
@@ -54,8 +54,9 @@ DEFAULTS = dict(
     gen_tokens=256,        # new tokens per generation
     prepare_chars=300_000,  # characters of COVID dialogue text to tag; 0 skips that section
     prepare_workers=2,     # processes for the multi-process prepare run
-    prepare_scales='',     # e.g. '1,10,30': instead, time prepare/pretrain.py --corpus on synthetic corpora that many
-                           # times the shared medical texts: build time, chars/s and peak memory per scale
+    prepare_scales='',     # e.g. '1,10,30': instead, time python -m prepare.pretrain --corpus on synthetic
+                           # corpora that many times the shared medical texts: build time, chars/s and peak
+                           # memory per scale
     src='',                # folder of the raw data sets; '' = $CMED_DATA, else ../shared/data
     out='',                # write the numbers to this JSON file too
 )
@@ -321,21 +322,21 @@ def synthetic_corpus(src, folder, copies, seed):
 
 
 def bench_prepare_scale(cfg):
-    """prepare/pretrain.py --corpus on synthetic corpora of growing size: seconds, chars/s, peak RSS (the
+    """python -m prepare.pretrain --corpus on synthetic corpora of growing size: seconds, chars/s, peak RSS (the
     largest process of the build, its workers included: GNU time's %M)."""
     rows = []
     for scale in (int(x) for x in cfg.prepare_scales.split(',')):
         with tempfile.TemporaryDirectory() as folder:
             os.makedirs(os.path.join(folder, 'corpus'))
             chars = synthetic_corpus(raw_data_folder(cfg), os.path.join(folder, 'corpus'), scale, cfg.seed)
-            command = [sys.executable, 'prepare/pretrain.py', '--corpus', os.path.join(folder, 'corpus'),
+            command = [sys.executable, '-m', 'prepare.pretrain', '--corpus', os.path.join(folder, 'corpus'),
                        '--out', os.path.join(folder, 'out'), '--src', raw_data_folder(cfg),
                        '--workers', str(cfg.prepare_workers)]
             start = time.perf_counter()
             finished = subprocess.run(['/usr/bin/time', '-f', '%M', *command], capture_output=True, text=True)
             seconds = time.perf_counter() - start
             if finished.returncode != 0:
-                raise SystemExit(f"prepare/pretrain.py failed at scale {scale}: {finished.stderr[-500:]}")
+                raise SystemExit(f"python -m prepare.pretrain failed at scale {scale}: {finished.stderr[-500:]}")
             meta = load_meta(os.path.join(folder, 'out'))
         rows.append(dict(scale=scale, chars=chars, seconds=seconds, chars_per_s=chars / seconds,
                          tag_chars_per_s=meta['chars_per_s'], tokens=meta['splits']['train']['tokens'],
@@ -345,8 +346,8 @@ def bench_prepare_scale(cfg):
 
 
 def prepare_scale_markdown(rows, workers):
-    return [f"## prepare/pretrain.py --corpus at scale ({workers} workers; synthetic: shuffled copies of the shared "
-            f"medical texts)", "", "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | "
+    return [f"## python -m prepare.pretrain --corpus at scale ({workers} workers; synthetic: shuffled copies of "
+            f"the shared medical texts)", "", "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | "
             "train tokens | peak RSS MB |", "|---:|---:|---:|---:|---:|---:|---:|"] + \
         [f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | {r['tag_chars_per_s']:,} | "
          f"{r['tokens']:,} | {r['peak_rss_mb']:,.0f} |" for r in rows]

@@ -105,7 +105,7 @@ def write_meta(folder, tok, entity_types, splits, skipped, source_paths, timings
 
 
 def arg_parser(description, name, example_set=True):
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=f'python -m prepare.{name}', description=description)
     if example_set:
         parser.add_argument('--tokenizer_model', default=os.path.join('data', 'pretrain', 'tokenizer.model'),
                             help='the pretraining tokenizer, copied into the output folder')
@@ -122,7 +122,7 @@ def build_example_set(args, splits, label_names, skipped, source_paths, started,
     splits: {split: [record]}, record = dict(turns=[(speaker, text)], entities=[...], label=int).
     entity_source ('lexicon', or 'gold' where the set's own labels give the entity ids) goes into meta.json."""
     if not os.path.exists(args.tokenizer_model):
-        raise DataError(f'{args.tokenizer_model} not found: run `python prepare/pretrain.py` first')
+        raise DataError(f'{args.tokenizer_model} not found: run `python -m prepare.pretrain` first')
     lexicon = lexicon_dir(args.src)
     tok = Tokenizer.load(args.tokenizer_model)
     timings = {'read': time.time() - started}

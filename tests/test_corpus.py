@@ -127,7 +127,7 @@ def test_a_corpus_folder_builds(tmp_path):
                                               for i in range(60)) + '\n', encoding='utf-8')
     (corpus / 'b.json').write_text((DATA / 'imcs21' / 'attr_dev.json').read_text(encoding='utf-8'), encoding='utf-8')
     out = tmp_path / 'out'
-    result = subprocess.run([sys.executable, 'prepare/pretrain.py', '--corpus', str(corpus), '--out', str(out),
+    result = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--corpus', str(corpus), '--out', str(out),
                              '--src', str(DATA), '--tokenizer', 'char', '--workers', '1'], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-1500:]

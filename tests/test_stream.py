@@ -12,7 +12,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prepare import covid  # noqa: E402
+from prepare import readers  # noqa: E402
 from prepare.heldout import HeldOut  # noqa: E402
 from prepare.sources import Skipped  # noqa: E402
 from prepare.stream import read_spool, spool, tokenizer_sample  # noqa: E402
@@ -23,7 +23,7 @@ OUTPUTS = ('train.bin', 'train.lex.bin', 'train.ent.bin', 'val.bin', 'val.lex.bi
 
 
 def build(src, out, *args):
-    result = subprocess.run([sys.executable, 'prepare/pretrain.py', '--src', str(src), '--out', str(out),
+    result = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--src', str(src), '--out', str(out),
                              '--tokenizer', 'char', *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads((out / 'meta.json').read_text(encoding='utf-8'))
@@ -76,7 +76,7 @@ def test_the_tokenizer_sample_is_bounded_and_seeded(tmp_path):
 
 def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
     held_out = HeldOut()
-    test_dialogues = covid.read_split(str(DATA / covid.SPLIT_FILES['test']), Skipped())
+    test_dialogues = readers.read_covid_split(str(DATA / readers.COVID_SPLIT_FILES['test']), Skipped())
     for turns in test_dialogues:
         held_out.add(dialogue_text(turns), 'covid')
     assert all(held_out.holds(dialogue_text(turns)) == 'covid' for turns in test_dialogues)
@@ -121,7 +121,7 @@ def test_a_set_built_with_another_sets_tokenizer_and_a_character_budget(small_sr
     assert (tmp_path / 'small' / 'tokenizer.model').read_bytes() == (tmp_path / 'full' / 'tokenizer.model').read_bytes()
     assert 0.35 < small['splits']['train']['input_chars'] / full['splits']['train']['input_chars'] < 0.65
     assert small['splits']['val'] == full['splits']['val'] and small['train_chars_wanted'] > 0
-    missing = subprocess.run([sys.executable, 'prepare/pretrain.py', '--src', str(small_src), '--out',
+    missing = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--src', str(small_src), '--out',
                               str(tmp_path / 'none'), '--tokenizer', str(tmp_path / 'nowhere' / 'tokenizer.model')],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and 'Traceback' not in missing.stderr and 'nowhere' in missing.stderr
