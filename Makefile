@@ -13,6 +13,8 @@ PROMPT ?= 孩子发烧三天了，咳嗽有痰，需要去医院吗？
 install: .venv/installed
 
 test: .venv/installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 data/pretrain/meta.json: | .venv/installed

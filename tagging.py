@@ -99,7 +99,8 @@ class Tagger:
         per_char = self.entity_per_char(text, extra_entities) if entity_chars is None else np.asarray(entity_chars)
         entity = np.where(special, 0, per_char[begins])
         if tok.bos_id is not None:  # a document starts with the piece the model was trained to start from
-            ids, lexical, entity = (np.concatenate([[first], x]) for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity)))
+            ids, lexical, entity = (np.concatenate([[first], x])
+                                    for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity)))
         return ids, lexical.astype(np.int64), entity.astype(np.int64)
 
     def lexical_per_char(self, text):

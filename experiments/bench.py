@@ -31,8 +31,19 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import TAG_FILES, Windows, autocast_context, device_type, load_meta, measure_matmul_flops, \
-    new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype, synchronize
+from common import (
+    TAG_FILES,
+    Windows,
+    autocast_context,
+    device_type,
+    load_meta,
+    measure_matmul_flops,
+    new_model_args,
+    optimizer_step,
+    peak_flops,
+    resolve_device_and_dtype,
+    synchronize,
+)
 from configurator import configure
 from model import GPT, GPTConfig
 from prepare.sources import DataError, read_text, source_file
@@ -312,7 +323,8 @@ def synthetic_corpus(src, folder, copies, seed):
     each other, so no model quality may be read from a model trained on them. Returns their characters."""
     sentences = []
     for rel, encoding in SCALE_SOURCES:
-        sentences += [s.strip() for s in re.split(r'(?<=[。！？\n])', read_text(source_file(rel, src), encoding)) if s.strip()]
+        text = read_text(source_file(rel, src), encoding)
+        sentences += [s.strip() for s in re.split(r'(?<=[。！？\n])', text) if s.strip()]
     for copy in range(copies):
         order = np.random.default_rng([seed, copy]).permutation(len(sentences))
         with open(os.path.join(folder, f'copy{copy:03d}.txt'), 'w', encoding='utf-8') as f:
@@ -347,10 +359,11 @@ def bench_prepare_scale(cfg):
 
 def prepare_scale_markdown(rows, workers):
     return [f"## python -m prepare.pretrain --corpus at scale ({workers} workers; synthetic: shuffled copies of "
-            f"the shared medical texts)", "", "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | "
-            "train tokens | peak RSS MB |", "|---:|---:|---:|---:|---:|---:|---:|"] + \
-        [f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | {r['tag_chars_per_s']:,} | "
-         f"{r['tokens']:,} | {r['peak_rss_mb']:,.0f} |" for r in rows]
+            f"the shared medical texts)", "",
+            "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | train tokens | peak RSS MB |",
+            "|---:|---:|---:|---:|---:|---:|---:|"] + \
+        [f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | "
+         f"{r['tag_chars_per_s']:,} | {r['tokens']:,} | {r['peak_rss_mb']:,.0f} |" for r in rows]
 
 
 def main(argv=None):

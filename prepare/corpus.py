@@ -19,7 +19,6 @@ build with the file, the line and the shapes above.
 import csv
 import json
 import os
-import re
 from typing import NamedTuple, Optional
 
 import numpy as np

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -20,6 +19,7 @@ from prepare.sources import DataError, sha256
 from prepare.text import dialogue_text
 from tagging import LEXICAL_MAP, entity_map, lexicon_dir, lexicon_files, tag_texts
 from tokenizer import Tokenizer
+
 
 def stratified_split(labels, fractions, seed):
     """{split: sorted indices}. Within each label, a seeded shuffle; then round(n * fraction) indices go to each

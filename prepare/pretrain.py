@@ -22,8 +22,15 @@ import time
 
 from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_meta
 from prepare.heldout import HeldOut
-from prepare.readers import COVID_SPLIT_FILES, covid_pretraining_consultations, department_splits, dxy_splits, \
-    imcs_splits, read_book, read_covid_split
+from prepare.readers import (
+    COVID_SPLIT_FILES,
+    covid_pretraining_consultations,
+    department_splits,
+    dxy_splits,
+    imcs_splits,
+    read_book,
+    read_covid_split,
+)
 from prepare.sources import DataError, Skipped, source_file
 from prepare.stream import spool, tag_and_write, thin_spool, tokenizer_sample
 from prepare.text import dialogue_text
@@ -92,7 +99,8 @@ def print_summary(counts, timings, skipped):
         lexical = ', '.join(f'{name} {100 * n / max(c["tokens"], 1):.1f}%' for name, n in c['lexical_tokens'].items())
         print(f'{split}: {c.get("records", 0):,} documents, {c.get("tokens", 0):,} tokens, '
               f'{c.get("chars", 0) / max(c.get("tokens", 0), 1):.2f} chars/token, '
-              f'entity {100 * c.get("entity_tokens", 0) / max(c.get("tokens", 0), 1):.1f}% of tokens; lexical: {lexical}')
+              f'entity {100 * c.get("entity_tokens", 0) / max(c.get("tokens", 0), 1):.1f}% of tokens; '
+              f'lexical: {lexical}')
     skipped.report()
     print('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
 

@@ -13,8 +13,8 @@ from prepare import readers  # noqa: E402
 from prepare.sources import Skipped  # noqa: E402
 from prepare.text import dialogue_text  # noqa: E402
 from tagging import Tagger, lexicon_dir  # noqa: E402
-from tokenizer import train_char  # noqa: E402
 from test_prepare import DATA  # noqa: E402
+from tokenizer import train_char  # noqa: E402
 
 
 def test_gold_tags_reach_the_tokens(tmp_path):
@@ -58,7 +58,9 @@ def test_imcs_val_and_test_never_enter_the_pretraining_text():
 
 def test_the_built_set_says_where_its_entity_ids_come_from_and_replies_are_scored_on_gold_spans(tmp_path):
     import subprocess
+
     import torch
+
     import eval as evaluator
     from checkpoint import save_checkpoint, tokenizer_record
     from model import GPT, GPTConfig

@@ -231,7 +231,8 @@ def test_malformed_records_skipped_and_counted_with_file_and_line(tmp_path):
     del records[1]['dialog']
     (tmp_path / 'dxy.txt').write_text(f'test {records!r}\n')
     assert len(readers.read_dxy(str(tmp_path / 'dxy.txt'), skipped)['test']) == 2
-    (tmp_path / 'raw.txt').write_text('id=1\nurl\n\nDialogue\n病人：\n头疼\n医生：\n多休息\n\nid=x\nurl\n\nDialogue\n病人：\n咳\n')
+    (tmp_path / 'raw.txt').write_text('id=1\nurl\n\nDialogue\n病人：\n头疼\n医生：\n多休息\n\n'
+                                      'id=x\nurl\n\nDialogue\n病人：\n咳\n')
     assert len(readers.read_covid_raw(str(tmp_path / 'raw.txt'), skipped)) == 1
     assert len(skipped) == 4 and skipped.to_json()['count'] == 4
     assert skipped.where[1].startswith(f'{tmp_path / "split.json"}:record 2:')
@@ -362,7 +363,8 @@ def test_scripts_build_every_set(small_src, tmp_path):
     assert meta['vocab_size'] == tok.vocab_size and meta['special_ids']['eot'] == tok.eot_id
     for split in ('train', 'val'):
         ids = np.fromfile(out / 'pretrain' / f'{split}.bin', dtype=np.uint16)
-        assert len(ids) == meta['splits'][split]['tokens'] == len(np.fromfile(out / 'pretrain' / f'{split}.lex.bin', np.uint8))
+        lexical = np.fromfile(out / 'pretrain' / f'{split}.lex.bin', np.uint8)
+        assert len(ids) == meta['splits'][split]['tokens'] == len(lexical)
         assert ids[-1] == tok.eot_id and (ids == tok.eot_id).sum() == meta['splits'][split]['records']
     common = ['--src', str(small_src), '--tokenizer_model', str(out / 'pretrain' / 'tokenizer.model'), '--workers', '1']
     for name in ('covid', 'dxy', 'department'):

@@ -44,11 +44,14 @@ def documents(texts, source='s'):
 
 def test_spool_drops_duplicates_and_held_out_dialogues_and_counts_them(tmp_path):
     held_out = HeldOut()
-    test_dialogue = '<patient>孩子发烧三天了，体温三十九度，咳嗽有痰，精神不太好。<doctor>有没有气喘？血常规查了吗？建议先去医院查血常规和胸片。'
+    test_dialogue = ('<patient>孩子发烧三天了，体温三十九度，咳嗽有痰，精神不太好。'
+                     '<doctor>有没有气喘？血常规查了吗？建议先去医院查血常规和胸片。')
     held_out.add(test_dialogue, 'covid')
     # the same dialogue re-punctuated and inside a longer consultation: held out
-    leaked = '病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水'
-    texts = ['头痛两周了，晚上睡不好，血压正常。', '腹泻两天，一天五六次，稀水样。', '头痛两周了，晚上睡不好，血压正常。', leaked]
+    leaked = ('病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n'
+              '医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水')
+    headache = '头痛两周了，晚上睡不好，血压正常。'
+    texts = [headache, '腹泻两天，一天五六次，稀水样。', headache, leaked]
     counts, n, train_chars = spool(documents(texts), str(tmp_path / 'spool'), held_out, 0.0)
     assert counts == {'s': {'read': 4, 'train': 2, 'duplicates': 1, 'held_out_covid': 1}} and n == 2
     assert [job[0] for _, job in read_spool(str(tmp_path / 'spool'))] == texts[:2]
@@ -85,9 +88,10 @@ def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
 
 
 def test_gold_entity_ids_replace_lexicon_matching():
+    import tempfile
+
     from tagging import Tagger, lexicon_dir
     from tokenizer import train_char
-    import tempfile
     with tempfile.TemporaryDirectory() as folder:
         tok = train_char(['孩子发烧咳嗽'], os.path.join(folder, 'tok'), vocab_size=300)
         tagger = Tagger(lexicon_dir(str(DATA)))
