@@ -13,27 +13,29 @@ PROMPT ?= 孩子发烧三天了，咳嗽有痰，需要去医院吗？
 install: .venv/installed
 
 test: .venv/installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 data/pretrain/meta.json: | .venv/installed
-	$(PY) prepare/pretrain.py
+	$(PY) -m prepare.pretrain
 
 data/%/meta.json: data/pretrain/meta.json
-	$(PY) prepare/$*.py
+	$(PY) -m prepare.$*
 
-# reproduce.py's Table 3: general news text, an equal number of characters of medical text (an even sample of
+# experiments/reproduce.py's Table 3: general news text, an equal number of characters of medical text (an even sample of
 # data/pretrain's sources), both with data/pretrain's tokenizer so that both fine-tune on the same example sets;
 # and IMCS-21 with lexicon entity tags instead of its gold ones
 data/general/meta.json: data/pretrain/meta.json
 	$(if $(CMED_DATA),,$(error data/general is built from the data mirror's general_zh/ (no public download is wired): set CMED_DATA))
-	$(PY) prepare/pretrain.py --corpus $(CMED_DATA)/general_zh --txt_document=line --tokenizer=data/pretrain/tokenizer.model --out data/general
+	$(PY) -m prepare.pretrain --corpus $(CMED_DATA)/general_zh --txt_document=line --tokenizer=data/pretrain/tokenizer.model --out data/general
 
 data/medical_equal/meta.json: data/general/meta.json
-	$(PY) prepare/pretrain.py --tokenizer=data/pretrain/tokenizer.model --out data/medical_equal \
+	$(PY) -m prepare.pretrain --tokenizer=data/pretrain/tokenizer.model --out data/medical_equal \
 		--train_chars=$$($(PY) -c "import json; print(json.load(open('data/general/meta.json'))['splits']['train']['input_chars'])")
 
 data/imcs_lexicon/meta.json: data/pretrain/meta.json
-	$(PY) prepare/imcs.py --lexicon_entities --out data/imcs_lexicon
+	$(PY) -m prepare.imcs --lexicon_entities --out data/imcs_lexicon
 
 data: data/pretrain/meta.json data/covid/meta.json data/dxy/meta.json data/department/meta.json data/imcs/meta.json \
 	data/general/meta.json data/medical_equal/meta.json data/imcs_lexicon/meta.json
@@ -44,6 +46,6 @@ demo: data/pretrain/meta.json
 	$(PY) sample.py --out_dir=out/tiny --dialogue --prompt="$(PROMPT)" --max_new_tokens=120
 
 reproduce-quick: data
-	$(PY) reproduce.py --quick
+	$(PY) -m experiments.reproduce --quick
 
 .PHONY: install test data demo reproduce-quick

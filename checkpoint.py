@@ -190,4 +190,4 @@ def check_tokenizer(record, data_dir, what):
     if have != record['sha256']:
         raise SystemExit(f"{what} was trained with tokenizer sha256 {record['sha256'][:12]}, but {path} is "
                          f"{have[:12]}: use the data folder it was trained on, or rebuild this one with that "
-                         f"tokenizer (prepare/<set>.py --tokenizer_model=...)")
+                         f"tokenizer (python -m prepare.<set> --tokenizer_model=...)")

@@ -16,11 +16,11 @@ import torch
 # dense bf16/fp16 tensor-core peaks from the datasheets (no sparsity); other GPUs are measured
 GPU_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 # what builds each data set the scripts read: named in the error when data/<name>/ is missing
-PREPARE_COMMANDS = {'pretrain': 'python prepare/pretrain.py', 'covid': 'python prepare/covid.py',
-                    'dxy': 'python prepare/dxy.py', 'department': 'python prepare/department.py',
-                    'imcs': 'python prepare/imcs.py', 'general': 'make data/general/meta.json',
+PREPARE_COMMANDS = {'pretrain': 'python -m prepare.pretrain', 'covid': 'python -m prepare.covid',
+                    'dxy': 'python -m prepare.dxy', 'department': 'python -m prepare.department',
+                    'imcs': 'python -m prepare.imcs', 'general': 'make data/general/meta.json',
                     'medical_equal': 'make data/medical_equal/meta.json',
-                    'imcs_lexicon': 'python prepare/imcs.py --lexicon_entities --out data/imcs_lexicon'}
+                    'imcs_lexicon': 'python -m prepare.imcs --lexicon_entities --out data/imcs_lexicon'}
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -180,7 +180,7 @@ def load_char_counts(data_dir):
     path = os.path.join(data_dir, 'tokenizer.model')
     if not os.path.exists(path):
         return None
-    from prepare.tokenizer import Tokenizer  # here, not at the top: training itself needs no tokenizer
+    from tokenizer import Tokenizer  # here, not at the top: training itself needs no tokenizer
     return Tokenizer.load(path).char_counts()
 
 

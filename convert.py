@@ -4,7 +4,7 @@ Hugging Face GPT-2 folders in and out: start from GPT2-Chinese, hand models to t
 Import (a GPT2LMHeadModel folder: config.json, model.safetensors or pytorch_model.bin, vocab.txt):
     python convert.py --hf_dir=gpt2-distil-chinese --out_dir=out/gpt2_chinese
 writes out_dir/best.pt (a normal checkpoint: train.py --init_from, finetune.py and sample.py read it) and, when
-the folder has a vocab.txt, out_dir/tokenizer.model (the BERT vocabulary, see prepare/tokenizer.py).
+the folder has a vocab.txt, out_dir/tokenizer.model (the BERT vocabulary, see tokenizer.py).
 
 Export (a checkpoint folder to a folder that GPT2LMHeadModel.from_pretrained loads):
     python convert.py --export --out_dir=out/base --hf_dir=hf/base
@@ -145,7 +145,7 @@ def import_hf(hf_dir, out_dir):
                     os.path.join(out_dir, 'best.pt'))
     vocab = os.path.join(hf_dir, 'vocab.txt')
     if os.path.isfile(vocab):
-        from prepare.tokenizer import import_bert_vocab
+        from tokenizer import import_bert_vocab
         import_bert_vocab(vocab, os.path.join(out_dir, 'tokenizer.model'))
     return model
 
@@ -193,7 +193,7 @@ def find_tokenizer(out_dir, config, given):
 def export_hf(out_dir, hf_dir, drop_extras=False, tokenizer_path=''):
     """Checkpoint folder -> Hugging Face folder (config.json, model.safetensors, tokenizer)."""
     from safetensors.torch import save_file
-    from prepare.tokenizer import Tokenizer
+    from tokenizer import Tokenizer
     model, checkpoint = load_model(out_dir)
     state = hf_state(model, drop_extras)
     tokenizer_path = find_tokenizer(out_dir, checkpoint.get('config', {}), tokenizer_path)
@@ -214,7 +214,7 @@ def export_hf(out_dir, hf_dir, drop_extras=False, tokenizer_path=''):
         shutil.copyfile(tokenizer_path, os.path.join(hf_dir, 'tokenizer.model'))
         with open(os.path.join(hf_dir, 'TOKENIZER.md'), 'w', encoding='utf-8') as f:
             f.write(f"tokenizer.model is CMed-GPT's own {tokenizer.kind} tokenizer, which transformers has no class "
-                    f"for. Load it with the project:\n\n    from prepare.tokenizer import Tokenizer\n"
+                    f"for. Load it with the project:\n\n    from tokenizer import Tokenizer\n"
                     f"    tok = Tokenizer.load('tokenizer.model')\n    ids = tok.encode(text); text = tok.decode(ids)\n")
     return state
 

@@ -136,7 +136,7 @@ def main(argv=None):
     autocast = autocast_context(device, dtype)
     result = dict(model=cfg.checkpoint or cfg.out_dir)
     if cfg.text:
-        from prepare.tokenizer import Tokenizer
+        from tokenizer import Tokenizer
         if not checkpoint.get('tokenizer'):
             raise SystemExit(f"{result['model']} carries no tokenizer (an older checkpoint): score it with --dataset")
         T = model.config.block_size - model.config.n_prompt

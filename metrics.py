@@ -6,7 +6,7 @@ Measures of generated replies against reference replies, as the medical dialogue
   token), n-grams up to n; 0-100.
 - Distinct-n: distinct character n-grams over all character n-grams of the generated replies (Li et al.'s
   measure of diversity); 0-1.
-- Entity P/R/F1: the medical entities (lexicon terms, found by the longest match prepare/'s tagger uses)
+- Entity P/R/F1: the medical entities (lexicon terms, found by the longest match tagging.py's Tagger uses)
   mentioned in each generated reply vs in its reference, as sets per reply, summed over replies (micro).
 - Gold entity P/R/F1, for a set whose entity ids come from its own labels (IMCS-21): a reference's entities
   are the spans its annotators marked; a generated reply has no annotation, so its entities are the strings
@@ -25,7 +25,7 @@ def distinct(texts, n):
 
 
 def entities_in(text, tagger):
-    """The distinct lexicon terms text mentions (prepare/'s forward maximum matching)."""
+    """The distinct lexicon terms text mentions (tagging.py's forward maximum matching)."""
     return {term for _, term in tagger.lexicon_matches(text)}
 
 

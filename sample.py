@@ -58,9 +58,8 @@ def load_tools(checkpoint, model, cfg):
     """Tokenizer, and the tagger when the model reads tags (the same one prepare/ tagged the training data with).
     The tokenizer is the one the checkpoint carries; only a checkpoint older than that record reads
     data_dir's, and only when its vocabulary is the model's size."""
-    from prepare.tokenizer import Tokenizer
-    from prepare.tagging import Tagger
-    from prepare.lexicon import lexicon_dir
+    from tagging import Tagger, lexicon_dir
+    from tokenizer import Tokenizer
     if checkpoint.get('tokenizer'):  # (None: trained on a data folder without a tokenizer file)
         tokenizer = Tokenizer.from_bytes(checkpoint['tokenizer']['data'])
     else:

@@ -234,7 +234,7 @@ def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temp
     """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
     generator) and score the replies against the references (metrics.py)."""
     from metrics import bleu, distinct, entities_in, entity_scores, terms_in
-    from prepare.tagging import Tagger
+    from tagging import Tagger
     tok = task_data.tokenizer
     stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
     source_cfg = SimpleNamespace(**dict(vars(task_cfg), task='classify'))  # the source alone, up to <doctor>
@@ -299,7 +299,7 @@ def span_texts(tok, tokens, entity):
 def tagging_lexicon(meta):
     """The lexicon folder the example set was tagged with (meta.json lists its files), so that entity F1 counts
     the terms the entity ids mark; prepare/'s default folder if that one has gone."""
-    from prepare.lexicon import lexicon_dir
+    from tagging import lexicon_dir
     files = [path for path in meta.get('sources', {}) if os.path.basename(os.path.dirname(path)) == 'medical_lexicon']
     folders = {os.path.dirname(path) for path in files}
     if len(folders) == 1 and all(os.path.isfile(path) for path in files):
@@ -312,7 +312,7 @@ def tagging_lexicon(meta):
 def load_task(cfg, model_args, meta, data_dir, device, dtype):
     """What a fine-tuning run reads besides the model: tokenizer facts, precision, and the model
     inputs (and raw examples) of each split."""
-    from prepare.tokenizer import Tokenizer  # here: only runs that fine-tune need the tokenizer
+    from tokenizer import Tokenizer  # here: only runs that fine-tune need the tokenizer
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = meta['special_ids']
     task_data = SimpleNamespace(device=device, dtype=dtype, autocast=autocast_context(device, dtype), meta=meta,

@@ -411,7 +411,7 @@ def report_passes(tokens_to_read, train_tokens, data_dir):
           f"tokens of {data_dir}")
     if passes > MAX_PASSES:
         print(f"WARNING: {passes:,.0f} passes (more than {MAX_PASSES}): the model will memorise the corpus. Add "
-              f"data (prepare/pretrain.py --corpus ...) or lower --max_iters.", flush=True)
+              f"data (python -m prepare.pretrain --corpus ...) or lower --max_iters.", flush=True)
 
 
 def window_rng(seed, rank, stream, index):

@@ -25,7 +25,7 @@ grad_clip = 0.5
 warmup_iters = 2000
 # 20,000 x 65,536 = 1.3B tokens: sized for a corpus of at least ~330M tokens (at most 4 passes; the paper's seven
 # dialogue corpora plus 655.8 MB of books). On data/pretrain (1.2M tokens) it would be ~1,100 passes: train.py warns;
-# build a bigger set with prepare/pretrain.py --corpus, or lower max_iters.
+# build a bigger set with python -m prepare.pretrain --corpus, or lower max_iters.
 max_iters = 20000
 lr_decay_iters = 20000  # = max_iters: the cosine ends where training ends
 

@@ -1,6 +1,6 @@
 # CMed-GPT's own recipe: continue pretraining GPT2-Chinese on the medical text (Qu et al.).
 #   python convert.py --hf_dir=gpt2-distil-chinese-cluecorpussmall --out_dir=out/gpt2_chinese
-#   python prepare/pretrain.py --tokenizer=gpt2-distil-chinese-cluecorpussmall/vocab.txt
+#   python -m prepare.pretrain --tokenizer=gpt2-distil-chinese-cluecorpussmall/vocab.txt
 #   torchrun --standalone --nproc_per_node=4 train.py config/continue_gpt2_chinese.py
 # The architecture (layers, width, block 1024, biases, tanh GELU) is the imported checkpoint's; the optimiser
 # and schedule start fresh. The data must be tokenized with the model's own vocab.txt (the line above).

@@ -1,4 +1,4 @@
-"""Any corpus a user points at (`prepare/pretrain.py --corpus PATH ...`), read as Documents, streamed: a .txt,
+"""Any corpus a user points at (`python -m prepare.pretrain --corpus PATH ...`), read as Documents, streamed: a .txt,
 .jsonl or .csv file is read line by line, never whole (a .json file is one JSON value, so it is parsed whole).
 
 Recognised, by extension and shape:
@@ -19,7 +19,6 @@ build with the file, the line and the shapes above.
 import csv
 import json
 import os
-import re
 from typing import NamedTuple, Optional
 
 import numpy as np

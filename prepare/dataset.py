@@ -9,18 +9,17 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
 
 import numpy as np
 
-from prepare.lexicon import lexicon_dir, lexicon_files
 from prepare.sources import DataError, sha256
-from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
 from prepare.text import dialogue_text
-from prepare.tokenizer import Tokenizer
+from tagging import LEXICAL_MAP, entity_map, lexicon_dir, lexicon_files, tag_texts
+from tokenizer import Tokenizer
+
 
 def stratified_split(labels, fractions, seed):
     """{split: sorted indices}. Within each label, a seeded shuffle; then round(n * fraction) indices go to each
@@ -106,7 +105,7 @@ def write_meta(folder, tok, entity_types, splits, skipped, source_paths, timings
 
 
 def arg_parser(description, name, example_set=True):
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=f'python -m prepare.{name}', description=description)
     if example_set:
         parser.add_argument('--tokenizer_model', default=os.path.join('data', 'pretrain', 'tokenizer.model'),
                             help='the pretraining tokenizer, copied into the output folder')
@@ -123,7 +122,7 @@ def build_example_set(args, splits, label_names, skipped, source_paths, started,
     splits: {split: [record]}, record = dict(turns=[(speaker, text)], entities=[...], label=int).
     entity_source ('lexicon', or 'gold' where the set's own labels give the entity ids) goes into meta.json."""
     if not os.path.exists(args.tokenizer_model):
-        raise DataError(f'{args.tokenizer_model} not found: run `python prepare/pretrain.py` first')
+        raise DataError(f'{args.tokenizer_model} not found: run `python -m prepare.pretrain` first')
     lexicon = lexicon_dir(args.src)
     tok = Tokenizer.load(args.tokenizer_model)
     timings = {'read': time.time() - started}

@@ -1,11 +1,11 @@
 """The leakage guard: no pretraining document may contain a validation or test dialogue of a fine-tuning set.
 
 A held-out dialogue is known by its shingles: the 20-letter windows of its letters alone (punctuation,
-spaces, speaker pieces and 病人：/医生： labels dropped, because corpora re-punctuate and merge the same utterances), taken every
-10 letters. A document that contains a dialogue contains all of that dialogue's windows, wherever the
-sampling started, so a document is held out when it holds at least half of some dialogue's shingles (half,
-not all: a corpus may cut or re-word the opening description, as COVID's raw dump does). Short template
-phrases that many dialogues share cannot reach half of any one dialogue's shingles.
+spaces, speaker pieces and 病人：/医生： labels dropped, because corpora re-punctuate and merge the same
+utterances), taken every 10 letters. A document that contains a dialogue contains all of that dialogue's
+windows, wherever the sampling started, so a document is held out when it holds at least half of some
+dialogue's shingles (half, not all: a corpus may cut or re-word the opening description, as COVID's raw dump
+does). Short template phrases that many dialogues share cannot reach half of any one dialogue's shingles.
 """
 import re
 

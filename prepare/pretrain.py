@@ -1,12 +1,12 @@
 """A pretraining set -> data/<name>/ (tokenizer included), streamed: memory does not grow with the corpus.
 
-    python prepare/pretrain.py [--src DIR] [--tokenizer bpe|char|PATH/vocab.txt] [--vocab_size 8000]
-    python prepare/pretrain.py --corpus PATH [PATH ...] --out data/NAME      # any corpus you have
-    python prepare/pretrain.py --tokenizer=data/pretrain/tokenizer.model --train_chars=600000 --out data/small
+    python -m prepare.pretrain [--src DIR] [--tokenizer bpe|char|PATH/vocab.txt] [--vocab_size 8000]
+    python -m prepare.pretrain --corpus PATH [PATH ...] --out data/NAME      # any corpus you have
+    python -m prepare.pretrain --tokenizer=data/pretrain/tokenizer.model --train_chars=600000 --out data/small
 
 --tokenizer=PATH/tokenizer.model reuses a tokenizer another set was built with (two pretraining sets that
 fine-tune on the same example sets must share one); --train_chars keeps an even sample of about that many
-characters of training text (reproduce.py compares general and medical pretraining on equal amounts).
+characters of training text (experiments/reproduce.py compares general and medical pretraining on equal amounts).
 
 Without --corpus: the default set from the shared sources: COVID raw consultations (minus duplicates and
 minus the validation/test dialogues of the official split), DXY and department QA training consultations,
@@ -18,29 +18,34 @@ Dialogues are written with speaker pieces ('<patient>…<doctor>…'), each docu
 """
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `python prepare/pretrain.py`
-
-from prepare import book, covid, department, dxy, imcs
 from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_meta
 from prepare.heldout import HeldOut
-from prepare.lexicon import lexicon_dir, lexicon_files, read_lexicon
+from prepare.readers import (
+    COVID_SPLIT_FILES,
+    covid_pretraining_consultations,
+    department_splits,
+    dxy_splits,
+    imcs_splits,
+    read_book,
+    read_covid_split,
+)
 from prepare.sources import DataError, Skipped, source_file
 from prepare.stream import spool, tag_and_write, thin_spool, tokenizer_sample
 from prepare.text import dialogue_text
-from prepare.tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
+from tagging import lexicon_dir, lexicon_files, read_lexicon
+from tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
 
 
 def default_documents(src, skipped, paths, report):
     """(source, text, entity terms, entity ids) of the default set; fills paths and report as it reads."""
-    consultations, report['covid_raw'], covid_paths = covid.pretraining_consultations(src, skipped)
-    dxy_train, _, _, dxy_path = dxy.dxy_splits(src, skipped)
-    qa_splits, _, qa_path = department.department_splits(src, skipped)
-    chapters, book_path = book.read_book(src)
+    consultations, report['covid_raw'], covid_paths = covid_pretraining_consultations(src, skipped)
+    dxy_train, _, _, dxy_path = dxy_splits(src, skipped)
+    qa_splits, _, qa_path = department_splits(src, skipped)
+    chapters, book_path = read_book(src)
     paths += covid_paths + [dxy_path, qa_path, book_path]
     yield from (('covid', dialogue_text(turns), (), None) for turns in consultations)
     yield from (('dxy', dialogue_text(r['turns']), tuple(r['entities']), None) for r in dxy_train)
@@ -62,11 +67,11 @@ def held_out_dialogues(src, skipped):
     """The validation and test dialogues of every fine-tuning set: none may enter the pretraining text."""
     held_out = HeldOut()
     for split in ('val', 'test'):
-        for turns in covid.read_split(source_file(covid.SPLIT_FILES[split], src), skipped):
+        for turns in read_covid_split(source_file(COVID_SPLIT_FILES[split], src), skipped):
             held_out.add(dialogue_text(turns), 'covid')
-    _, dxy_val, dxy_test, _ = dxy.dxy_splits(src, Skipped())  # (its skipped records count once, when read for text)
-    qa_splits, _, _ = department.department_splits(src, Skipped())
-    imcs_parts, _, _ = imcs.imcs_splits(src, Skipped())
+    _, dxy_val, dxy_test, _ = dxy_splits(src, Skipped())  # (its skipped records count once, when read for text)
+    qa_splits, _, _ = department_splits(src, Skipped())
+    imcs_parts, _, _ = imcs_splits(src, Skipped())
     for name, records in (('dxy', dxy_val + dxy_test), ('department', qa_splits['val'] + qa_splits['test']),
                           ('imcs', imcs_parts['val'] + imcs_parts['test'])):
         for r in records:
@@ -94,7 +99,8 @@ def print_summary(counts, timings, skipped):
         lexical = ', '.join(f'{name} {100 * n / max(c["tokens"], 1):.1f}%' for name, n in c['lexical_tokens'].items())
         print(f'{split}: {c.get("records", 0):,} documents, {c.get("tokens", 0):,} tokens, '
               f'{c.get("chars", 0) / max(c.get("tokens", 0), 1):.2f} chars/token, '
-              f'entity {100 * c.get("entity_tokens", 0) / max(c.get("tokens", 0), 1):.1f}% of tokens; lexical: {lexical}')
+              f'entity {100 * c.get("entity_tokens", 0) / max(c.get("tokens", 0), 1):.1f}% of tokens; '
+              f'lexical: {lexical}')
     skipped.report()
     print('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
 

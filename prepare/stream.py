@@ -25,8 +25,8 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from prepare.tagging import LEXICAL_MAP, _init_worker, _tag_one
-from prepare.tokenizer import SPECIALS
+from tagging import LEXICAL_MAP, init_worker, tag_job
+from tokenizer import SPECIALS
 
 SPLITS = ('train', 'val')
 TAG_SUFFIX = {'ids': 'bin', 'lexical': 'lex.bin', 'entity': 'ent.bin'}
@@ -147,15 +147,15 @@ class SplitFiles:
 def tag_and_write(spool_path, n_documents, folder, tok, tagger_args, workers, chunk_docs):
     """Pass 2: returns the per-split counts and the tagging speed in characters per second."""
     outputs = {split: SplitFiles(folder, split, tok) for split in SPLITS}
-    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=tagger_args) if workers > 1 else None
+    pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=tagger_args) if workers > 1 else None
     if pool is None:
-        _init_worker(*tagger_args)
+        init_worker(*tagger_args)
     started, n_chars = time.time(), 0
     try:
         with tqdm(total=n_documents, unit='doc', desc='tag', mininterval=1) as bar:
             for chunk in chunks(read_spool(spool_path), chunk_docs):
                 jobs = [job for _, job in chunk]
-                tagged = pool.map(_tag_one, jobs, chunksize=8) if pool else list(map(_tag_one, jobs))
+                tagged = pool.map(tag_job, jobs, chunksize=8) if pool else list(map(tag_job, jobs))
                 for (split, job), result in zip(chunk, tagged):
                     outputs[split].append(result, job[0])
                 n_chars += sum(len(job[0]) for job in jobs)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench.py and friends are flat files at the repo root
+sys.path.insert(0, str(ROOT))  # experiments/ and the modules bench.py imports sit at the repo root
 
-import bench  # noqa: E402
+from experiments import bench  # noqa: E402
 
 MIRROR = os.environ.get('CMED_DATA') or str(ROOT.parent / 'shared' / 'data')
 TRAIN_NUMBERS = ('steps', 'ms_per_step', 'tokens_per_s', 'mfu')

@@ -21,7 +21,7 @@ from convert import export_hf, import_hf  # noqa: E402
 from optim import configure_optimizers
 from model import GPT, GPTConfig  # noqa: E402
 from prepare.text import normalize  # noqa: E402
-from prepare.tokenizer import Tokenizer, import_bert_vocab  # noqa: E402
+from tokenizer import Tokenizer, import_bert_vocab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()
@@ -268,8 +268,7 @@ def test_bert_vocab_fits_the_tokenizer_interface(bert, bert_file):
 
 
 def test_tagged_documents_start_with_cls_as_uer_trained(bert):
-    from prepare.lexicon import lexicon_dir
-    from prepare.tagging import Tagger
+    from tagging import Tagger, lexicon_dir
     ids, lexical, entity = Tagger(lexicon_dir(str(DATA))).encode(bert, '<patient>发烧咳嗽<doctor>多喝水')
     assert ids[0] == bert.bos_id and lexical[0] == 0 and entity[0] == 0
     assert ids[1:].tolist() == bert.encode('<patient>发烧咳嗽<doctor>多喝水') and entity[1:].any()

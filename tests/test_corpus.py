@@ -68,7 +68,8 @@ def test_csv_encodings_are_detected(tmp_path):
         path = tmp_path / f'{encoding}.csv'
         path.write_bytes(rows.encode(encoding))
         documents, skipped, report = read(path)
-        assert report['encoding'] == expected and [d.text for d in documents] == ['<patient>头痛<sep>头痛两天<doctor>休息']
+        assert report['encoding'] == expected
+        assert [d.text for d in documents] == ['<patient>头痛<sep>头痛两天<doctor>休息']
         assert len(skipped) == 1 and ':3: a row without' in skipped.where[0]
 
 
@@ -123,11 +124,11 @@ def test_imcs_bio_labels_become_entity_ids(tmp_path):
 def test_a_corpus_folder_builds(tmp_path):
     corpus = tmp_path / 'corpus'
     corpus.mkdir()
-    (corpus / 'a.jsonl').write_text('\n'.join(json.dumps({'text': f'第{i}篇：孩子发烧{i}天，咳嗽有痰。'}, ensure_ascii=False)
-                                              for i in range(60)) + '\n', encoding='utf-8')
+    lines = [json.dumps({'text': f'第{i}篇：孩子发烧{i}天，咳嗽有痰。'}, ensure_ascii=False) for i in range(60)]
+    (corpus / 'a.jsonl').write_text('\n'.join(lines) + '\n', encoding='utf-8')
     (corpus / 'b.json').write_text((DATA / 'imcs21' / 'attr_dev.json').read_text(encoding='utf-8'), encoding='utf-8')
     out = tmp_path / 'out'
-    result = subprocess.run([sys.executable, 'prepare/pretrain.py', '--corpus', str(corpus), '--out', str(out),
+    result = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--corpus', str(corpus), '--out', str(out),
                              '--src', str(DATA), '--tokenizer', 'char', '--workers', '1'], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-1500:]

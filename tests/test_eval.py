@@ -131,8 +131,7 @@ def test_distinct_by_hand():
 
 def test_entity_scores_by_hand(tmp_path):
     from metrics import entities_in, entity_scores
-    from prepare.lexicon import lexicon_dir
-    from prepare.tagging import Tagger
+    from tagging import Tagger, lexicon_dir
     tagger = Tagger(lexicon_dir(str(ROOT.parent / 'shared' / 'data')))
     assert entities_in('孩子发烧咳嗽,吃了布洛芬凝胶,发烧', tagger) == {'发烧', '咳嗽', '布洛芬凝胶'}
     generated, reference = [{'发烧', '咳嗽'}, {'腹泻'}], [{'发烧'}, {'腹泻', '呕吐'}]

@@ -17,10 +17,9 @@ import tasks
 from checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint, tokenizer_record
 from model import GPT, GPTConfig
 from prepare.dataset import cut_examples, write_examples
-from prepare.lexicon import lexicon_dir
-from prepare.tagging import LEXICAL_MAP, Tagger, entity_map
 from prepare.text import normalize
-from prepare.tokenizer import train_char
+from tagging import LEXICAL_MAP, Tagger, entity_map, lexicon_dir
+from tokenizer import train_char
 
 SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
 DIALOGUES = [

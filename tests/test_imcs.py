@@ -1,5 +1,5 @@
-"""prepare/imcs.py: IMCS-21's gold symptom tags reach the tokens, val and test hold labelled dialogues only,
-and no IMCS val/test dialogue can enter the pretraining text."""
+"""IMCS-21 (prepare/readers.py, prepare/imcs.py): its gold symptom tags reach the tokens, val and test hold
+labelled dialogues only, and no IMCS val/test dialogue can enter the pretraining text."""
 import json
 import sys
 from pathlib import Path
@@ -9,17 +9,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prepare import imcs  # noqa: E402
-from prepare.lexicon import lexicon_dir  # noqa: E402
+from prepare import readers  # noqa: E402
 from prepare.sources import Skipped  # noqa: E402
-from prepare.tagging import Tagger  # noqa: E402
 from prepare.text import dialogue_text  # noqa: E402
-from prepare.tokenizer import train_char  # noqa: E402
+from tagging import Tagger, lexicon_dir  # noqa: E402
 from test_prepare import DATA  # noqa: E402
+from tokenizer import train_char  # noqa: E402
 
 
 def test_gold_tags_reach_the_tokens(tmp_path):
-    [first] = [r for r in imcs.read_imcs(str(DATA / imcs.LABELLED), Skipped()) if r['id'] == '10355967']
+    [first] = [r for r in readers.read_imcs(str(DATA / readers.IMCS_LABELLED), Skipped()) if r['id'] == '10355967']
     text = dialogue_text(first['turns'])
     assert len(first['entity_chars']) == len(text)
     # sentence 13 of the dialogue, by hand: 医生 "嗯啊，宝贝主要是呕吐对吗", BIO "O O O O O O O O B I O O"
@@ -34,12 +33,12 @@ def test_gold_tags_reach_the_tokens(tmp_path):
     ids, _, entity = Tagger(lexicon_dir(str(DATA))).encode(tok, text, (), first['entity_chars'])
     words = [tok.decode([i]) for i, e in zip(ids.tolist(), entity.tolist()) if e]
     assert ''.join(words).startswith('呕吐拉肚子呕吐')
-    lexicon_only = imcs.read_imcs(str(DATA / imcs.LABELLED), Skipped(), gold=False)
+    lexicon_only = readers.read_imcs(str(DATA / readers.IMCS_LABELLED), Skipped(), gold=False)
     assert all(r['entity_chars'] is None for r in lexicon_only)
 
 
 def test_val_and_test_hold_labelled_dialogues_only():
-    splits, diseases, _ = imcs.imcs_splits(str(DATA), Skipped())
+    splits, diseases, _ = readers.imcs_splits(str(DATA), Skipped())
     assert diseases == ['上呼吸道感染', '小儿支气管炎', '小儿消化不良', '小儿腹泻']
     assert {split: len(records) for split, records in splits.items()} == {'train': 143 + 408, 'val': 30, 'test': 30}
     assert all(r['label'] >= 0 for split in ('val', 'test') for r in splits[split])
@@ -51,7 +50,7 @@ def test_val_and_test_hold_labelled_dialogues_only():
 def test_imcs_val_and_test_never_enter_the_pretraining_text():
     from prepare.pretrain import held_out_dialogues
     held_out = held_out_dialogues(str(DATA), Skipped())
-    splits, _, _ = imcs.imcs_splits(str(DATA), Skipped())
+    splits, _, _ = readers.imcs_splits(str(DATA), Skipped())
     for record in splits['test'][:5]:
         assert held_out.holds('病人：' + dialogue_text(record['turns'])) == 'imcs'
     assert np.mean([held_out.holds(dialogue_text(r['turns'])) is None for r in splits['train'][:40]]) > 0.9
@@ -59,16 +58,19 @@ def test_imcs_val_and_test_never_enter_the_pretraining_text():
 
 def test_the_built_set_says_where_its_entity_ids_come_from_and_replies_are_scored_on_gold_spans(tmp_path):
     import subprocess
+
     import torch
+
     import eval as evaluator
     from checkpoint import save_checkpoint, tokenizer_record
     from model import GPT, GPTConfig
     from tasks import span_texts
-    records = imcs.read_imcs(str(DATA / imcs.LABELLED), Skipped())
+    records = readers.read_imcs(str(DATA / readers.IMCS_LABELLED), Skipped())
     tok = train_char([dialogue_text(r['turns']) for r in records], str(tmp_path / 'tok'), vocab_size=3000)
     for name, extra in (('gold', []), ('lexicon', ['--lexicon_entities'])):
-        built = subprocess.run([sys.executable, 'prepare/imcs.py', '--src', str(DATA), '--tokenizer_model', str(tmp_path / 'tok'),
-                                '--out', str(tmp_path / name), *extra], cwd=ROOT, capture_output=True, text=True)
+        built = subprocess.run([sys.executable, '-m', 'prepare.imcs', '--src', str(DATA),
+                                '--tokenizer_model', str(tmp_path / 'tok'), '--out', str(tmp_path / name), *extra],
+                               cwd=ROOT, capture_output=True, text=True)
         assert built.returncode == 0, built.stderr[-2000:]
         assert json.loads((tmp_path / name / 'meta.json').read_text(encoding='utf-8'))['entity_source'] == name
     # the gold spans of a reply, by hand: token runs tagged as entities, decoded

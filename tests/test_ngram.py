@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from ngram import EOS, FALLBACK_DISCOUNTS, KneserNey, modified_kn_discounts
+from experiments.ngram import EOS, FALLBACK_DISCOUNTS, KneserNey, modified_kn_discounts
 
 UNSEEN = '\U00020000'  # a CJK character that no corpus below contains
 

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prepare import covid, department, dxy
+from prepare import readers
 from prepare.dataset import atomic_dir, cut_examples, stratified_split, write_examples, write_tokens
-from prepare.text import dialogue_text
 from prepare.sources import DataError, Skipped, atomic_write, download, read_text, source_file
-from prepare.tagging import Tagger, tag_texts
-from prepare.text import normalize
-from prepare.tokenizer import Tokenizer, check_vocab_size, train_bpe, train_char
+from prepare.text import dialogue_text, normalize
+from tagging import Tagger, tag_texts
+from tokenizer import Tokenizer, check_vocab_size, train_bpe, train_char
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()
@@ -163,7 +162,7 @@ def test_vocab_of_65536_or_more_refused(tmp_path, training_lines):
             check_vocab_size(size)
         with pytest.raises(ValueError, match='uint16'):
             train_bpe(training_lines, str(tmp_path / 'x.model'), size)
-    result = subprocess.run([sys.executable, 'prepare/pretrain.py', '--vocab_size', '65536'], cwd=ROOT,
+    result = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--vocab_size', '65536'], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode != 0 and 'uint16' in result.stderr
     assert not (tmp_path / 'x.model').exists()
@@ -172,7 +171,7 @@ def test_vocab_of_65536_or_more_refused(tmp_path, training_lines):
 # --- bins ----------------------------------------------------------------------------------------------------
 
 def test_bins_round_trip_and_parallel_order(bpe, bpe_path, tmp_path):
-    consultations = dxy.read_dxy(str(DATA / 'dxy_dialog/dxy_dialog_data_dialog_v2.txt'), Skipped())['test'][:12]
+    consultations = readers.read_dxy(str(DATA / 'dxy_dialog/dxy_dialog_data_dialog_v2.txt'), Skipped())['test'][:12]
     jobs = [(dialogue_text(r['turns']), tuple(r['entities']), None) for r in consultations]
     serial = tag_texts(jobs, bpe_path, str(LEXICON), workers=1)
     parallel = tag_texts(jobs, bpe_path, str(LEXICON), workers=2)
@@ -208,11 +207,11 @@ def qa_rows(count):
 def test_gb18030_read_and_wrong_encoding_named(tmp_path):
     path = tmp_path / 'qa.csv'
     path.write_bytes('\n'.join(qa_rows(30)).encode('gb18030'))
-    rows = department.read_department(str(path), Skipped())
+    rows = readers.read_department(str(path), Skipped())
     assert len(rows) == 30 and rows[0]['department'] == '心血管科' and '<sep>' in rows[0]['turns'][0][1]
     path.write_bytes('\n'.join(qa_rows(30)).encode('utf-8'))
     with pytest.raises(DataError, match=rf'{path}:\d+: not valid gb18030.*decodes as utf-8'):
-        department.read_department(str(path), Skipped())
+        readers.read_department(str(path), Skipped())
     path.write_bytes(b'ok\n' + '病人'.encode('gb18030'))
     with pytest.raises(DataError, match=rf'{path}:2: not valid utf-8'):
         read_text(str(path))
@@ -223,17 +222,18 @@ def test_malformed_records_skipped_and_counted_with_file_and_line(tmp_path):
     rows = qa_rows(10)
     rows.insert(5, '心血管科,只有标题')  # line 6: two fields
     (tmp_path / 'qa.csv').write_bytes('\n'.join(rows).encode('gb18030'))
-    assert len(department.read_department(str(tmp_path / 'qa.csv'), skipped)) == 10
+    assert len(readers.read_department(str(tmp_path / 'qa.csv'), skipped)) == 10
     assert skipped.where == [f'{tmp_path / "qa.csv"}:6: expected 4 non-empty fields, got [\'心血管科\', \'只有标题\']']
     (tmp_path / 'split.json').write_text(json.dumps([['病人：你好', '医生：你好'], ['你好'], ['病人：a', '医生：b']]))
-    assert len(covid.read_split(str(tmp_path / 'split.json'), skipped)) == 2
+    assert len(readers.read_covid_split(str(tmp_path / 'split.json'), skipped)) == 2
     line = shared_text('dxy_dialog/dxy_dialog_data_dialog_v2.txt').split('\n')[0]
     records = ast.literal_eval(line.partition(' ')[2])[:3]
     del records[1]['dialog']
     (tmp_path / 'dxy.txt').write_text(f'test {records!r}\n')
-    assert len(dxy.read_dxy(str(tmp_path / 'dxy.txt'), skipped)['test']) == 2
-    (tmp_path / 'raw.txt').write_text('id=1\nurl\n\nDialogue\n病人：\n头疼\n医生：\n多休息\n\nid=x\nurl\n\nDialogue\n病人：\n咳\n')
-    assert len(covid.read_raw(str(tmp_path / 'raw.txt'), skipped)) == 1
+    assert len(readers.read_dxy(str(tmp_path / 'dxy.txt'), skipped)['test']) == 2
+    (tmp_path / 'raw.txt').write_text('id=1\nurl\n\nDialogue\n病人：\n头疼\n医生：\n多休息\n\n'
+                                      'id=x\nurl\n\nDialogue\n病人：\n咳\n')
+    assert len(readers.read_covid_raw(str(tmp_path / 'raw.txt'), skipped)) == 1
     assert len(skipped) == 4 and skipped.to_json()['count'] == 4
     assert skipped.where[1].startswith(f'{tmp_path / "split.json"}:record 2:')
     assert skipped.where[2].startswith(f'{tmp_path / "dxy.txt"}:1 record 2: malformed DXY record')
@@ -244,7 +244,7 @@ def test_empty_file_error_names_file(tmp_path):
     for content in (b'', b'\n \n'):
         (tmp_path / 'empty.txt').write_bytes(content)
         with pytest.raises(DataError, match=f'{tmp_path / "empty.txt"}: file is empty'):
-            covid.read_raw(str(tmp_path / 'empty.txt'), Skipped())
+            readers.read_covid_raw(str(tmp_path / 'empty.txt'), Skipped())
 
 
 def test_atomic_writes_leave_nothing_half_written(tmp_path):
@@ -298,7 +298,7 @@ def test_download_from_loopback_server_and_file_url(tmp_path, monkeypatch):
 # --- splits ------------------------------------------------------------------------------------------------
 
 def test_stratified_split_deterministic_and_proportional():
-    rows = department.read_department(str(DATA / 'department_qa/im_sample_gb18030.csv'), Skipped())
+    rows = readers.read_department(str(DATA / 'department_qa/im_sample_gb18030.csv'), Skipped())
     labels = [r['department'] for r in rows]
     a, b = (stratified_split(labels, {'val': 0.1, 'test': 0.1}, seed=1337) for _ in range(2))
     assert a == b and a != stratified_split(labels, {'val': 0.1, 'test': 0.1}, seed=1)
@@ -311,12 +311,12 @@ def test_stratified_split_deterministic_and_proportional():
 
 def test_no_covid_val_test_dialogue_in_pretraining_text():
     skipped = Skipped()
-    kept, report, _ = covid.pretraining_consultations(str(DATA), skipped)
-    kept_text = covid._content(dialogue_text(turns) for turns in kept)
+    kept, report, _ = readers.covid_pretraining_consultations(str(DATA), skipped)
+    kept_text = readers._content(dialogue_text(turns) for turns in kept)
 
     def descriptions(split):
-        dialogues = covid.read_split(str(DATA / covid.SPLIT_FILES[split]), skipped)
-        return [covid._content(turns[0][1])[:20] for turns in dialogues if len(covid._content(turns[0][1])) >= 20]
+        dialogues = readers.read_covid_split(str(DATA / readers.COVID_SPLIT_FILES[split]), skipped)
+        return [readers._content(turns[0][1])[:20] for turns in dialogues if len(readers._content(turns[0][1])) >= 20]
     held_out = descriptions('val') + descriptions('test')
     assert len(held_out) > 200 and not [d for d in held_out if d in kept_text]
     train = descriptions('train')
@@ -334,21 +334,21 @@ def small_src(tmp_path):
     (src / 'medical_lexicon').symlink_to(LEXICON)
     (src / 'imcs21').symlink_to(DATA / 'imcs21')  # read whole: its val/test dialogues are held out of pretraining
     raw = shared_text('covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt')
-    (src / covid.RAW).write_text(raw[:raw.index('id=16\n')])
-    for split, rel in covid.SPLIT_FILES.items():
+    (src / readers.COVID_RAW).write_text(raw[:raw.index('id=16\n')])
+    for split, rel in readers.COVID_SPLIT_FILES.items():
         (src / rel).write_text(json.dumps(json.loads(shared_text(rel))[:6], ensure_ascii=False))
-    lines = shared_text(dxy.FILE).split('\n')
-    (src / dxy.FILE).write_text(''.join(f'{line.partition(" ")[0]} {ast.literal_eval(line.partition(" ")[2])[:30]!r}\n'
-                                        for line in lines if line))
+    lines = shared_text(readers.DXY_FILE).split('\n')
+    (src / readers.DXY_FILE).write_text(''.join(
+        f'{line.partition(" ")[0]} {ast.literal_eval(line.partition(" ")[2])[:30]!r}\n' for line in lines if line))
     rows = qa_rows(150)
     rows.insert(7, '消化科,,没有标题,回答')  # line 8: an empty title
-    (src / department.FILE).write_bytes('\n'.join(rows).encode('gb18030'))
+    (src / readers.DEPARTMENT_FILE).write_bytes('\n'.join(rows).encode('gb18030'))
     (src / 'medical_book' / 'fever.txt').write_text('\n'.join(shared_text('medical_book/fever.txt').split('\n')[:40]))
     return src
 
 
 def run_script(name, *args):
-    result = subprocess.run([sys.executable, f'prepare/{name}.py', *args], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, '-m', f'prepare.{name}', *args], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -363,7 +363,8 @@ def test_scripts_build_every_set(small_src, tmp_path):
     assert meta['vocab_size'] == tok.vocab_size and meta['special_ids']['eot'] == tok.eot_id
     for split in ('train', 'val'):
         ids = np.fromfile(out / 'pretrain' / f'{split}.bin', dtype=np.uint16)
-        assert len(ids) == meta['splits'][split]['tokens'] == len(np.fromfile(out / 'pretrain' / f'{split}.lex.bin', np.uint8))
+        lexical = np.fromfile(out / 'pretrain' / f'{split}.lex.bin', np.uint8)
+        assert len(ids) == meta['splits'][split]['tokens'] == len(lexical)
         assert ids[-1] == tok.eot_id and (ids == tok.eot_id).sum() == meta['splits'][split]['records']
     common = ['--src', str(small_src), '--tokenizer_model', str(out / 'pretrain' / 'tokenizer.model'), '--workers', '1']
     for name in ('covid', 'dxy', 'department'):
@@ -371,7 +372,7 @@ def test_scripts_build_every_set(small_src, tmp_path):
         meta = json.loads((out / name / 'meta.json').read_text())
         n_labels = len(meta['label_names'])
         # the labels are the distinct departments of the well-formed rows of the small file (covid has none)
-        rows = list(csv.reader(io.StringIO((small_src / department.FILE).read_bytes().decode('gb18030'))))[1:]
+        rows = list(csv.reader(io.StringIO((small_src / readers.DEPARTMENT_FILE).read_bytes().decode('gb18030'))))[1:]
         departments = {r[0] for r in rows if len(r) == 4 and all(field.strip() for field in r)}
         assert n_labels == {'covid': 0, 'dxy': 5, 'department': len(departments)}[name]
         if name != 'covid':
@@ -386,7 +387,7 @@ def test_scripts_build_every_set(small_src, tmp_path):
             assert len(labels) == len(offsets) - 1 == meta['splits'][split]['examples']
             assert (ids[offsets[1:] - 1] == tok.eot_id).all() and labels.max() < max(n_labels, 1)
     skipped = json.loads((out / 'department' / 'meta.json').read_text())['skipped']
-    assert skipped['count'] == 1 and skipped['where'][0].startswith(f'{small_src / department.FILE}:8:')
+    assert skipped['count'] == 1 and skipped['where'][0].startswith(f'{small_src / readers.DEPARTMENT_FILE}:8:')
     first = np.load(out / 'department' / 'test.offsets.npy')[1]
     ids = np.fromfile(out / 'department' / 'test.bin', dtype=np.uint16)[:first]
     assert tok.decode(ids.tolist()).startswith('<patient>') and tok.decode(ids.tolist()).endswith('<eot>')

@@ -19,7 +19,7 @@ import torch
 import finetune
 import sample
 from checkpoint import claim_out_dir, fingerprint, load_checkpoint, load_model, save_checkpoint, tokenizer_record
-from prepare.tokenizer import Tokenizer, train_char
+from tokenizer import Tokenizer, train_char
 from test_finetune import DIALOGUES, LABELS, base_path, data_dir, finetune_args, tools  # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,7 +203,7 @@ def test_batch_larger_than_the_training_set_is_refused(base_path, data_dir, tmp_
 def test_missing_data_set_names_its_prepare_command(base_path, tmp_path):
     result = run_cli('finetune.py', f'--init_from={base_path.parent}', '--dataset=covid', f'--out_dir={tmp_path}/out',
                      cwd=tmp_path)  # no data/covid here
-    line = cli_refusal(result, 'data/covid', 'python prepare/covid.py')
+    line = cli_refusal(result, 'data/covid', 'python -m prepare.covid')
     assert not (tmp_path / 'out').exists(), line
 
 

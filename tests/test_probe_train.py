@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from checkpoint import claim_out_dir, load_checkpoint, save_checkpoint  # noqa: E402
-from prepare.tokenizer import train_char  # noqa: E402
+from tokenizer import train_char  # noqa: E402
 from test_train import data_dir, read_log, tiny_args  # noqa: E402,F401 (data_dir is a fixture)
 
 

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-import reproduce
-import tables
-from ngram import KneserNey
+from experiments import reproduce, tables
+from experiments.ngram import KneserNey
 
 ROOT = Path(__file__).resolve().parents[1]
 

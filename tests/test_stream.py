@@ -12,7 +12,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prepare import covid  # noqa: E402
+from prepare import readers  # noqa: E402
 from prepare.heldout import HeldOut  # noqa: E402
 from prepare.sources import Skipped  # noqa: E402
 from prepare.stream import read_spool, spool, tokenizer_sample  # noqa: E402
@@ -23,7 +23,7 @@ OUTPUTS = ('train.bin', 'train.lex.bin', 'train.ent.bin', 'val.bin', 'val.lex.bi
 
 
 def build(src, out, *args):
-    result = subprocess.run([sys.executable, 'prepare/pretrain.py', '--src', str(src), '--out', str(out),
+    result = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--src', str(src), '--out', str(out),
                              '--tokenizer', 'char', *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads((out / 'meta.json').read_text(encoding='utf-8'))
@@ -44,11 +44,14 @@ def documents(texts, source='s'):
 
 def test_spool_drops_duplicates_and_held_out_dialogues_and_counts_them(tmp_path):
     held_out = HeldOut()
-    test_dialogue = '<patient>孩子发烧三天了，体温三十九度，咳嗽有痰，精神不太好。<doctor>有没有气喘？血常规查了吗？建议先去医院查血常规和胸片。'
+    test_dialogue = ('<patient>孩子发烧三天了，体温三十九度，咳嗽有痰，精神不太好。'
+                     '<doctor>有没有气喘？血常规查了吗？建议先去医院查血常规和胸片。')
     held_out.add(test_dialogue, 'covid')
     # the same dialogue re-punctuated and inside a longer consultation: held out
-    leaked = '病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水'
-    texts = ['头痛两周了，晚上睡不好，血压正常。', '腹泻两天，一天五六次，稀水样。', '头痛两周了，晚上睡不好，血压正常。', leaked]
+    leaked = ('病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n'
+              '医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水')
+    headache = '头痛两周了，晚上睡不好，血压正常。'
+    texts = [headache, '腹泻两天，一天五六次，稀水样。', headache, leaked]
     counts, n, train_chars = spool(documents(texts), str(tmp_path / 'spool'), held_out, 0.0)
     assert counts == {'s': {'read': 4, 'train': 2, 'duplicates': 1, 'held_out_covid': 1}} and n == 2
     assert [job[0] for _, job in read_spool(str(tmp_path / 'spool'))] == texts[:2]
@@ -76,7 +79,7 @@ def test_the_tokenizer_sample_is_bounded_and_seeded(tmp_path):
 
 def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
     held_out = HeldOut()
-    test_dialogues = covid.read_split(str(DATA / covid.SPLIT_FILES['test']), Skipped())
+    test_dialogues = readers.read_covid_split(str(DATA / readers.COVID_SPLIT_FILES['test']), Skipped())
     for turns in test_dialogues:
         held_out.add(dialogue_text(turns), 'covid')
     assert all(held_out.holds(dialogue_text(turns)) == 'covid' for turns in test_dialogues)
@@ -85,10 +88,10 @@ def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
 
 
 def test_gold_entity_ids_replace_lexicon_matching():
-    from prepare.lexicon import lexicon_dir
-    from prepare.tagging import Tagger
-    from prepare.tokenizer import train_char
     import tempfile
+
+    from tagging import Tagger, lexicon_dir
+    from tokenizer import train_char
     with tempfile.TemporaryDirectory() as folder:
         tok = train_char(['孩子发烧咳嗽'], os.path.join(folder, 'tok'), vocab_size=300)
         tagger = Tagger(lexicon_dir(str(DATA)))
@@ -122,7 +125,7 @@ def test_a_set_built_with_another_sets_tokenizer_and_a_character_budget(small_sr
     assert (tmp_path / 'small' / 'tokenizer.model').read_bytes() == (tmp_path / 'full' / 'tokenizer.model').read_bytes()
     assert 0.35 < small['splits']['train']['input_chars'] / full['splits']['train']['input_chars'] < 0.65
     assert small['splits']['val'] == full['splits']['val'] and small['train_chars_wanted'] > 0
-    missing = subprocess.run([sys.executable, 'prepare/pretrain.py', '--src', str(small_src), '--out',
+    missing = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--src', str(small_src), '--out',
                               str(tmp_path / 'none'), '--tokenizer', str(tmp_path / 'nowhere' / 'tokenizer.model')],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and 'Traceback' not in missing.stderr and 'nowhere' in missing.stderr

@@ -13,9 +13,9 @@ The papers' tables in miniature, measured on 2 CPU cores (tables.py says what ea
                       department QA, DXY and IMCS-21
   BioGPT              the soft prompt in front vs between source and target
 
-    python reproduce.py                              # about an hour on 2 CPU cores
-    python reproduce.py --quick                      # every table at toy size in minutes (CI: structure only)
-    python reproduce.py --pretrained_dir=out/mine    # use a finished pretraining run whose config matches
+    python -m experiments.reproduce                             # about an hour on 2 CPU cores
+    python -m experiments.reproduce --quick                     # every table at toy size in minutes (CI: structure)
+    python -m experiments.reproduce --pretrained_dir=out/mine   # use a finished pretraining run whose config matches
 
 Needs `make data` (data/pretrain, general, medical_equal, covid, imcs, imcs_lexicon, dxy, department).
 Every training run is train.py or finetune.py in a child process, given its settings as a config file kept
@@ -41,9 +41,9 @@ import torch
 from checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from common import load_meta
 from configurator import config_file_values, configure
+from experiments.ngram import EOS, KneserNey
+from experiments.tables import DIALOGUE_SETS, is_deterministic, render, table_specs
 from model import GPT, GPTConfig
-from ngram import EOS, KneserNey
-from tables import DIALOGUE_SETS, is_deterministic, render, table_specs
 from tasks import build_input, load_split
 
 DEFAULTS = dict(
@@ -172,7 +172,7 @@ def ngram_training_texts(max_texts):
     """The pretraining text as the n-gram sees it: train.bin decoded, cut at every special piece. The
     n-gram has no speaker tokens, so each utterance (or book chapter) is one text: it learns how an
     utterance starts and ends, as a test reply is scored from its start to its end marker."""
-    from prepare.tokenizer import Tokenizer
+    from tokenizer import Tokenizer
     tokenizer = Tokenizer.load(os.path.join('data', 'pretrain', 'tokenizer.model'))
     ids = np.fromfile(os.path.join('data', 'pretrain', 'train.bin'), dtype=np.uint16)
     pieces = np.split(ids, np.flatnonzero(np.isin(ids, tokenizer.special_ids)))
@@ -184,7 +184,7 @@ def ngram_training_texts(max_texts):
 def scored_replies(room):
     """The COVID test replies exactly as a GPT without a prompt scores them: (text, whether <eot> is scored),
     each reply cut where the GPT's window cuts it."""
-    from prepare.tokenizer import Tokenizer
+    from tokenizer import Tokenizer
     data_dir = os.path.join('data', 'covid')
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = load_meta(data_dir)['special_ids']

@@ -19,7 +19,7 @@ characters never seen, so every character gets probability > 0.
     model.log_prob(context, char)                # natural log of P(char | context)
     bpc, n_chars = model.bits_per_char(texts)
 
-Command line:  python ngram.py --train a.txt --test b.txt --order 5   (one document per line)
+Command line:  python -m experiments.ngram --train a.txt --test b.txt --order 5   (one document per line)
 """
 import argparse
 import math

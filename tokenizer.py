@@ -174,7 +174,7 @@ class BertVocab:
     itself dropped, every CJK character is a word of its own, Latin letters are lower-cased with accents
     stripped, punctuation is a word of its own, and each word is cut into the longest pieces of the vocabulary
     (continuations spelt '##...'); a word with no such cut is one [UNK]. UER's data also framed each document as
-    [CLS] ... [SEP]: <eot> is [SEP], and bos_id ([CLS]) is put in front of every document by prepare/tagging.py.
+    [CLS] ... [SEP]: <eot> is [SEP], and bos_id ([CLS]) is put in front of every document by tagging.py.
 
     For bits per character (char_counts) a piece counts its characters ('##' excluded), [UNK] counts 1 (it is
     nearly always one rare character or symbol) and the special pieces 0. The whitespace BERT drops is not

@@ -1,9 +1,9 @@
 """
 How fast is the code? Training, generation and data preparation, measured on this machine.
 
-    python bench.py                                  # config/tiny.py's sizes on whatever device there is
-    python bench.py config/base.py --device=cuda     # any train.py config file, any train.py key
-    python bench.py --steps=50 --out=bench.json      # also write the numbers as JSON
+    python -m experiments.bench                                 # config/tiny.py's sizes on whatever device there is
+    python -m experiments.bench config/base.py --device=cuda    # any train.py config file, any train.py key
+    python -m experiments.bench --steps=50 --out=bench.json     # also write the numbers as JSON
 
 Prints Markdown tables:
 - training tokens/s and MFU, hand-written vs fused attention, float32 vs bfloat16 (and float16 with the
@@ -14,7 +14,7 @@ Prints Markdown tables:
   produced the same tokens;
 - prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text.
 With --prepare_scales=1,10,30 it instead builds synthetic corpora of that many times the shared medical
-texts with prepare/pretrain.py --corpus and prints build time, chars/s and peak RSS per scale.
+texts with python -m prepare.pretrain --corpus and prints build time, chars/s and peak RSS per scale.
 It trains on data/<dataset>/ when that has been prepared, else on random tokens (the output says which).
 A benchmark, not a test: it asserts nothing about speed.
 """
@@ -31,16 +31,26 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import TAG_FILES, Windows, autocast_context, device_type, load_meta, measure_matmul_flops, \
-    new_model_args, optimizer_step, peak_flops, resolve_device_and_dtype, synchronize
+from common import (
+    TAG_FILES,
+    Windows,
+    autocast_context,
+    device_type,
+    load_meta,
+    measure_matmul_flops,
+    new_model_args,
+    optimizer_step,
+    peak_flops,
+    resolve_device_and_dtype,
+    synchronize,
+)
 from configurator import configure
 from optim import configure_optimizers
 from model import GPT, GPTConfig
-from prepare.lexicon import lexicon_dir
 from prepare.sources import DataError, read_text, source_file
-from prepare.tagging import LEXICAL_MAP, entity_map, tag_texts
 from prepare.text import normalize
-from prepare.tokenizer import train_bpe
+from tagging import LEXICAL_MAP, entity_map, lexicon_dir, tag_texts
+from tokenizer import train_bpe
 
 # The train.py keys a benchmark uses, at config/tiny.py's sizes (a 2-core CPU in a minute or two); a
 # train.py config file works here too: its other keys (out_dir, max_iters, ...) are listed and ignored.
@@ -56,8 +66,9 @@ DEFAULTS = dict(
     gen_tokens=256,        # new tokens per generation
     prepare_chars=300_000,  # characters of COVID dialogue text to tag; 0 skips that section
     prepare_workers=2,     # processes for the multi-process prepare run
-    prepare_scales='',     # e.g. '1,10,30': instead, time prepare/pretrain.py --corpus on synthetic corpora that many
-                           # times the shared medical texts: build time, chars/s and peak memory per scale
+    prepare_scales='',     # e.g. '1,10,30': instead, time python -m prepare.pretrain --corpus on synthetic
+                           # corpora that many times the shared medical texts: build time, chars/s and peak
+                           # memory per scale
     src='',                # folder of the raw data sets; '' = $CMED_DATA, else ../shared/data
     out='',                # write the numbers to this JSON file too
 )
@@ -219,7 +230,7 @@ def tokenizer_for_prepare(cfg, text, folder):
 
 
 def bench_prepare(cfg):
-    """chars/s of prepare.tagging.tag_texts (normalise, encode, jieba POS, lexicon entities), 1 vs N processes."""
+    """chars/s of tagging.tag_texts (normalise, encode, jieba POS, lexicon entities), 1 vs N processes."""
     src = raw_data_folder(cfg)
     try:
         text = read_text(source_file(COVID_TEXT, src))[:cfg.prepare_chars]
@@ -291,7 +302,7 @@ def prepare_markdown(p):
         return ["## Prepare", "", "skipped (--prepare_chars=0)"]
     if not p['available']:
         return ["## Prepare", "", f"prepare not available: {p['reason']}"]
-    return ["## Prepare: tag + encode (prepare.tagging.tag_texts)", "",
+    return ["## Prepare: tag + encode (tagging.tag_texts)", "",
             f"{p['chars']:,} characters ({p['records']} consultations) of {p['source']}; "
             f"tokenizer: {p['tokenizer']}", "",
             "| processes | seconds | chars/s |", "|---:|---:|---:|",
@@ -313,7 +324,8 @@ def synthetic_corpus(src, folder, copies, seed):
     each other, so no model quality may be read from a model trained on them. Returns their characters."""
     sentences = []
     for rel, encoding in SCALE_SOURCES:
-        sentences += [s.strip() for s in re.split(r'(?<=[。！？\n])', read_text(source_file(rel, src), encoding)) if s.strip()]
+        text = read_text(source_file(rel, src), encoding)
+        sentences += [s.strip() for s in re.split(r'(?<=[。！？\n])', text) if s.strip()]
     for copy in range(copies):
         order = np.random.default_rng([seed, copy]).permutation(len(sentences))
         with open(os.path.join(folder, f'copy{copy:03d}.txt'), 'w', encoding='utf-8') as f:
@@ -323,21 +335,21 @@ def synthetic_corpus(src, folder, copies, seed):
 
 
 def bench_prepare_scale(cfg):
-    """prepare/pretrain.py --corpus on synthetic corpora of growing size: seconds, chars/s, peak RSS (the
+    """python -m prepare.pretrain --corpus on synthetic corpora of growing size: seconds, chars/s, peak RSS (the
     largest process of the build, its workers included: GNU time's %M)."""
     rows = []
     for scale in (int(x) for x in cfg.prepare_scales.split(',')):
         with tempfile.TemporaryDirectory() as folder:
             os.makedirs(os.path.join(folder, 'corpus'))
             chars = synthetic_corpus(raw_data_folder(cfg), os.path.join(folder, 'corpus'), scale, cfg.seed)
-            command = [sys.executable, 'prepare/pretrain.py', '--corpus', os.path.join(folder, 'corpus'),
+            command = [sys.executable, '-m', 'prepare.pretrain', '--corpus', os.path.join(folder, 'corpus'),
                        '--out', os.path.join(folder, 'out'), '--src', raw_data_folder(cfg),
                        '--workers', str(cfg.prepare_workers)]
             start = time.perf_counter()
             finished = subprocess.run(['/usr/bin/time', '-f', '%M', *command], capture_output=True, text=True)
             seconds = time.perf_counter() - start
             if finished.returncode != 0:
-                raise SystemExit(f"prepare/pretrain.py failed at scale {scale}: {finished.stderr[-500:]}")
+                raise SystemExit(f"python -m prepare.pretrain failed at scale {scale}: {finished.stderr[-500:]}")
             meta = load_meta(os.path.join(folder, 'out'))
         rows.append(dict(scale=scale, chars=chars, seconds=seconds, chars_per_s=chars / seconds,
                          tag_chars_per_s=meta['chars_per_s'], tokens=meta['splits']['train']['tokens'],
@@ -347,11 +359,12 @@ def bench_prepare_scale(cfg):
 
 
 def prepare_scale_markdown(rows, workers):
-    return [f"## prepare/pretrain.py --corpus at scale ({workers} workers; synthetic: shuffled copies of the shared "
-            f"medical texts)", "", "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | "
-            "train tokens | peak RSS MB |", "|---:|---:|---:|---:|---:|---:|---:|"] + \
-        [f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | {r['tag_chars_per_s']:,} | "
-         f"{r['tokens']:,} | {r['peak_rss_mb']:,.0f} |" for r in rows]
+    return [f"## python -m prepare.pretrain --corpus at scale ({workers} workers; synthetic: shuffled copies of "
+            f"the shared medical texts)", "",
+            "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | train tokens | peak RSS MB |",
+            "|---:|---:|---:|---:|---:|---:|---:|"] + \
+        [f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | "
+         f"{r['tag_chars_per_s']:,} | {r['tokens']:,} | {r['peak_rss_mb']:,.0f} |" for r in rows]
 
 
 def main(argv=None):

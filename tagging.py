@@ -12,20 +12,26 @@ Entity id, per character then taken at each token's first character: longest mat
 matching) against the medical lexicon, overridden by the record's own annotation (DXY symptom slots, as
 symptoms). 0/1 by default (the paper's one-hot positions); with entity_types, the type id (ENTITY_TYPES).
 Special pieces (speakers, separator, end of text) always get 0 for both.
+
+The medical lexicon (medical_lexicon/<type>.txt, one term per line) is both the entity dictionary and jieba's
+user words; sample.py, eval.py and the fine-tuning tasks load it as prepare/ does, so tags agree at run time.
 """
 import functools
 import logging
 import multiprocessing
+import os
 
 import jieba
 import jieba.posseg
 import numpy as np
 from tqdm import tqdm
 
-from prepare.lexicon import ENTITY_TYPES, read_lexicon
+from prepare.sources import read_text, source_file
 from prepare.text import normalize
-from prepare.tokenizer import Tokenizer
+from tokenizer import Tokenizer
 
+# a term listed in two files takes the type of the earlier one (427 terms are both symptom and disease)
+ENTITY_TYPES = ['symptom', 'disease', 'drug', 'check', 'department']
 LEXICAL_MAP = {'other': 0, 'noun': 1, 'verb': 2, 'adjective': 3}
 _LEXICAL_OF_LETTER = {'n': 1, 'v': 2, 'a': 3}
 SYMPTOM = 1 + ENTITY_TYPES.index('symptom')
@@ -34,6 +40,35 @@ SYMPTOM = 1 + ENTITY_TYPES.index('symptom')
 def entity_map(entity_types=False):
     names = ENTITY_TYPES if entity_types else ['entity']
     return {'none': 0, **{name: i for i, name in enumerate(names, start=1)}}
+
+
+def lexicon_dir(src=None):
+    """The folder holding all lexicon files (downloaded into data/raw/ if they are not in the source folder)."""
+    folders = {os.path.dirname(source_file(f'medical_lexicon/{name}.txt', src)) for name in ENTITY_TYPES}
+    if len(folders) > 1:
+        raise FileNotFoundError(f'lexicon files are split across {sorted(folders)}: put them in one folder')
+    return folders.pop()
+
+
+def lexicon_files(folder):
+    return [os.path.join(folder, f'{name}.txt') for name in ENTITY_TYPES]
+
+
+def read_lexicon(folder, skipped=None):
+    """{term: type id} with type ids 1..5 in ENTITY_TYPES order. Terms truncated by the source ('...') and
+    one-character terms (e.g. 'C', 'Ⅰ': they would tag noise) are skipped and counted."""
+    terms = {}
+    for type_id, path in enumerate(lexicon_files(folder), start=1):
+        for line_no, line in enumerate(read_text(path).split('\n'), start=1):
+            term = normalize(line).strip()
+            if not term:
+                continue
+            if term.endswith('...') or len(term) < 2:
+                if skipped is not None:
+                    skipped.add(path, line_no, f'lexicon term {term!r} truncated or too short')
+                continue
+            terms.setdefault(term, type_id)
+    return terms
 
 
 class Tagger:
@@ -64,7 +99,8 @@ class Tagger:
         per_char = self.entity_per_char(text, extra_entities) if entity_chars is None else np.asarray(entity_chars)
         entity = np.where(special, 0, per_char[begins])
         if tok.bos_id is not None:  # a document starts with the piece the model was trained to start from
-            ids, lexical, entity = (np.concatenate([[first], x]) for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity)))
+            ids, lexical, entity = (np.concatenate([[first], x])
+                                    for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity)))
         return ids, lexical.astype(np.int64), entity.astype(np.int64)
 
     def lexical_per_char(self, text):
@@ -114,14 +150,17 @@ def _tools(tokenizer_path, lexicon_dir, entity_types):
 _worker_args = None
 
 
-def _init_worker(*args):
+def init_worker(tokenizer_path, lexicon_dir, entity_types):
+    """A tagging process's initializer: loads its tokenizer and tagger once (jieba's start-up takes a few
+    seconds), for every tag_job it then runs."""
     global _worker_args
-    _worker_args = args
-    _tools(*args)  # jieba's start-up (a few seconds) once per worker, not once per text
+    _worker_args = (tokenizer_path, lexicon_dir, entity_types)
+    _tools(*_worker_args)
 
 
-def _tag_one(job):
-    """job: (text, extra entity terms, entity ids per character or None)."""
+def tag_job(job):
+    """(ids, lexical, entity) of job = (text, extra entity terms, entity ids per character or None), with the
+    tools init_worker loaded in this process."""
     tok, tagger = _tools(*_worker_args)
     return tagger.encode(tok, *job)
 
@@ -131,11 +170,11 @@ def tag_texts(jobs, tokenizer_path, lexicon_dir, entity_types=False, workers=2):
     `workers` processes."""
     args = (tokenizer_path, lexicon_dir, entity_types)
     if workers <= 1:
-        _init_worker(*args)
-        return _collect(map(_tag_one, jobs), jobs)
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+        init_worker(*args)
+        return _collect(map(tag_job, jobs), jobs)
+    with multiprocessing.Pool(workers, initializer=init_worker, initargs=args) as pool:
         # imap yields in input order whatever order the workers finish in
-        return _collect(pool.imap(_tag_one, jobs, chunksize=4), jobs)
+        return _collect(pool.imap(tag_job, jobs, chunksize=4), jobs)
 
 
 def _collect(results, jobs):
