@@ -56,7 +56,12 @@ DEFAULTS = dict(
 
 
 def score_text(model, tokens_of_file, tokenizer, stride, autocast):
-    """(nats, scored tokens, characters) over the whole file, one window at a time."""
+    """(nats, scored tokens, characters) over the whole file, one window at a time.
+
+    Windows of T + 1 tokens start every `stride` tokens. Each window scores only its last `stride` targets
+    (the first window all T): the T - stride before them were scored by the previous window and serve here
+    as context only. So every token after the first is scored once, whatever the stride, and each token after
+    the first window sees at least T - stride tokens before it: a shorter stride buys context with windows."""
     T = model.config.block_size - model.config.n_prompt
     char_counts = tokenizer.char_counts()
     device = next(model.parameters()).device
@@ -108,7 +113,9 @@ def _score_window(model, window, context, char_counts, device, autocast):
     """nats, tokens and characters of the targets of window[:-1] -> window[1:] after the first `context`."""
     idx = torch.from_numpy(window[:-1])[None].to(device)
     targets = torch.from_numpy(window[1:].copy())
-    targets[:context] = -1  # already scored by the previous window: context only
+    # the first `context` targets were scored by the previous window: here they only condition the rest
+    # (scoring them again would count a token twice, and with less context than it had the first time)
+    targets[:context] = -1
     targets = targets[None].to(device)
     with autocast:
         _, nats = model.lm_head_loss(model.encode(idx), targets, reduction='sum')
