@@ -12,11 +12,13 @@ loss, perplexity per token and bits per character.
 writes it (dialogues with speaker pieces, cleaned text) and followed by <eot>. Either way the tokens come from
 the model's own tokenizer (the one its checkpoint carries); windows of block_size tokens slide by `stride`,
 and each window scores only the tokens the previous one did not, so every token after the first is scored
-exactly once, with up to block_size - stride tokens of context. Memory holds one chunk and one window.
---dataset: tasks.evaluate on the split's reply tokens, as finetune.py reports them; with --generate, a reply
-is generated for each example's source (greedy, or sampled with a seed) and scored against the reference by
-BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metrics.py). Bits per character = total nats / ln 2 / characters of the
-scored tokens, which compares models with different tokenizers. Prints one JSON line.
+exactly once, each after the first window with at least block_size - stride tokens of context. Memory holds
+one chunk and one window.
+--dataset: tasks.Dialogue's evaluation of the split's reply tokens, as finetune.py reports them; with
+--generate, a reply is generated for each example's source (greedy, or sampled with a seed) and scored against
+the reference by BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metrics.py). Bits per character =
+total nats / ln 2 / characters of the scored tokens, which compares models with different tokenizers. Prints
+one JSON line.
 """
 import json
 import math
@@ -30,7 +32,7 @@ from checkpoint import check_tokenizer, load_model
 from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
 from configurator import configure
 from prepare.sources import DataError
-from tasks import evaluate, generation_scores, load_task
+from tasks import Dialogue, load_task_data
 
 DEFAULTS = dict(
     out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
@@ -56,7 +58,12 @@ DEFAULTS = dict(
 
 
 def score_text(model, tokens_of_file, tokenizer, stride, autocast):
-    """(nats, scored tokens, characters) over the whole file, one window at a time."""
+    """(nats, scored tokens, characters) over the whole file, one window at a time.
+
+    Windows of T + 1 tokens start every `stride` tokens. Each window scores only its last `stride` targets
+    (the first window all T): the T - stride before them were scored by the previous window and serve here
+    as context only. So every token after the first is scored once, whatever the stride, and each token after
+    the first window sees at least T - stride tokens before it: a shorter stride buys context with windows."""
     T = model.config.block_size - model.config.n_prompt
     char_counts = tokenizer.char_counts()
     device = next(model.parameters()).device
@@ -108,7 +115,9 @@ def _score_window(model, window, context, char_counts, device, autocast):
     """nats, tokens and characters of the targets of window[:-1] -> window[1:] after the first `context`."""
     idx = torch.from_numpy(window[:-1])[None].to(device)
     targets = torch.from_numpy(window[1:].copy())
-    targets[:context] = -1  # already scored by the previous window: context only
+    # the first `context` targets were scored by the previous window: here they only condition the rest
+    # (scoring them again would count a token twice, and with less context than it had the first time)
+    targets[:context] = -1
     targets = targets[None].to(device)
     with autocast:
         _, nats = model.lm_head_loss(model.encode(idx), targets, reduction='sum')
@@ -160,19 +169,20 @@ def main(argv=None):
         if checkpoint.get('tokenizer'):
             check_tokenizer(checkpoint['tokenizer'], data_dir, result['model'])
         config = checkpoint.get('config', {})
-        task_cfg = SimpleNamespace(task='dialogue', entity_splice=False, n_prompt=model.config.n_prompt,
-                                   prompt_position=config.get('prompt_position', 'prefix'), label_template='',
-                                   lexical=bool(model.config.n_lexical), entity=bool(model.config.n_entity),
-                                   batch_size=cfg.batch_size)
-        task_data = load_task(task_cfg, vars(model.config), load_meta(data_dir), data_dir, device, dtype)
+        # the doctor replies, with the inputs the model was trained on (its tag tables, its prompt's place)
+        task = Dialogue(SimpleNamespace(entity_splice=False, n_prompt=model.config.n_prompt,
+                                        prompt_position=config.get('prompt_position', 'prefix'), label_template='',
+                                        lexical=bool(model.config.n_lexical), entity=bool(model.config.n_entity),
+                                        batch_size=cfg.batch_size))
+        task_data = load_task_data(task, vars(model.config), load_meta(data_dir), data_dir, device, dtype)
         if not task_data.inputs[cfg.split]:
             raise SystemExit(f"{data_dir} has no {cfg.split} examples")
         result.update(dataset=cfg.dataset, split=cfg.split, examples=len(task_data.inputs[cfg.split]),
-                      **evaluate(model, task_data.inputs[cfg.split], task_cfg, task_data))
+                      **task.evaluate(model, task_data.inputs[cfg.split], task_data))
         if cfg.generate:
             examples = task_data.examples[cfg.split][:cfg.max_examples or None]
-            result.update(generation_scores(model, task_data, task_cfg, examples, cfg.max_new_tokens,
-                                            cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed))
+            result.update(task.reply_scores(model, task_data, examples, cfg.max_new_tokens, cfg.temperature,
+                                            cfg.top_k, cfg.top_p, cfg.seed))
     print(json.dumps(result, ensure_ascii=False))
     print('\n'.join(f"{key:>18}  {value:.4f}" if isinstance(value, float) else f"{key:>18}  {value}"
                     for key, value in result.items()))

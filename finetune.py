@@ -29,7 +29,7 @@ from common import data_dir_of, device_type, learning_rate_at, load_meta, optimi
 from configurator import configure
 from optim import configure_optimizers
 from model import GPT, GPTConfig
-from tasks import collate, evaluate, generation_scores, label_text_accuracy, load_task, selection_loss, task_loss
+from tasks import TASKS, load_task_data
 
 DEFAULTS = dict(
     init_from='out/tiny',       # out_dir of the pretraining run to adapt (default: the quick start's)
@@ -37,7 +37,7 @@ DEFAULTS = dict(
     out_dir='out/finetune',
     dataset='covid',            # data/<dataset>/: covid, dxy or department
     mode='full',                # 'full' (every weight trains), 'ptune' (only the prompt), 'none' (evaluate the base)
-    task='dialogue',            # 'dialogue', 'classify', 'multitask' (classify + lambda_lm * LM) or 'label_text'
+    task='dialogue',            # a task of tasks.py: 'dialogue', 'classify', 'multitask' or 'label_text'
     n_prompt=0,                 # soft-prompt vectors (the paper sweeps 1, 25, 50, 75, 100); p-tuning needs > 0
     prompt_position='prefix',   # 'prefix' (CMed-GPT) or 'infix' (between source and target, BioGPT)
     prompt_reparam='none',      # 'none', 'mlp' or 'lstm' (P-tuning's re-parameterisation)
@@ -81,7 +81,7 @@ def build_model(cfg, base, meta):
     that the model computes the same function as the base at step 0 (a class head aside)."""
     model_args = dict(base['model_args'], dropout=cfg.dropout, n_prompt=cfg.n_prompt,
                       prompt_reparam=cfg.prompt_reparam,
-                      n_classes=len(meta['label_names']) if cfg.task in ('classify', 'multitask') else 0)
+                      n_classes=len(meta['label_names']) if TASKS[cfg.task].class_head else 0)
     if cfg.lexical and not model_args['n_lexical']:
         model_args['n_lexical'] = tag_table_size(meta['lexical_map'])
     if cfg.entity and not model_args['n_entity']:
@@ -105,7 +105,7 @@ def set_trainable(model, cfg, train_tokens, rng):
 
 def check_config(cfg):
     """Every option in range, before anything loads (a zero batch or interval would fail mid-run)."""
-    choices = dict(mode=('full', 'ptune', 'none'), task=('dialogue', 'classify', 'multitask', 'label_text'),
+    choices = dict(mode=('full', 'ptune', 'none'), task=tuple(TASKS),
                    prompt_position=('prefix', 'infix'), prompt_init=('random', 'tokens'))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -119,9 +119,9 @@ def check_config(cfg):
                 raise SystemExit(f"--{key} must be {allowed}, not {value}")
     if cfg.mode == 'ptune' and cfg.n_prompt == 0:
         raise SystemExit("--mode=ptune trains a soft prompt: give it --n_prompt > 0 (the paper uses 1 to 100)")
-    if cfg.mode == 'none' and cfg.task in ('classify', 'multitask'):
+    if cfg.mode == 'none' and TASKS[cfg.task].class_head:
         raise SystemExit("--mode=none cannot classify: the class head is new and must be trained")
-    if cfg.generate_examples and (cfg.task != 'dialogue' or cfg.entity_splice):
+    if cfg.generate_examples and (not TASKS[cfg.task].generates_replies or cfg.entity_splice):
         raise SystemExit("--generate_examples generates doctor replies: "
                          "it needs --task=dialogue without --entity_splice")
 
@@ -148,21 +148,14 @@ def load_base(cfg, data_dir, meta):
     return path, base
 
 
-def check_task_data(cfg, task_data, data_dir):
-    """Refuse what would fail only after training: no labels to learn, no whole batch, no room for an answer."""
-    if cfg.task != 'dialogue' and not task_data.label_names:
-        raise SystemExit(f"--task={cfg.task} needs a labelled data set (e.g. department), and {data_dir} has no labels")
+def check_task_data(cfg, task, task_data, data_dir):
+    """Refuse what would fail only after training: the task's refusals (no labels to learn, no room for an
+    answer), then no whole batch."""
+    task.check(task_data, data_dir)
     n_train = len(task_data.inputs['train'])
     if cfg.mode != 'none' and n_train < cfg.batch_size:  # no whole batch: the batch loop would never yield
         raise SystemExit(f"--batch_size={cfg.batch_size} is more than the {n_train} training examples in "
                          f"{data_dir}: use a smaller batch")
-    longest = max(map(len, task_data.label_ids), default=0) + 1  # a label sentence and <eot>
-    if cfg.task == 'label_text' and task_data.room <= longest:
-        raise SystemExit(f"--n_prompt={cfg.n_prompt} leaves {task_data.room} tokens of the context, too few for "
-                         f"a question and the longest label sentence ({longest} tokens): use fewer prompt vectors")
-    if cfg.generate_examples and task_data.room - cfg.max_new_tokens < 2:
-        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a source in the {task_data.room} "
-                         f"tokens of the context: generate fewer tokens")
 
 
 # ----------------------------------------------------------------------------- training
@@ -175,7 +168,7 @@ def training_batches(inputs, batch_size, rng):
             yield [inputs[j] for j in order[i:i + batch_size]]
 
 
-def train(model, task_data, cfg):
+def train(model, task, task_data, cfg):
     """Fine-tune or p-tune on task_data.inputs['train']; keeps and returns the state with the best val loss."""
     n_iters = cfg.max_iters or cfg.epochs * max(len(task_data.inputs['train']) // cfg.batch_size, 1)
     peak_lr = cfg.learning_rate or LR_BY_MODE[cfg.mode]
@@ -185,14 +178,14 @@ def train(model, task_data, cfg):
     optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, peak_lr, (cfg.beta1, cfg.beta2), device_type(device))
     scaler = torch.amp.GradScaler(device_type(device), enabled=task_data.dtype == 'float16')
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step = torch.compile(task_loss) if cfg.compile else task_loss
+    step = torch.compile(task.loss) if cfg.compile else task.loss
     batches = training_batches(task_data.inputs['train'], cfg.batch_size, np.random.default_rng(cfg.seed))
     best = dict(loss=float('inf'), state=None, iter=0)
     t0 = time.time()
     for it in range(n_iters + 1):
         if it % cfg.eval_interval == 0 or it == n_iters:
-            metrics = evaluate(model, task_data.inputs['val'][:cfg.max_eval_examples or None], cfg, task_data)
-            val_loss = selection_loss(metrics, cfg)
+            metrics = task.evaluate(model, task_data.inputs['val'][:cfg.max_eval_examples or None], task_data)
+            val_loss = task.selection_loss(metrics)
             print(f"iter {it}: val {format_metrics(metrics)}")
             if val_loss < best['loss']:
                 best = dict(loss=val_loss, iter=it,
@@ -200,7 +193,7 @@ def train(model, task_data, cfg):
         if it == n_iters:
             break
         with task_data.autocast:
-            loss, _, _ = step(model, collate(next(batches), cfg, task_data.pad_id, device), cfg)
+            loss, _, _ = step(model, task.collate(next(batches), task_data.pad_id, device))
         scaler.scale(loss).backward()
         optimizer_step(optimizer, scaler, trainable, cfg.grad_clip, learning_rate(it))
         if it % cfg.log_interval == 0:
@@ -239,8 +232,9 @@ def main(argv=None):
     meta = load_meta(data_dir)
     base_path, base = load_base(cfg, data_dir, meta)
     model, model_args = build_model(cfg, base, meta)
-    task_data = load_task(cfg, model_args, meta, data_dir, device, dtype)
-    check_task_data(cfg, task_data, data_dir)
+    task = TASKS[cfg.task](cfg)
+    task_data = load_task_data(task, model_args, meta, data_dir, device, dtype)
+    check_task_data(cfg, task, task_data, data_dir)
     with claim_out_dir(cfg.out_dir):  # everything is checked: from here on this run owns out_dir
         train_tokens = np.concatenate([ex['tokens'] for ex in task_data.examples['train']])
         set_trainable(model, cfg, train_tokens, np.random.default_rng(cfg.seed))
@@ -248,15 +242,11 @@ def main(argv=None):
         print(f"{cfg.mode}: {model.num_params(trainable_only=True):,} of {model.num_params():,} parameters train; "
               f"{len(task_data.inputs['train'])} train / {len(task_data.inputs['val'])} val / "
               f"{len(task_data.inputs['test'])} test examples; {device}, {dtype} ({dtype_reason})")
-        best = train(model, task_data, cfg) if cfg.mode != 'none' else dict(loss=None, iter=0)
+        best = train(model, task, task_data, cfg) if cfg.mode != 'none' else dict(loss=None, iter=0)
         tokenizer = tokenizer_record(os.path.join(data_dir, 'tokenizer.model'))  # what the base's record matched
         save_result(model, model_args, cfg, base_path, base, tokenizer)
-        test = evaluate(model, task_data.inputs['test'], cfg, task_data)
-        if cfg.task == 'label_text':
-            test.update(label_text_accuracy(model, task_data.examples['test'], cfg, task_data))
-        if cfg.generate_examples:
-            test.update(generation_scores(model, task_data, cfg, task_data.examples['test'][:cfg.generate_examples],
-                                          cfg.max_new_tokens, seed=cfg.seed))
+        test = task.evaluate(model, task_data.inputs['test'], task_data)
+        test.update(task.score_generated(model, task_data.examples['test'], task_data))
         result = dict(dataset=cfg.dataset, mode=cfg.mode, task=cfg.task, n_prompt=cfg.n_prompt,
                       prompt_position=cfg.prompt_position, prompt_reparam=cfg.prompt_reparam, lexical=cfg.lexical,
                       entity=cfg.entity, entity_splice=cfg.entity_splice, lambda_lm=cfg.lambda_lm,

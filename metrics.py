@@ -1,6 +1,7 @@
 """
 Measures of generated replies against reference replies, as the medical dialogue papers report them
-(MedDG, IMCS-21): BLEU-n, Distinct-n and entity precision/recall/F1. Used by tasks.generation_scores.
+(MedDG, IMCS-21): BLEU-n, Distinct-n and entity precision/recall/F1 (tasks.Dialogue.reply_scores); and the
+macro-F1 of class predictions (tasks.py's classification tasks).
 
 - BLEU: sacrebleu's corpus BLEU with its Chinese tokenisation (`tokenize='zh'`: each CJK character a
   token), n-grams up to n; 0-100.
@@ -12,6 +13,7 @@ Measures of generated replies against reference replies, as the medical dialogue
   are the spans its annotators marked; a generated reply has no annotation, so its entities are the strings
   annotators marked in the training replies (of the labelled dialogues), found by longest match (terms_in).
 """
+import numpy as np
 from sacrebleu.metrics import BLEU
 
 
@@ -51,3 +53,30 @@ def entity_scores(generated_sets, reference_sets):
     recall = hits / n_reference if n_reference else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return precision, recall, f1
+
+
+def score_replies(generated, references, tagger, reference_spans, gold_terms=None):
+    """BLEU-1/2/4, Distinct-1/2 and entity P/R/F1 of the generated replies against their references; given
+    the annotated vocabulary (gold_terms), also the gold entity P/R/F1 against each reference's annotated spans."""
+    precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
+                                          [entities_in(t, tagger) for t in references])
+    scores = dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
+                  bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
+                  distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
+    if gold_terms is not None:
+        longest = max(map(len, gold_terms), default=1)
+        precision, recall, f1 = entity_scores([terms_in(t, gold_terms, longest) for t in generated], reference_spans)
+        scores.update(gold_entity_precision=precision, gold_entity_recall=recall, gold_entity_f1=f1)
+    return scores
+
+
+def macro_f1(predictions, labels):
+    """F1 averaged over the classes present in labels (a prediction of no class counts as wrong)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    scores = []
+    for c in np.unique(labels):
+        true_pos = np.sum((predictions == c) & (labels == c))
+        precision = true_pos / max(np.sum(predictions == c), 1)
+        recall = true_pos / np.sum(labels == c)
+        scores.append(0.0 if true_pos == 0 else 2 * precision * recall / (precision + recall))
+    return float(np.mean(scores))

@@ -1,11 +1,21 @@
 """
-Fine-tuning example sets as model inputs, and how they are scored: shared by finetune.py (training),
-eval.py and reproduce.py.
+Fine-tuning tasks: how an example becomes a model input, the loss a run trains on, and how the model is
+scored. finetune.py trains on a task (--task is a key of TASKS); eval.py and reproduce.py score with one.
 
-An example set (prepare/: covid, dxy, department) stores, per split, the tokens of every example with
+An example set (prepare/: covid, imcs, dxy, department) stores, per split, the tokens of every example with
 its lexical and entity ids, a loss mask that is 1 on the target (the doctor's reply + <eot>) and an
-optional label. Here an example becomes a model input: cropped to the context, the target scored and
-nothing else, the soft prompt's position and the token the class head reads.
+optional label. Each task is one class with the same methods: inputs (an example as a model input: cropped
+to the context, the target scored and nothing else, the soft prompt's position and the token the class head
+reads), loss (training), evaluate (validation and test), selection_loss (the number that picks the best
+model), check (refusals before training) and score_generated (what the model generates on the test split).
+
+    dialogue    CMed-GPT: the doctor's reply is the target; LM loss; loss, PPL, bits/char; generated replies
+    classify    MEDI-BERPT's baseline: the question alone, read by a class head; accuracy, macro-F1
+    multitask   MEDI-BERPT: both on the reply's input; loss = class loss + lambda_lm * LM loss
+    label_text  BioGPT: the label's sentence is the target; LM loss; accuracy of the greedily generated sentence
+
+Every task honours the run's input options: entity splicing (the source's entity words as text), the soft
+prompt in front of the input or between source and target, lexical and entity ids.
 """
 import math
 import os
@@ -17,6 +27,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import autocast_context, load_char_counts
+from metrics import macro_f1, score_replies
 
 
 # ----------------------------------------------------------------------------- examples
@@ -86,19 +97,9 @@ def crop_window(length, target_start, room):
     return start, start + room
 
 
-def build_input(ex, cfg, room, special, label_ids=None):
-    """One model input from an example: idx, targets (-1 where not scored), tags, prompt and class positions."""
-    target_start = int(np.argmax(ex['mask']))
-    if cfg.task == 'label_text':
-        ex = with_label_target(ex, target_start, label_ids, special['eot'])
-    if cfg.entity_splice:
-        ex = splice_entities(ex, target_start, special['sep'])
-        target_start = int(np.argmax(ex['mask']))
-    if cfg.task == 'classify':  # the question alone: everything before the answer
-        start, _ = crop_window(target_start, target_start, room)
-        seq = {k: ex[k][start:target_start] for k in ('tokens', 'lexical', 'entity')}
-        return dict(idx=seq['tokens'], targets=None, lexical=seq['lexical'], entity=seq['entity'],
-                    prompt_pos=len(seq['tokens']), class_pos=len(seq['tokens']) - 1, label=ex['label'])
+def answer_input(ex, target_start, room):
+    """The model input that scores the target: idx, targets (-1 where not scored), tags, prompt and class
+    positions (the soft prompt goes after the source; the class head reads the source's last token)."""
     start, end = crop_window(len(ex['tokens']), target_start, room + 1)  # +1: inputs and targets shift by one
     seq = {k: ex[k][start:end] for k in ('tokens', 'lexical', 'entity', 'mask')}
     targets = np.where(seq['mask'][1:] == 1, seq['tokens'][1:], -1)  # score only the answer's tokens
@@ -107,168 +108,278 @@ def build_input(ex, cfg, room, special, label_ids=None):
                 prompt_pos=source_len, class_pos=source_len - 1, label=ex['label'])
 
 
-def collate(inputs, cfg, pad_id, device):
-    """Right-pad a list of inputs into batch tensors; padding is never scored."""
-    T = max(len(x['idx']) for x in inputs)
-    def pad(key, value):
-        rows = [np.pad(x[key], (0, T - len(x[key])), constant_values=value) for x in inputs]
-        return torch.from_numpy(np.stack(rows)).to(device)
-    batch = dict(idx=pad('idx', pad_id),
-                 class_pos=torch.tensor([x['class_pos'] for x in inputs], device=device),
-                 labels=torch.tensor([x['label'] for x in inputs], device=device))
-    if inputs[0]['targets'] is not None:
-        batch['targets'] = pad('targets', -1)
-    if cfg.lexical:
-        batch['lexical'] = pad('lexical', 0)
-    if cfg.entity:
-        batch['entity'] = pad('entity', 0)
-    if cfg.n_prompt and cfg.prompt_position == 'infix':
-        batch['prompt_pos'] = torch.tensor([x['prompt_pos'] for x in inputs], device=device)
-    return batch
+def question_input(ex, target_start, room):
+    """The source alone (everything before the answer, up to <doctor>), nothing scored: the input to
+    classify or to generate from."""
+    start, _ = crop_window(target_start, target_start, room)
+    seq = {k: ex[k][start:target_start] for k in ('tokens', 'lexical', 'entity')}
+    return dict(idx=seq['tokens'], targets=None, lexical=seq['lexical'], entity=seq['entity'],
+                prompt_pos=len(seq['tokens']), class_pos=len(seq['tokens']) - 1, label=ex['label'])
 
 
-def task_loss(model, batch, cfg):
-    """The training loss of the task; returns (loss, lm_loss, class_loss) with None for parts not used."""
-    h = model.encode(batch['idx'], batch.get('lexical'), batch.get('entity'), batch.get('prompt_pos'))
-    lm_loss = class_loss = None
-    if cfg.task != 'classify':
+# ----------------------------------------------------------------------------- the tasks
+
+class Task:
+    """What the tasks share. A task holds the run's settings (cfg: finetune.py's options) and says what
+    the model needs, which examples it uses and how a batch is made and evaluated; each task adds its
+    loss (training), tally (evaluation) and selection_loss (which validation number picks the best model)."""
+    class_head = False         # the model needs a class head (one output per label)
+    needs_labels = False       # only labelled examples are used
+    generates_replies = False  # doctor replies can be generated and scored (without entity splicing)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def spliced(self, ex, special):
+        """(example, where its target starts), with the source's entity words spliced in if the run asks."""
+        target_start = int(np.argmax(ex['mask']))
+        if not self.cfg.entity_splice:
+            return ex, target_start
+        ex = splice_entities(ex, target_start, special['sep'])
+        return ex, int(np.argmax(ex['mask']))
+
+    def inputs(self, ex, room, special, label_sentences=()):
+        """The model input of an example in at most room tokens. label_sentences: each label's sentence as
+        token ids (the label_text task's targets)."""
+        return answer_input(*self.spliced(ex, special), room)
+
+    def question(self, ex, room, special):
+        """The source alone as the model input (to classify, or to generate its answer from)."""
+        return question_input(*self.spliced(ex, special), room)
+
+    def collate(self, inputs, pad_id, device):
+        """Right-pad a list of inputs into batch tensors; padding is never scored."""
+        T = max(len(x['idx']) for x in inputs)
+        def pad(key, value):
+            rows = [np.pad(x[key], (0, T - len(x[key])), constant_values=value) for x in inputs]
+            return torch.from_numpy(np.stack(rows)).to(device)
+        batch = dict(idx=pad('idx', pad_id),
+                     class_pos=torch.tensor([x['class_pos'] for x in inputs], device=device),
+                     labels=torch.tensor([x['label'] for x in inputs], device=device))
+        if inputs[0]['targets'] is not None:
+            batch['targets'] = pad('targets', -1)
+        if self.cfg.lexical:
+            batch['lexical'] = pad('lexical', 0)
+        if self.cfg.entity:
+            batch['entity'] = pad('entity', 0)
+        if self.cfg.n_prompt and self.cfg.prompt_position == 'infix':
+            batch['prompt_pos'] = torch.tensor([x['prompt_pos'] for x in inputs], device=device)
+        return batch
+
+    @torch.no_grad()
+    def evaluate(self, model, inputs, task_data):
+        """The task's metrics over inputs (see tally), in batches of batch_size in a fixed order."""
+        model.eval()
+        totals = dict(nats=0.0, tokens=0, chars=0, class_nats=0.0, predictions=[], labels=[])
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]['idx']))  # similar lengths: little padding
+        for i in range(0, len(order), self.cfg.batch_size):
+            batch = self.collate([inputs[j] for j in order[i:i + self.cfg.batch_size]], task_data.pad_id,
+                                 task_data.device)
+            with task_data.autocast:
+                self.tally(model, encode(model, batch), batch, task_data, totals)
+        model.train()
+        return metrics_of(totals)
+
+    def generate(self, model, ex, task_data, max_new_tokens, **sampling):
+        """The tokens the model generates after the example's source, cropped to leave them room."""
+        x = self.question(ex, task_data.room - max_new_tokens, task_data.special)
+        batch = self.collate([x], task_data.pad_id, task_data.device)
+        with task_data.autocast:
+            out = model.generate(batch['idx'], max_new_tokens, lexical=batch.get('lexical'), entity=batch.get('entity'),
+                                 prompt_pos=batch.get('prompt_pos'), **sampling)
+        return out[0, batch['idx'].size(1):].tolist()
+
+    def check(self, task_data, data_dir):
+        """Refuse, before training, a data set the task cannot learn from."""
+        if self.needs_labels and not task_data.label_names:
+            raise SystemExit(f"--task={self.cfg.task} needs a labelled data set (e.g. department), "
+                             f"and {data_dir} has no labels")
+
+    def score_generated(self, model, examples, task_data):
+        """Scores of what the model generates for examples' sources (the test split): none for this task."""
+        return {}
+
+
+class Dialogue(Task):
+    """CMed-GPT: the doctor's reply is the target, scored by the LM head: loss, PPL, bits per character;
+    with --generate_examples, greedy replies to test sources scored against the references."""
+    generates_replies = True
+
+    def loss(self, model, batch):
+        """(loss, LM loss, class loss); None for a part the task does not train."""
+        _, lm_loss = model.lm_head_loss(encode(model, batch), batch['targets'])
+        return lm_loss, lm_loss, None
+
+    def tally(self, model, h, batch, task_data, totals):
+        tally_targets(model, h, batch, task_data, totals)
+
+    def selection_loss(self, metrics):
+        """The validation number that picks the best model: the training objective's."""
+        return metrics['loss']
+
+    def check(self, task_data, data_dir):
+        super().check(task_data, data_dir)
+        if self.cfg.generate_examples and task_data.room - self.cfg.max_new_tokens < 2:
+            raise SystemExit(f"--max_new_tokens={self.cfg.max_new_tokens} leaves no room for a source in the "
+                             f"{task_data.room} tokens of the context: generate fewer tokens")
+
+    def score_generated(self, model, examples, task_data):
+        if not self.cfg.generate_examples:
+            return {}
+        return self.reply_scores(model, task_data, examples[:self.cfg.generate_examples], self.cfg.max_new_tokens,
+                                 seed=self.cfg.seed)
+
+    def reply_scores(self, model, task_data, examples, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+                     seed=1337):
+        """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
+        generator) and score the replies against the references (metrics.py)."""
+        from tagging import Tagger
+        tok = task_data.tokenizer
+        stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
+        generator = torch.Generator(device=task_data.device).manual_seed(seed)
+        generated, references, marked = [], [], []  # marked: the entity spans of each reference
+        model.eval()
+        for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
+            reply = self.generate(model, ex, task_data, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                  top_p=top_p if top_p < 1.0 else None, eos_id=stops, generator=generator)
+            generated.append(tok.decode([t for t in reply if t not in stops]))
+            target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
+            references.append(tok.decode([t for t in target if t not in stops]))
+            marked.append(reply_spans(tok, ex))
+        model.train()
+        gold_terms = None
+        if task_data.meta.get('entity_source') == 'gold':  # the set's own labels: see metrics.py
+            # the vocabulary: what annotators marked in the training replies of the labelled dialogues (the
+            # unlabelled ones carry lexicon tags)
+            labelled = labelled_dialogue_examples(task_data.examples['train'])
+            gold_terms = set().union(*(reply_spans(tok, ex) for ex in labelled))
+        return score_replies(generated, references, Tagger(tagging_lexicon(task_data.meta)), marked, gold_terms)
+
+
+class Classify(Task):
+    """MEDI-BERPT's baseline: the question alone, its last token read by a class head; class loss,
+    accuracy and macro-F1."""
+    class_head = True
+    needs_labels = True
+
+    def inputs(self, ex, room, special, label_sentences=()):
+        return self.question(ex, room, special)
+
+    def loss(self, model, batch):
+        _, class_loss = model.classify(encode(model, batch), batch['class_pos'], batch['labels'])
+        return class_loss, None, class_loss
+
+    def tally(self, model, h, batch, task_data, totals):
+        tally_classes(model, h, batch, totals)
+
+    def selection_loss(self, metrics):
+        return metrics['class_loss']
+
+
+class Multitask(Task):
+    """MEDI-BERPT: one input scores both the reply (LM head) and the label (class head on the source's last
+    token): loss = class loss + lambda_lm * LM loss."""
+    class_head = True
+    needs_labels = True
+
+    def loss(self, model, batch):
+        h = encode(model, batch)
         _, lm_loss = model.lm_head_loss(h, batch['targets'])
-    if cfg.task in ('classify', 'multitask'):
         _, class_loss = model.classify(h, batch['class_pos'], batch['labels'])
-    if cfg.task == 'classify':
-        return class_loss, lm_loss, class_loss
-    if cfg.task == 'multitask':
-        return class_loss + cfg.lambda_lm * lm_loss, lm_loss, class_loss
-    return lm_loss, lm_loss, class_loss
+        return class_loss + self.cfg.lambda_lm * lm_loss, lm_loss, class_loss
+
+    def tally(self, model, h, batch, task_data, totals):
+        tally_targets(model, h, batch, task_data, totals)
+        tally_classes(model, h, batch, totals)
+
+    def selection_loss(self, metrics):
+        return metrics['class_loss'] + self.cfg.lambda_lm * metrics['loss']
+
+
+class LabelText(Task):
+    """BioGPT's text-as-label: the target is the label's sentence (--label_template), scored by the LM head;
+    on the test split, correct when the sentence generated greedily after the question is exactly the label's."""
+    needs_labels = True
+
+    def inputs(self, ex, room, special, label_sentences=()):
+        ex = with_label_target(ex, int(np.argmax(ex['mask'])), label_sentences[ex['label']], special['eot'])
+        return super().inputs(ex, room, special)
+
+    def loss(self, model, batch):
+        _, lm_loss = model.lm_head_loss(encode(model, batch), batch['targets'])
+        return lm_loss, lm_loss, None
+
+    def tally(self, model, h, batch, task_data, totals):
+        tally_targets(model, h, batch, task_data, totals)
+
+    def selection_loss(self, metrics):
+        return metrics['loss']
+
+    def check(self, task_data, data_dir):
+        super().check(task_data, data_dir)
+        longest = max(map(len, task_data.label_ids), default=0) + 1  # a label sentence and <eot>
+        if task_data.room <= longest:
+            raise SystemExit(f"--n_prompt={self.cfg.n_prompt} leaves {task_data.room} tokens of the context, too "
+                             f"few for a question and the longest label sentence ({longest} tokens): "
+                             f"use fewer prompt vectors")
+
+    @torch.no_grad()
+    def score_generated(self, model, examples, task_data):
+        model.eval()
+        sentences = [self.cfg.label_template.format(name) for name in task_data.label_names]
+        longest = max(len(ids) for ids in task_data.label_ids) + 1
+        eot = task_data.special['eot']
+        predictions, labels = [], []
+        for ex in examples:
+            generated = self.generate(model, ex, task_data, longest, temperature=0, eos_id=eot)
+            text = task_data.tokenizer.decode([t for t in generated if t != eot])
+            predictions.append(sentences.index(text) if text in sentences else -1)
+            labels.append(ex['label'])
+        model.train()
+        return dict(acc=float(np.mean(np.array(predictions) == labels)), f1=macro_f1(predictions, labels))
+
+
+TASKS = {'dialogue': Dialogue, 'classify': Classify, 'multitask': Multitask, 'label_text': LabelText}
 
 
 # ----------------------------------------------------------------------------- scoring
 
-def macro_f1(predictions, labels):
-    """F1 averaged over the classes present in labels (a prediction of no class counts as wrong)."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    scores = []
-    for c in np.unique(labels):
-        true_pos = np.sum((predictions == c) & (labels == c))
-        precision = true_pos / max(np.sum(predictions == c), 1)
-        recall = true_pos / np.sum(labels == c)
-        scores.append(0.0 if true_pos == 0 else 2 * precision * recall / (precision + recall))
-    return float(np.mean(scores))
+def encode(model, batch):
+    return model.encode(batch['idx'], batch.get('lexical'), batch.get('entity'), batch.get('prompt_pos'))
 
 
-def in_batches(inputs, batch_size):
-    """Evaluation batches of similar lengths (little padding), in a fixed order."""
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]['idx']))
-    for i in range(0, len(order), batch_size):
-        yield [inputs[j] for j in order[i:i + batch_size]]
+def tally_targets(model, h, batch, task_data, totals):
+    """Add the nats, tokens and characters of the batch's scored targets to totals."""
+    scored = batch['targets'] != -1
+    # the LM head on the scored positions only, as one row: (1, N, C) -> (1, N, V)
+    _, nats_sum = model.lm_head_loss(h[scored][None], batch['targets'][scored][None], reduction='sum')
+    totals['nats'] += nats_sum.item()
+    totals['tokens'] += int(scored.sum())
+    totals['chars'] += int(task_data.char_counts[batch['targets'][scored].cpu().numpy()].sum())
 
 
-@torch.no_grad()
-def evaluate(model, inputs, cfg, task_data):
+def tally_classes(model, h, batch, totals):
+    """Add the class nats, predictions and labels of the batch to totals."""
+    class_logits, _ = model.classify(h, batch['class_pos'])
+    totals['class_nats'] += F.cross_entropy(class_logits.float(), batch['labels'], reduction='sum').item()
+    totals['predictions'] += class_logits.argmax(-1).tolist()
+    totals['labels'] += batch['labels'].tolist()
+
+
+def metrics_of(totals):
     """Loss, perplexity and bits per character on target tokens; class loss, accuracy and macro-F1."""
-    model.eval()
-    nats = class_nats = 0.0
-    n_tokens = n_chars = 0
-    predictions, labels = [], []
-    for chunk in in_batches(inputs, cfg.batch_size):
-        batch = collate(chunk, cfg, task_data.pad_id, task_data.device)
-        with task_data.autocast:
-            h = model.encode(batch['idx'], batch.get('lexical'), batch.get('entity'), batch.get('prompt_pos'))
-            if cfg.task != 'classify':
-                scored = batch['targets'] != -1
-                # the LM head on the scored positions only, as one row: (1, N, C) -> (1, N, V)
-                _, nats_sum = model.lm_head_loss(h[scored][None], batch['targets'][scored][None], reduction='sum')
-                nats += nats_sum.item()
-                n_tokens += int(scored.sum())
-                n_chars += int(task_data.char_counts[batch['targets'][scored].cpu().numpy()].sum())
-            if cfg.task in ('classify', 'multitask'):
-                class_logits, _ = model.classify(h, batch['class_pos'])
-                class_nats += F.cross_entropy(class_logits.float(), batch['labels'], reduction='sum').item()
-                predictions += class_logits.argmax(-1).tolist()
-                labels += batch['labels'].tolist()
-    model.train()
-    metrics = {}
+    metrics, nats, n_tokens, labels = {}, totals['nats'], totals['tokens'], totals['labels']
     if n_tokens:
-        metrics.update(loss=nats / n_tokens, ppl=math.exp(nats / n_tokens), bpc=nats / math.log(2) / max(n_chars, 1))
+        metrics.update(loss=nats / n_tokens, ppl=math.exp(nats / n_tokens),
+                       bpc=nats / math.log(2) / max(totals['chars'], 1))
     if labels:
-        metrics.update(class_loss=class_nats / len(labels), acc=float(np.mean(np.array(predictions) == labels)),
-                       f1=macro_f1(predictions, labels))
+        predictions = totals['predictions']
+        metrics.update(class_loss=totals['class_nats'] / len(labels),
+                       acc=float(np.mean(np.array(predictions) == labels)), f1=macro_f1(predictions, labels))
     return metrics
 
 
-def selection_loss(metrics, cfg):
-    """The validation number that picks the best model: the training objective's."""
-    if cfg.task == 'classify':
-        return metrics['class_loss']
-    if cfg.task == 'multitask':
-        return metrics['class_loss'] + cfg.lambda_lm * metrics['loss']
-    return metrics['loss']
-
-
-@torch.no_grad()
-def label_text_accuracy(model, examples, cfg, task_data):
-    """BioGPT's text-as-label: generate greedily after the question; correct when the generated
-    sentence is exactly the label's sentence."""
-    model.eval()
-    sentences = [cfg.label_template.format(name) for name in task_data.label_names]
-    longest = max(len(ids) for ids in task_data.label_ids) + 1
-    question_cfg = SimpleNamespace(**dict(vars(cfg), task='classify'))
-    predictions, labels = [], []
-    for ex in examples:
-        x = build_input(ex, question_cfg, task_data.room - longest, task_data.special)
-        batch = collate([x], question_cfg, task_data.pad_id, task_data.device)
-        with task_data.autocast:
-            out = model.generate(batch['idx'], longest, temperature=0, lexical=batch.get('lexical'),
-                                 entity=batch.get('entity'), prompt_pos=batch.get('prompt_pos'),
-                                 eos_id=task_data.special['eot'])
-        generated = out[0, batch['idx'].size(1):].tolist()
-        text = task_data.tokenizer.decode([t for t in generated if t != task_data.special['eot']])
-        predictions.append(sentences.index(text) if text in sentences else -1)
-        labels.append(ex['label'])
-    model.train()
-    return dict(acc=float(np.mean(np.array(predictions) == labels)), f1=macro_f1(predictions, labels))
-
-
-def generation_scores(model, task_data, task_cfg, examples, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-                      seed=1337):
-    """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
-    generator) and score the replies against the references (metrics.py)."""
-    from metrics import bleu, distinct, entities_in, entity_scores, terms_in
-    from tagging import Tagger
-    tok = task_data.tokenizer
-    stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
-    source_cfg = SimpleNamespace(**dict(vars(task_cfg), task='classify'))  # the source alone, up to <doctor>
-    generator = torch.Generator(device=task_data.device).manual_seed(seed)
-    generated, references, marked = [], [], []  # marked: the entity spans of each reference
-    model.eval()
-    for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
-        x = build_input(ex, source_cfg, task_data.room - max_new_tokens, task_data.special)
-        batch = collate([x], source_cfg, task_data.pad_id, task_data.device)
-        with task_data.autocast:
-            out = model.generate(batch['idx'], max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                 top_p=top_p if top_p < 1.0 else None, lexical=batch.get('lexical'),
-                                 entity=batch.get('entity'), prompt_pos=batch.get('prompt_pos'), eos_id=stops,
-                                 generator=generator)
-        generated.append(tok.decode([t for t in out[0, batch['idx'].size(1):].tolist() if t not in stops]))
-        target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
-        references.append(tok.decode([t for t in target if t not in stops]))
-        marked.append(reply_spans(tok, ex))
-    model.train()
-    tagger = Tagger(tagging_lexicon(task_data.meta))
-    precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
-                                          [entities_in(t, tagger) for t in references])
-    scores = dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
-                  bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
-                  distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
-    if task_data.meta.get('entity_source') == 'gold':  # the set's own labels: see metrics.py
-        # the vocabulary: what annotators marked in the training replies of the labelled dialogues (the
-        # unlabelled ones carry lexicon tags)
-        terms = set().union(*(reply_spans(tok, ex) for ex in labelled_dialogue_examples(task_data.examples['train'])))
-        longest = max(map(len, terms), default=1)
-        precision, recall, f1 = entity_scores([terms_in(t, terms, longest) for t in generated], marked)
-        scores.update(gold_entity_precision=precision, gold_entity_recall=recall, gold_entity_f1=f1)
-    return scores
-
+# ----------------------------------------------------------------------------- the entities of replies
 
 def labelled_dialogue_examples(examples):
     """The examples of labelled dialogues. Only a dialogue's first example carries its label (prepare/dataset.py:
@@ -309,26 +420,24 @@ def tagging_lexicon(meta):
 
 # ----------------------------------------------------------------------------- a task's data
 
-def load_task(cfg, model_args, meta, data_dir, device, dtype):
-    """What a fine-tuning run reads besides the model: tokenizer facts, precision, and the model
+def load_task_data(task, model_args, meta, data_dir, device, dtype):
+    """What a fine-tuning run reads besides the model: tokenizer facts, precision, and the task's model
     inputs (and raw examples) of each split."""
     from tokenizer import Tokenizer  # here: only runs that fine-tune need the tokenizer
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = meta['special_ids']
     task_data = SimpleNamespace(device=device, dtype=dtype, autocast=autocast_context(device, dtype), meta=meta,
-                           tokenizer=tokenizer, special=special, pad_id=special['eot'],
-                           char_counts=load_char_counts(data_dir), label_names=meta.get('label_names', []),
-                           room=model_args['block_size'] - cfg.n_prompt)
-    task_data.label_ids = [tokenizer.encode(cfg.label_template.format(name)) for name in task_data.label_names]
+                                tokenizer=tokenizer, special=special, pad_id=special['eot'],
+                                char_counts=load_char_counts(data_dir), label_names=meta.get('label_names', []),
+                                room=model_args['block_size'] - task.cfg.n_prompt)
+    task_data.label_ids = [tokenizer.encode(task.cfg.label_template.format(name)) for name in task_data.label_names]
     task_data.examples, task_data.inputs = {}, {}
     for split in ('train', 'val', 'test'):
         examples = load_split(data_dir, split) if os.path.exists(os.path.join(data_dir, f"{split}.bin")) else []
-        if cfg.task != 'dialogue':  # the other tasks need a label
+        if task.needs_labels:
             examples = [ex for ex in examples if ex['label'] >= 0]
         task_data.examples[split] = examples
-        task_data.inputs[split] = [build_input(ex, cfg, task_data.room, special,
-                                          task_data.label_ids[ex['label']] if cfg.task == 'label_text' else None)
-                              for ex in examples]
+        task_data.inputs[split] = [task.inputs(ex, task_data.room, special, task_data.label_ids) for ex in examples]
     if not task_data.inputs['val']:  # a set without its own validation split validates on a slice of train
         n_val = max(len(task_data.inputs['train']) // 10, 1)
         inputs = task_data.inputs

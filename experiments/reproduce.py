@@ -44,7 +44,7 @@ from configurator import config_file_values, configure
 from experiments.ngram import EOS, KneserNey
 from experiments.tables import DIALOGUE_SETS, is_deterministic, render, table_specs
 from model import GPT, GPTConfig
-from tasks import build_input, load_split
+from tasks import TASKS, Dialogue, load_split
 
 DEFAULTS = dict(
     quick=False,              # toy sizes and a few iterations: checks that every table fills with finite numbers
@@ -188,10 +188,10 @@ def scored_replies(room):
     data_dir = os.path.join('data', 'covid')
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = load_meta(data_dir)['special_ids']
-    as_dialogue = SimpleNamespace(task='dialogue', entity_splice=False)
+    task = Dialogue(SimpleNamespace(entity_splice=False))
     replies = []
     for ex in load_split(data_dir, 'test'):
-        targets = build_input(ex, as_dialogue, room, special)['targets']
+        targets = task.inputs(ex, room, special)['targets']
         scored = targets[targets != -1].tolist()
         ends = scored[-1] == special['eot']
         replies.append((tokenizer.decode(scored[:-1] if ends else scored), ends))
@@ -244,7 +244,7 @@ def finetune_settings(spec, seed, pretrained, scale, cfg):
     settings.update(init_from=init_from, init_checkpoint=init_checkpoint, max_iters=iters,
                     warmup_iters=max(iters // 10, 1), eval_interval=max(iters // 2, 1), learning_rate=learning_rate,
                     max_eval_examples=scale['max_eval_examples'], seed=seed)
-    if spec['task'] == 'dialogue' and spec['dataset'] in DIALOGUE_SETS and not spec.get('entity_splice'):
+    if TASKS[spec['task']].generates_replies and spec['dataset'] in DIALOGUE_SETS and not spec.get('entity_splice'):
         settings.update(generate_examples=scale['generate_examples'], max_new_tokens=scale['max_new_tokens'])
     return settings
 

@@ -56,6 +56,31 @@ def check_scores(result, ids, tok, run_dir):
     assert result['bpc'] == pytest.approx(nats / math.log(2) / chars, rel=1e-5)
 
 
+@pytest.mark.parametrize('stride', [5, 0])  # 0: the default, half the block (8)
+def test_overlapping_windows_score_each_token_once_after_the_windows_context(tools, run_dir, tmp_path, stride):
+    """Windows of 16 tokens that overlap (stride < 16): the total equals each token's own loss, scored once,
+    given the left context its window holds: all tokens before it in the first window, the window's
+    16 - stride tokens of context and those before it in its last stride tokens in later windows."""
+    tok, _ = tools
+    path = tmp_path / 'notes.txt'
+    path.write_text(TEXT, encoding='utf-8')
+    result = evaluator.main([f'--out_dir={run_dir}', f'--text={path}', f'--stride={stride}', '--chunk_lines=3'])
+    stride = stride or 8
+    assert result['stride'] == stride
+    ids = np.array(tok.encode(TEXT))
+    assert len(ids) > 4 * 16  # several overlapping windows and a tail
+    model, _ = load_model(str(run_dir))
+    model.eval()
+    nats = 0.0
+    for j in range(1, len(ids)):  # token j, predicted from its window's tokens before it
+        start = max(0, math.ceil((j - 16) / stride)) * stride  # the first window whose targets reach j
+        logits, _ = model(torch.from_numpy(ids[start:j])[None])
+        nats += torch.nn.functional.cross_entropy(logits[0, -1], torch.tensor(ids[j])).item()
+    assert result['tokens'] == len(ids) - 1
+    assert result['loss'] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
+    assert result['bpc'] == pytest.approx(nats / math.log(2) / tok.char_counts()[ids[1:]].sum(), rel=1e-5)
+
+
 def test_a_corpus_file_is_scored_as_pretraining_writes_it(tools, run_dir, tmp_path):
     from prepare.text import dialogue_text, normalize
     tok, _ = tools

@@ -15,6 +15,7 @@ import finetune
 import sample
 import tasks
 from checkpoint import fingerprint, load_checkpoint, load_model, save_checkpoint, tokenizer_record
+from metrics import macro_f1
 from model import GPT, GPTConfig
 from prepare.dataset import cut_examples, write_examples
 from prepare.text import normalize
@@ -84,6 +85,12 @@ def config(**overrides):
     return SimpleNamespace(**dict(finetune.DEFAULTS, **overrides))
 
 
+def task_of(**overrides):
+    """The task finetune.py runs on these settings."""
+    cfg = config(**overrides)
+    return tasks.TASKS[cfg.task](cfg)
+
+
 def finetune_args(base_path, data_dir, out_dir, *extra):
     return [f'--init_from={base_path.parent}', f'--dataset={data_dir}', f'--out_dir={out_dir}', '--max_iters=4',
             '--batch_size=2', '--eval_interval=2', '--warmup_iters=1', '--seed=1', *extra]
@@ -96,7 +103,7 @@ def test_loss_mask_covers_exactly_the_reply(tools, data_dir):
     examples = tasks.load_split(str(data_dir), 'train')
     special = dict(sep=tok.sep_id, eot=tok.eot_id)
     second_reply = examples[1]  # dialogue 0, the doctor's second turn, with the whole history as source
-    x = tasks.build_input(second_reply, config(), 200, special)
+    x = task_of().inputs(second_reply, 200, special)
     scored = x['targets'][x['targets'] != -1]
     assert tok.decode(scored.tolist()) == normalize('可能是上呼吸道感染，多喝水，观察体温。<eot>')
     first_scored = np.flatnonzero(x['targets'] != -1)[0]
@@ -118,11 +125,11 @@ def test_cropped_example_still_scores_only_reply_tokens(tools, data_dir):
     ex = tasks.load_split(str(data_dir), 'train')[1]  # a 20-token reply after a 45-token history
     special = dict(sep=tok.sep_id, eot=tok.eot_id)
     reply = normalize('可能是上呼吸道感染，多喝水，观察体温。<eot>')
-    x = tasks.build_input(ex, config(), 40, special)  # room for the whole reply: the history is cropped
+    x = task_of().inputs(ex, 40, special)  # room for the whole reply: the history is cropped
     assert len(x['idx']) == 40
     assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == reply
     # too little room: a window of 31 tokens keeps half for the history (15) and the reply's first 16
-    x = tasks.build_input(ex, config(), 30, special)
+    x = task_of().inputs(ex, 30, special)
     scored = tok.decode(x['targets'][x['targets'] != -1].tolist())
     assert len(x['idx']) == 30 and reply.startswith(scored) and len(scored) == 16
 
@@ -130,7 +137,7 @@ def test_cropped_example_still_scores_only_reply_tokens(tools, data_dir):
 def test_classify_input_is_the_question_alone(tools, data_dir):
     tok, _ = tools
     ex = tasks.load_split(str(data_dir), 'train')[0]
-    x = tasks.build_input(ex, config(task='classify'), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
+    x = task_of(task='classify').inputs(ex, 200, dict(sep=tok.sep_id, eot=tok.eot_id))
     assert tok.decode(x['idx'].tolist()) == normalize('<patient>孩子发烧三天了，咳嗽有痰。<doctor>')
     assert x['targets'] is None and x['class_pos'] == len(x['idx']) - 1 and x['label'] == 0
 
@@ -138,7 +145,7 @@ def test_classify_input_is_the_question_alone(tools, data_dir):
 def test_entity_splice_appends_entity_words_before_the_doctor_piece(tools, data_dir):
     tok, _ = tools
     ex = tasks.load_split(str(data_dir), 'train')[0]
-    x = tasks.build_input(ex, config(entity_splice=True), 200, dict(sep=tok.sep_id, eot=tok.eot_id))
+    x = task_of(entity_splice=True).inputs(ex, 200, dict(sep=tok.sep_id, eot=tok.eot_id))
     source = tok.decode(x['idx'][:x['prompt_pos']].tolist())
     # the lexicon's symptoms in the question (the reply's 气喘 is not the source's to use)
     assert source == normalize('<patient>孩子发烧三天了，咳嗽有痰。<sep>发烧<sep>咳嗽<doctor>')
@@ -148,15 +155,15 @@ def test_entity_splice_appends_entity_words_before_the_doctor_piece(tools, data_
 def test_label_text_target_is_the_label_sentence(tools, data_dir):
     tok, _ = tools
     ex = tasks.load_split(str(data_dir), 'train')[2]  # dialogue 1, first doctor turn: label 1
-    label_ids = tok.encode('这属于神经科。')
-    x = tasks.build_input(ex, config(task='label_text'), 200, dict(sep=tok.sep_id, eot=tok.eot_id), label_ids)
+    label_sentences = [tok.encode(f'这属于{name}。') for name in LABELS]
+    x = task_of(task='label_text').inputs(ex, 200, dict(sep=tok.sep_id, eot=tok.eot_id), label_sentences)
     assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == normalize('这属于神经科。<eot>')
 
 
 def test_macro_f1_by_hand():
     # class 0: precision 1/1, recall 1/2 -> F1 2/3; class 1: precision 1/2, recall 1/1 -> 2/3;
     # class 2: its one example predicted as no class (-1) -> 0. Macro: (2/3 + 2/3 + 0) / 3 = 4/9
-    assert tasks.macro_f1([0, 1, 1, -1], [0, 0, 1, 2]) == pytest.approx(4 / 9)
+    assert macro_f1([0, 1, 1, -1], [0, 0, 1, 2]) == pytest.approx(4 / 9)
 
 
 # ----- model building and losses ------------------------------------------------------------------------
@@ -184,13 +191,42 @@ def test_multitask_loss_is_the_weighted_sum(tools, data_dir, base_path):
     model, _ = finetune.build_model(cfg, base, meta)
     model.eval()
     examples = [ex for ex in tasks.load_split(str(data_dir), 'train') if ex['label'] >= 0]
-    inputs = [tasks.build_input(ex, cfg, 96, dict(sep=tok.sep_id, eot=tok.eot_id)) for ex in examples]
-    batch = tasks.collate(inputs, cfg, tok.eot_id, 'cpu')
-    loss, lm_loss, class_loss = tasks.task_loss(model, batch, cfg)
+    task = tasks.TASKS['multitask'](cfg)
+    inputs = [task.inputs(ex, 96, dict(sep=tok.sep_id, eot=tok.eot_id)) for ex in examples]
+    batch = task.collate(inputs, tok.eot_id, 'cpu')
+    loss, lm_loss, class_loss = task.loss(model, batch)
     _, lm_alone = model(batch['idx'], targets=batch['targets'])
     _, class_alone = model.classify(model.encode(batch['idx']), batch['class_pos'], batch['labels'])
     assert torch.allclose(lm_loss, lm_alone) and torch.allclose(class_loss, class_alone)
     assert torch.allclose(loss, class_alone + 0.3 * lm_alone)
+
+
+@pytest.mark.parametrize('task_name', list(tasks.TASKS))
+def test_the_number_that_picks_the_best_model_is_the_training_loss_on_val(data_dir, base_path, task_name):
+    base = load_checkpoint(str(base_path))
+    meta = json.loads((data_dir / 'meta.json').read_text(encoding='utf-8'))
+    cfg = config(task=task_name, lambda_lm=0.3, dropout=0.0, batch_size=64, lexical=True, entity=True)
+    model, model_args = finetune.build_model(cfg, base, meta)
+    task = tasks.TASKS[task_name](cfg)
+    task_data = tasks.load_task_data(task, model_args, meta, str(data_dir), 'cpu', 'float32')
+    inputs = task_data.inputs['val']
+    assert len(inputs) <= cfg.batch_size  # evaluate sees them in one batch, as the loss does here
+    metrics = task.evaluate(model, inputs, task_data)
+    loss, _, _ = task.loss(model.eval(), task.collate(inputs, task_data.pad_id, 'cpu'))
+    assert task.selection_loss(metrics) == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_an_infix_prompt_sits_after_each_source_and_a_prefix_prompt_needs_no_position(tools, data_dir):
+    tok, _ = tools
+    special = dict(sep=tok.sep_id, eot=tok.eot_id)
+    examples = tasks.load_split(str(data_dir), 'train')[:2]  # a first and a second doctor turn
+    infix = task_of(mode='ptune', n_prompt=2, prompt_position='infix')
+    inputs = [infix.inputs(ex, 200, special) for ex in examples]
+    batch = infix.collate(inputs, tok.eot_id, 'cpu')
+    sources = [int(np.argmax(ex['mask'])) for ex in examples]  # the source's length: the prompt goes after it
+    assert batch['prompt_pos'].tolist() == sources and sources[0] < sources[1]
+    prefix = task_of(mode='ptune', n_prompt=2)
+    assert 'prompt_pos' not in prefix.collate(inputs, tok.eot_id, 'cpu')
 
 
 # ----- whole runs -------------------------------------------------------------------------------------
@@ -251,7 +287,7 @@ def test_classification_runs_report_accuracy(tools, base_path, data_dir, tmp_pat
         labels.append(ex['label'])
     assert len(labels) == len(DIALOGUES)
     assert result['test_acc'] == pytest.approx(np.mean(np.array(predictions) == labels))
-    assert result['test_f1'] == pytest.approx(tasks.macro_f1(predictions, labels))
+    assert result['test_f1'] == pytest.approx(macro_f1(predictions, labels))
 
 
 def test_no_adaptation_evaluates_the_base(base_path, data_dir, tmp_path):
@@ -265,6 +301,10 @@ def test_bad_finetune_configs_are_refused(base_path, data_dir, tmp_path):
         finetune.main(finetune_args(base_path, data_dir, tmp_path, '--mode=ptune'))
     with pytest.raises(SystemExit, match='mode must be one of'):
         finetune.main(finetune_args(base_path, data_dir, tmp_path, '--mode=lora'))
+    with pytest.raises(SystemExit, match='--mode=none cannot classify: the class head is new'):
+        finetune.main(finetune_args(base_path, data_dir, tmp_path, '--mode=none', '--task=multitask'))
+    with pytest.raises(SystemExit, match='--max_new_tokens=95 leaves no room for a source in the 96 tokens'):
+        finetune.main(finetune_args(base_path, data_dir, tmp_path, '--generate_examples=1', '--max_new_tokens=95'))
 
 
 # ----- sample.py -------------------------------------------------------------------------------------
