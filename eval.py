@@ -51,6 +51,8 @@ DEFAULTS = dict(
     temperature=0.0,        # 0 = greedy
     top_k=0,                # 0 = off
     top_p=1.0,              # 1.0 = off
+    repetition_penalty=1.0,  # > 1 lowers every token already in the source or reply (1.0 = off), as Hugging Face's
+    no_repeat_ngram_size=0,  # > 0: no n-gram of this size appears twice in source + reply (0 = off)
     seed=1337,
     device='auto',
     dtype='auto',
@@ -136,6 +138,9 @@ def main(argv=None):
                          f"(prepare/corpus.py lists the shapes it reads)")
     if cfg.documents not in ('', 'block', 'line', 'file'):
         raise SystemExit(f"--documents must be '', 'block', 'line' or 'file', not {cfg.documents!r}")
+    if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0) or cfg.no_repeat_ngram_size < 0:
+        raise SystemExit("--repetition_penalty must be a number > 0 (1 = off) and --no_repeat_ngram_size >= 0 "
+                         f"(0 = off), not {cfg.repetition_penalty} and {cfg.no_repeat_ngram_size}")
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     try:
         model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
@@ -182,7 +187,8 @@ def main(argv=None):
         if cfg.generate:
             examples = task_data.examples[cfg.split][:cfg.max_examples or None]
             result.update(task.reply_scores(model, task_data, examples, cfg.max_new_tokens, cfg.temperature,
-                                            cfg.top_k, cfg.top_p, cfg.seed))
+                                            cfg.top_k, cfg.top_p, cfg.seed, cfg.repetition_penalty,
+                                            cfg.no_repeat_ngram_size))
     print(json.dumps(result, ensure_ascii=False))
     print('\n'.join(f"{key:>18}  {value:.4f}" if isinstance(value, float) else f"{key:>18}  {value}"
                     for key, value in result.items()))

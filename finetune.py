@@ -61,6 +61,8 @@ DEFAULTS = dict(
     max_eval_examples=0,        # > 0: evaluate val on at most this many examples (quick runs)
     generate_examples=0,        # dialogue: greedy replies for this many test sources, scored by BLEU/Distinct/entity F1
     max_new_tokens=64,          # ... each at most this long
+    repetition_penalty=1.0,     # ... > 1 lowers tokens already in source or reply (1.0 = off), as Hugging Face's
+    no_repeat_ngram_size=0,     # ... > 0: no n-gram of this size twice in source + reply (0 = off)
     log_interval=20,
     device='auto',
     dtype='auto',
@@ -70,7 +72,7 @@ DEFAULTS = dict(
 LR_BY_MODE = {'full': 5e-5, 'ptune': 3e-3}
 AT_LEAST_ONE = ('epochs', 'batch_size', 'eval_interval', 'log_interval')
 NOT_NEGATIVE = ('max_iters', 'n_prompt', 'warmup_iters', 'max_eval_examples', 'generate_examples', 'max_new_tokens',
-                'learning_rate', 'weight_decay', 'grad_clip', 'lambda_lm')
+                'learning_rate', 'weight_decay', 'grad_clip', 'lambda_lm', 'no_repeat_ngram_size')
 BELOW_ONE = ('beta1', 'beta2', 'dropout')  # each in [0, 1)
 
 
@@ -117,6 +119,8 @@ def check_config(cfg):
             value = getattr(cfg, key)
             if not (math.isfinite(value) and in_range(value)):
                 raise SystemExit(f"--{key} must be {allowed}, not {value}")
+    if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0):
+        raise SystemExit(f"--repetition_penalty must be a number > 0 (1 = off), not {cfg.repetition_penalty}")
     if cfg.mode == 'ptune' and cfg.n_prompt == 0:
         raise SystemExit("--mode=ptune trains a soft prompt: give it --n_prompt > 0 (the paper uses 1 to 100)")
     if cfg.mode == 'none' and TASKS[cfg.task].class_head:

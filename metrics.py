@@ -13,6 +13,8 @@ macro-F1 of class predictions (tasks.py's classification tasks).
   are the spans its annotators marked; a generated reply has no annotation, so its entities are the strings
   annotators marked in the training replies (of the labelled dialogues), found by longest match (terms_in).
 """
+from collections import Counter
+
 import numpy as np
 from sacrebleu.metrics import BLEU
 
@@ -55,6 +57,14 @@ def entity_scores(generated_sets, reference_sets):
     return precision, recall, f1
 
 
+def reply_variety(generated):
+    """How many different replies the model gives: the share of distinct reply texts among the generated ones,
+    and the largest share of sources that got one and the same reply (a model that answers everyone alike: 1.0)."""
+    counts = Counter(generated)
+    return dict(distinct_replies=len(counts) / max(len(generated), 1),
+                top_reply_share=max(counts.values(), default=0) / max(len(generated), 1))
+
+
 def score_replies(generated, references, tagger, reference_spans, gold_terms=None):
     """BLEU-1/2/4, Distinct-1/2 and entity P/R/F1 of the generated replies against their references; given
     the annotated vocabulary (gold_terms), also the gold entity P/R/F1 against each reference's annotated spans."""
@@ -62,7 +72,8 @@ def score_replies(generated, references, tagger, reference_spans, gold_terms=Non
                                           [entities_in(t, tagger) for t in references])
     scores = dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
                   bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
-                  distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1)
+                  distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1,
+                  **reply_variety(generated))
     if gold_terms is not None:
         longest = max(map(len, gold_terms), default=1)
         precision, recall, f1 = entity_scores([terms_in(t, gold_terms, longest) for t in generated], reference_spans)

@@ -31,6 +31,8 @@ DEFAULTS = dict(
     temperature=0.8,        # 0 = greedy
     top_k=50,               # 0 = off
     top_p=0.95,             # 1.0 = off
+    repetition_penalty=1.0,  # > 1 lowers every token already in the context or reply (1.0 = off), as Hugging Face's
+    no_repeat_ngram_size=0,  # > 0: no n-gram of this size appears twice in context + reply (0 = off)
     seed=1337,
     device='auto',
     stream=True,            # print the tokens as they are generated
@@ -44,6 +46,9 @@ def check_options(cfg):
         ('temperature', math.isfinite(cfg.temperature) and cfg.temperature >= 0, 'a number >= 0 (0 = greedy)'),
         ('top_k', cfg.top_k >= 0, '>= 0 (0 = off)'),
         ('top_p', 0 < cfg.top_p <= 1, 'in (0, 1] (1 = off)'),
+        ('repetition_penalty', math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0,
+         'a number > 0 (1 = off)'),
+        ('no_repeat_ngram_size', cfg.no_repeat_ngram_size >= 0, '>= 0 (0 = off)'),
         ('num_samples', cfg.num_samples >= 1, '>= 1'),
         ('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0'),
     ]
@@ -157,8 +162,8 @@ def generate_reply(model, context, tools, cfg, checkpoint, autocast, generator):
             out = model.generate(to(idx), cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1.0 else None,
                                  lexical=to(lexical), entity=to(entity), prompt_pos=to(prompt_pos),
-                                 eos_id=stop_ids, generator=generator,
-                                 on_token=StreamPrinter(tokenizer, stop_ids) if cfg.stream else None)
+                                 eos_id=stop_ids, generator=generator, repetition_penalty=cfg.repetition_penalty,
+                                 no_repeat_ngram_size=cfg.no_repeat_ngram_size, on_token=StreamPrinter(tokenizer, stop_ids) if cfg.stream else None)
         new = [t for t in out[0, idx.size(1):].tolist() if t not in stop_ids]
         texts.append(render(tokenizer, new))
         if cfg.stream:

@@ -227,12 +227,14 @@ class Dialogue(Task):
         if not self.cfg.generate_examples:
             return {}
         return self.reply_scores(model, task_data, examples[:self.cfg.generate_examples], self.cfg.max_new_tokens,
-                                 seed=self.cfg.seed)
+                                 seed=self.cfg.seed, repetition_penalty=self.cfg.repetition_penalty,
+                                 no_repeat_ngram_size=self.cfg.no_repeat_ngram_size)
 
     def reply_scores(self, model, task_data, examples, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-                     seed=1337):
+                     seed=1337, repetition_penalty=1.0, no_repeat_ngram_size=0):
         """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
-        generator) and score the replies against the references (metrics.py)."""
+        generator; the rules against loops as in model.generate) and score the replies against the references
+        (metrics.py)."""
         from tagging import Tagger
         tok = task_data.tokenizer
         stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
@@ -241,7 +243,8 @@ class Dialogue(Task):
         model.eval()
         for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
             reply = self.generate(model, ex, task_data, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                  top_p=top_p if top_p < 1.0 else None, eos_id=stops, generator=generator)
+                                  top_p=top_p if top_p < 1.0 else None, eos_id=stops, generator=generator,
+                                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
             generated.append(tok.decode([t for t in reply if t not in stops]))
             target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
             references.append(tok.decode([t for t in target if t not in stops]))

@@ -42,7 +42,7 @@ from checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from common import load_meta
 from configurator import config_file_values, configure
 from experiments.ngram import EOS, KneserNey
-from experiments.tables import DIALOGUE_SETS, is_deterministic, render, table_specs
+from experiments.tables import DECODING, DIALOGUE_SETS, is_deterministic, render, table_specs
 from model import GPT, GPTConfig
 from tasks import TASKS, Dialogue, load_split
 
@@ -245,7 +245,8 @@ def finetune_settings(spec, seed, pretrained, scale, cfg):
                     warmup_iters=max(iters // 10, 1), eval_interval=max(iters // 2, 1), learning_rate=learning_rate,
                     max_eval_examples=scale['max_eval_examples'], seed=seed)
     if TASKS[spec['task']].generates_replies and spec['dataset'] in DIALOGUE_SETS and not spec.get('entity_splice'):
-        settings.update(generate_examples=scale['generate_examples'], max_new_tokens=scale['max_new_tokens'])
+        settings.update(generate_examples=scale['generate_examples'], max_new_tokens=scale['max_new_tokens'],
+                        **DECODING)
     return settings
 
 

@@ -19,11 +19,16 @@ COLUMNS = {  # table kind -> (header, result key, format[, scale])
     'generation': [('BLEU-1', 'test_bleu1', '{:.1f}'), ('BLEU-2', 'test_bleu2', '{:.1f}'),
                    ('BLEU-4', 'test_bleu4', '{:.1f}'), ('Distinct-1', 'test_distinct1', '{:.3f}'),
                    ('Distinct-2', 'test_distinct2', '{:.3f}'), ('entity F1 %', 'test_entity_f1', '{:.1f}', 100),
-                   ('gold entity F1 %', 'test_gold_entity_f1', '{:.1f}', 100)],
+                   ('gold entity F1 %', 'test_gold_entity_f1', '{:.1f}', 100),
+                   ('distinct replies %', 'test_distinct_replies', '{:.0f}', 100),
+                   ('top reply %', 'test_top_reply_share', '{:.0f}', 100)],
 }
 OPTIONAL = {'test_gold_entity_f1'}  # only sets with their own entity labels have it
 N_PROMPT = 25            # p-tuning rows that do not sweep the prompt length
 NGRAM_ORDER = 5
+# greedy replies with Hugging Face's two rules against loops (model.penalize_repeats): without them a small
+# model gives most sources one of a few stock replies
+DECODING = dict(repetition_penalty=1.2, no_repeat_ngram_size=3)
 DIALOGUE_SETS = {'covid': 'COVID-DDC', 'imcs': 'IMCS-21'}
 CLASS_SETS = ('department', 'dxy', 'imcs')
 

@@ -56,3 +56,11 @@ def test_generate_never_repeats_an_ngram():
     # a penalty changes greedy decoding only through the logits: 1.0 is exactly the plain decoding
     assert model.generate(idx, 30, temperature=0, repetition_penalty=1.0)[0].tolist() == plain
     assert model.generate(idx, 30, temperature=0, repetition_penalty=5.0)[0].tolist() != plain
+
+
+def test_reply_variety():
+    from metrics import reply_variety
+    replies = ['宝宝吗?'] * 7 + ['多喝水', '去医院']
+    variety = reply_variety(replies)
+    assert variety == {'distinct_replies': 3 / 9, 'top_reply_share': 7 / 9}
+    assert reply_variety([]) == {'distinct_replies': 0.0, 'top_reply_share': 0.0}

@@ -183,9 +183,10 @@ def test_table_specs_cover_the_papers_tables():
 
 def test_gold_entity_f1_may_be_missing_but_nothing_else():
     scores = dict(test_bleu1=10.0, test_bleu2=5.0, test_bleu4=1.0, test_distinct1=0.5, test_distinct2=0.7,
-                  test_entity_f1=0.2, trainable_params=1, wall_time_s=1.0)
+                  test_entity_f1=0.2, test_distinct_replies=0.9, test_top_reply_share=0.04, trainable_params=1,
+                  wall_time_s=1.0)
     rows = [('covid', [scores]), ('imcs', [dict(scores, test_gold_entity_f1=0.3)]),
             ('broken', [dict(scores, test_bleu4=None, test_gold_entity_f1=float('nan'))])]
     assert tables.non_finite_cells(rows, 'generation') == [('broken', 'test_bleu4'), ('broken', 'test_gold_entity_f1')]
-    assert tables.aggregate_row('covid', [scores], 'generation')[1:8] == ['10.0', '5.0', '1.0', '0.500', '0.700',
-                                                                          '20.0', '—']
+    assert tables.aggregate_row('covid', [scores], 'generation')[1:10] == ['10.0', '5.0', '1.0', '0.500', '0.700',
+                                                                           '20.0', '—', '90', '4']
