@@ -37,18 +37,27 @@ DEFAULTS = dict(
     out='out/ttq',
     ngram_orders='3,4,5,6,7,8',
     dtype='float32',     # every recipe in float32, as on a CPU without bf16 matmul units (a recipe may differ)
+    extra='',            # train.py overrides added to every recipe, space-separated (e.g. '--device=cuda')
 )
 
 # nanoGPT's recipe for small models (its shakespeare_char config): AdamW, lr 1e-3, beta2 0.99, warm-up then
-# cosine to a tenth of the peak, no dropout; on config/tiny.py's model and data. max_iters sets where the
-# schedule ends: about what fits the default 10-minute cap on 2 cores.
-REFERENCE = ['--learning_rate=1e-3', '--min_lr=1e-4', '--beta2=0.99', '--weight_decay=0.1', '--grad_clip=1.0',
-             '--warmup_iters=100', '--dropout=0.0', '--max_iters=2000', '--lr_decay_iters=2000']
-RECIPES = {
+# cosine to a tenth of the peak, no dropout; on config/tiny.py's model and data/pretrain.
+REFERENCE = ['--dataset=pretrain', '--optimizer=adamw', '--learning_rate=1e-3', '--min_lr=1e-4', '--beta1=0.9',
+             '--beta2=0.99', '--weight_decay=0.1', '--grad_clip=1.0', '--lr_schedule=cosine', '--warmup_iters=100',
+             '--dropout=0.0']
+MUON = ['--optimizer=muon', '--muon_lr=0.02', '--learning_rate=3e-3', '--min_lr=3e-4']
+RECIPES = {  # each changes one lever of the reference, or adds one to the best so far; later keys win
     'reference': REFERENCE,
-    'muon': REFERENCE + ['--optimizer=muon', '--muon_lr=0.02', '--learning_rate=3e-3', '--min_lr=3e-4'],
-    'wsd': REFERENCE + ['--lr_schedule=wsd'],
+    'muon': REFERENCE + MUON,
+    'muon+wsd': REFERENCE + MUON + ['--lr_schedule=wsd', '--min_lr=0'],
+    'muon+bpe4000': REFERENCE + MUON + ['--dataset=pretrain_v4000'],
+    'muon+chars': REFERENCE + MUON + ['--dataset=pretrain_char'],
+    'muon+6x256': REFERENCE + MUON + ['--n_layer=6', '--n_head=4', '--n_embd=256'],
+    'muon+compile': REFERENCE + MUON + ['--compile'],
+    'muon+bf16': REFERENCE + MUON + ['--dtype=bfloat16'],
+    'tiny': [],  # config/tiny.py as it stands: what make demo trains
 }
+CALIBRATION_ITERS = 30  # a short run first measures each recipe's speed, so that its schedule ends at the cap
 
 
 def ngram_bpc(orders, out):
@@ -84,13 +93,33 @@ def ngram_bpc(orders, out):
     return scores[order], order
 
 
+def iterations_in(seconds, overrides, cfg, out_dir):
+    """How many iterations of this recipe fit in `seconds` here: the speed of a short run's last steps (the first
+    ones include start-up and compilation)."""
+    subprocess.run([sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out_dir}', '--overwrite',
+                    f'--dtype={cfg.dtype}', *overrides, f'--max_iters={CALIBRATION_ITERS}', '--eval_iters=1',
+                    '--log_interval=1', f'--eval_interval={CALIBRATION_ITERS}'], check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r['train_s'] for r in records if 'loss' in r]  # training seconds after each step
+    tokens_per_iter = records[-1]['tokens'] / CALIBRATION_ITERS
+    seconds_per_iter = (steps[-1] - steps[-11]) / 10
+    print(f"calibration: {tokens_per_iter / seconds_per_iter:,.0f} tokens/s", flush=True)
+    return int(seconds / seconds_per_iter)
+
+
 def run_recipe(name, overrides, cfg):
-    """Train one recipe until the time cap; returns its curve [(train seconds, tokens, val bits/char)]."""
+    """Train one recipe until the time cap; returns its curve [(train seconds, tokens, val bits/char)]. Unless the
+    recipe sets max_iters, its schedule is fitted to the cap (its speed measured first)."""
     out_dir = os.path.join(cfg.out, name)
+    print(f"\n== {name}", flush=True)
+    if not any(o.startswith('--max_iters=') for o in overrides):
+        iters = iterations_in(0.98 * cfg.time_cap, overrides, cfg, out_dir)
+        overrides = overrides + [f'--max_iters={iters}', f'--lr_decay_iters={iters}']
     command = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out_dir}', '--overwrite',
                f'--eval_interval={cfg.eval_interval}', f'--eval_iters={cfg.eval_iters}', f'--dtype={cfg.dtype}',
                *overrides]
-    print(f"\n== {name}: {' '.join(command[1:])}", flush=True)
+    print(' '.join(command[1:]), flush=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
     process = subprocess.Popen(command)
     curve, read = [], 0
@@ -105,7 +134,7 @@ def run_recipe(name, overrides, cfg):
                 if 'val_bpc' in record:
                     curve.append((record['train_s'], record['tokens'], record['val_bpc']))
             read = len(complete)
-        if finished or (curve and curve[-1][0] >= cfg.time_cap):
+        if finished or (curve and curve[-1][0] >= 1.05 * cfg.time_cap):  # a schedule fitted to the cap ends first
             break
         time.sleep(0.5)
     if not finished:
@@ -157,8 +186,9 @@ def main(argv=None):
         with open(results_path) as f:
             results = json.load(f)
     for name in names:
-        curve = run_recipe(name, RECIPES[name], cfg)
-        results[name] = {'overrides': RECIPES[name], 'dtype': cfg.dtype, 'time_cap': cfg.time_cap, 'curve': curve}
+        curve = run_recipe(name, RECIPES[name] + cfg.extra.split(), cfg)
+        results[name] = {'overrides': RECIPES[name] + cfg.extra.split(), 'dtype': cfg.dtype, 'time_cap': cfg.time_cap, 'curve': curve,
+                         'load_average': os.getloadavg()[0]}
         with open(results_path, 'w') as f:
             json.dump(results, f, indent=1)
     curves = {name: results[name]['curve'] for name in results}
