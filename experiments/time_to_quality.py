@@ -122,21 +122,22 @@ def run_recipe(name, overrides, cfg):
     print(' '.join(command[1:]), flush=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
     process = subprocess.Popen(command)
-    curve, read = [], 0
+    curve, offset, pending = [], 0, ''
     while True:
         finished = process.poll() is not None
         if os.path.exists(log_path):
-            with open(log_path) as f:
-                lines = f.readlines()
-            complete = lines[:len(lines) if finished else max(len(lines) - 1, 0)]  # the last may be half-written
-            for line in complete[read:]:
+            with open(log_path) as f:  # read only what was appended since the last look
+                f.seek(offset)
+                pending += f.read()
+                offset = f.tell()
+            *lines, pending = pending.split('\n')  # the last piece may be a line still being written
+            for line in lines:
                 record = json.loads(line)
                 if 'val_bpc' in record:
                     curve.append((record['train_s'], record['tokens'], record['val_bpc']))
-            read = len(complete)
         if finished or (curve and curve[-1][0] >= 1.05 * cfg.time_cap):  # a schedule fitted to the cap ends first
             break
-        time.sleep(0.5)
+        time.sleep(2)
     if not finished:
         process.terminate()
         process.wait()
