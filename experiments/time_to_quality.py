@@ -187,8 +187,9 @@ def main(argv=None):
         with open(results_path) as f:
             results = json.load(f)
     for name in names:
-        curve = run_recipe(name, RECIPES[name] + cfg.extra.split(), cfg)
-        results[name] = {'overrides': RECIPES[name] + cfg.extra.split(), 'dtype': cfg.dtype, 'time_cap': cfg.time_cap, 'curve': curve,
+        overrides = RECIPES[name] + cfg.extra.split()
+        curve = run_recipe(name, overrides, cfg)
+        results[name] = {'overrides': overrides, 'dtype': cfg.dtype, 'time_cap': cfg.time_cap, 'curve': curve,
                          'load_average': os.getloadavg()[0]}
         with open(results_path, 'w') as f:
             json.dump(results, f, indent=1)
