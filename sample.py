@@ -21,7 +21,7 @@ DEFAULTS = dict(
     out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it; default: the quick start's) ...
     checkpoint='',          # ... or this checkpoint / p-tuning file
     base='',                # a p-tuning file's base checkpoint ('' = the path the file recorded)
-    data_dir='',            # checkpoints older than the tokenizer record only: where tokenizer.model is
+    data_dir='',            # checkpoints without a tokenizer record only: where tokenizer.model is
                             # ('' = data/<dataset the run trained on>)
     prompt='发烧三天了，还有点咳嗽，需要去医院吗？',  # '' = from the start of a text
     dialogue=False,         # the prompt is a patient's turn: generate the doctor's reply
@@ -61,7 +61,7 @@ def check_options(cfg):
 
 def load_tools(checkpoint, model, cfg):
     """Tokenizer, and the tagger when the model reads tags (the same one prepare/ tagged the training data with).
-    The tokenizer is the one the checkpoint carries; only a checkpoint older than that record reads
+    The tokenizer is the one the checkpoint carries; only a checkpoint without a tokenizer record reads
     data_dir's, and only when its vocabulary is the model's size."""
     from tagging import Tagger, lexicon_dir
     from tokenizer import Tokenizer

@@ -270,7 +270,7 @@ def run_all(tables, seeds, scale, cfg, results, pool):
     Returns ({base: facts}, {row spec as json: [result keys]}).
 
     Small models use two cores poorly: two runs of one thread each finish sooner than two runs one after the
-    other on two threads (README: measured). A run's numbers depend on its thread count in the last digits
+    other on two threads (measured: docs/papers.md). A run's numbers depend on its thread count in the last digits
     (the order of a matmul's sums), so the same --jobs on the same machine gives the same results."""
     cells = [(spec, seed) for table in tables for _, spec in table['rows']
              for seed in (seeds[:1] if is_deterministic(spec) else seeds)]

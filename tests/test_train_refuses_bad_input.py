@@ -1,5 +1,5 @@
-"""The bad-input probe of train.py and checkpoint.py (issue 12), as tests: each case fails with one clear
-line and loses nothing of a previous run, or works correctly."""
+"""Bad input to train.py and checkpoint.py: each case fails with one clear line and loses nothing of a
+previous run, or works correctly."""
 import os
 import pickle
 import signal

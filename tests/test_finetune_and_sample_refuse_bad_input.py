@@ -1,4 +1,4 @@
-"""Issue 12's bad-input probe of sample.py and finetune.py, kept as tests so that each case stays fixed.
+"""Bad input to sample.py and finetune.py: each case is refused with one clear line, or works correctly.
 
 Every refusal is a SystemExit with one line (what is wrong, where, what to do) raised before anything is
 loaded or written. The cases a user meets at the command line run as one small process each and check
@@ -73,7 +73,7 @@ def rebuilt_data_dir(data_dir, tokenizer_path, tmp_path):
 
 
 def without_tokenizer(path, tmp_path):
-    """The checkpoint as a run before the tokenizer record saved it."""
+    """The checkpoint without its tokenizer record: sample.py and finetune.py then read a data folder's."""
     old = load_checkpoint(str(path))
     del old['tokenizer']
     old_path = tmp_path / 'old' / 'best.pt'
@@ -96,7 +96,7 @@ def test_sample_option_out_of_range_is_refused_before_loading(option, message, t
     assert refusal(sample.main, [f'--checkpoint={tmp_path}/none.pt', option]) == message
 
 
-def test_sample_top_p_zero_at_the_command_line(tmp_path):  # was a torch.multinomial traceback
+def test_sample_top_p_zero_at_the_command_line(tmp_path):  # torch.multinomial would fail with a traceback
     line = cli_refusal(run_cli('sample.py', f'--checkpoint={tmp_path}/none.pt', '--top_p=0'))
     assert line == '--top_p must be in (0, 1] (1 = off), not 0.0'
 
@@ -126,7 +126,8 @@ def test_sample_reads_the_checkpoint_tokenizer_not_a_rebuilt_data_folder(tools, 
     assert sample.main(args + [f'--data_dir={rebuilt}']) == sample.main(args + [f'--data_dir={data_dir}'])
 
 
-def test_old_checkpoint_reads_data_dir_and_refuses_another_vocabulary(tools, base_path, data_dir, tmp_path):
+def test_checkpoint_without_tokenizer_reads_data_dir_and_refuses_another_vocabulary(tools, base_path, data_dir,
+                                                                                     tmp_path):
     old_path = without_tokenizer(base_path, tmp_path)
     args = [f'--checkpoint={old_path}', '--prompt=孩子发烧', '--max_new_tokens=6', '--temperature=0']
     assert sample.main(args + [f'--data_dir={data_dir}']) == sample.main([f'--checkpoint={base_path}'] + args[1:])
@@ -227,7 +228,7 @@ def test_base_and_rebuilt_data_folder_with_another_tokenizer_are_refused(tools, 
     assert not (tmp_path / 'out').exists()
 
 
-def test_old_base_with_another_vocabulary_size_is_refused(tools, base_path, data_dir, tmp_path):
+def test_base_without_tokenizer_and_with_another_vocabulary_size_is_refused(tools, base_path, data_dir, tmp_path):
     old_path = without_tokenizer(base_path, tmp_path)
     rebuilt = rebuilt_data_dir(data_dir, other_tokenizer(tmp_path, tools, extra='甲乙丙丁戊己庚辛'), tmp_path)
     line = refusal(finetune.main, finetune_args(old_path, rebuilt, tmp_path / 'out'), str(old_path), str(rebuilt))
@@ -258,8 +259,8 @@ def test_full_finetune_saves_its_tokenizer_and_the_absolute_base(base_path, data
 
 
 def test_label_sentences_that_do_not_fit_beside_the_prompt_are_refused(base_path, data_dir, tmp_path):
-    # 90 of the 96 positions for the prompt leave 6, fewer than '这属于神经科。<eot>' (8): was an IndexError
-    # after training, when the test split was scored
+    # 90 of the 96 positions for the prompt leave 6, fewer than '这属于神经科。<eot>' (8): unchecked, scoring
+    # the test split after training would fail with an IndexError
     args = finetune_args(base_path, data_dir, tmp_path / 'out', '--task=label_text', '--mode=ptune', '--n_prompt=90')
     refusal(finetune.main, args, '--n_prompt=90', 'leaves 6 tokens', 'label sentence (8 tokens)')
     assert not (tmp_path / 'out').exists()
