@@ -53,6 +53,7 @@ DEFAULTS = dict(
     pretrained_dir='',        # a finished pretraining run to use for whichever base its config matches
     finetune_iters=0,         # 0 = the scale's
     jobs=0,                   # runs at once, each on cores / jobs threads; 0 = one per core (see run_all)
+    tables='',                # only the tables of these kinds, comma-separated: lm, class, generation ('' = all)
 )
 
 # Every base is config/tiny.py with these overrides, pretrained on its own data set (BASES). They read 256-token
@@ -276,7 +277,8 @@ def run_all(tables, seeds, scale, cfg, results, pool):
              for seed in (seeds[:1] if is_deterministic(spec) else seeds)]
     keys_of_spec = {json.dumps(spec, sort_keys=True): [] for spec, _ in cells}
     pretrained, todo, done, t0 = {}, {}, 0, time.time()
-    running = {pool.submit(pretrain, name, scale['size'], cfg, results): name for name in BASES}
+    needed = {spec.get('base', 'medical') for spec, _ in cells}  # only the bases the chosen tables use
+    running = {pool.submit(pretrain, name, scale['size'], cfg, results): name for name in BASES if name in needed}
     while running:
         finished, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in finished:
@@ -366,6 +368,11 @@ def main(argv=None):
     results = load_results(cfg)
     results['config'] = dict(vars(cfg), scale=scale, seeds=seeds)
     tables = table_specs(scale['prompt_lengths'])
+    kinds = cfg.tables.split(',') if cfg.tables else [table['kind'] for table in tables]
+    unknown = set(kinds) - {table['kind'] for table in tables}
+    if unknown:
+        raise SystemExit(f"--tables: unknown kind(s) {sorted(unknown)}; the kinds are lm, class and generation")
+    tables = [table for table in tables if table['kind'] in kinds]
     # a failed run stops reproduce: the runs not yet started are cancelled, the running ones end first
     with ThreadPoolExecutor(cfg.jobs) as pool:
         try:

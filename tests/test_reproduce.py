@@ -190,3 +190,19 @@ def test_gold_entity_f1_may_be_missing_but_nothing_else():
     assert tables.non_finite_cells(rows, 'generation') == [('broken', 'test_bleu4'), ('broken', 'test_gold_entity_f1')]
     assert tables.aggregate_row('covid', [scores], 'generation')[1:10] == ['10.0', '5.0', '1.0', '0.500', '0.700',
                                                                            '20.0', '—', '90', '4']
+
+
+def test_tables_option_runs_only_the_chosen_kinds(tmp_path, monkeypatch):
+    """--tables=generation hands only the generation table to the runs; an unknown kind is refused."""
+    with pytest.raises(SystemExit, match='unknown kind'):
+        reproduce.main(['--quick', f'--out_dir={tmp_path}', '--tables=generation,speed'])
+    started = []
+
+    def fake_run_all(chosen, seeds, scale, cfg, results, pool):
+        started.append([table['kind'] for table in chosen])
+        raise SystemExit('stop')
+
+    monkeypatch.setattr(reproduce, 'run_all', fake_run_all)
+    with pytest.raises(SystemExit, match='stop'):
+        reproduce.main(['--quick', f'--out_dir={tmp_path}', '--tables=generation'])
+    assert started == [['generation']]
