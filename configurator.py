@@ -147,7 +147,9 @@ def print_config(config):
     # under torchrun every rank configures itself; only rank 0 prints, like every other log line
     if int(os.environ.get('RANK', 0)) == 0:
         width = max(map(len, config), default=0)
-        print('\n'.join(f"{key:<{width}} = {value!r}" for key, value in config.items()))
+        # a secret (serve.py's api_key) is not shown: logs of the start-up are read by others
+        shown = {key: '<set>' if key.endswith('api_key') and value else value for key, value in config.items()}
+        print('\n'.join(f"{key:<{width}} = {value!r}" for key, value in shown.items()))
 
 
 def usage(defaults):

@@ -12,7 +12,9 @@ Prints Markdown tables:
   would choose here); the output says which;
 - generation tokens/s with the KV cache vs full recompute (greedy, one model), and whether the two
   produced the same tokens;
-- prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text.
+- prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text;
+- serving (experiments/bench_serving.py): python serve.py on a random model of the same sizes, requests/s and
+  time to first token with 1, 4 and 16 clients streaming replies at once.
 With --prepare_scales=1,10,30 it instead builds synthetic corpora of that many times the shared medical
 texts with python -m prepare.pretrain --corpus and prints build time, chars/s and peak RSS per scale.
 It trains on data/<dataset>/ when that has been prepared, else on random tokens (the output says which).
@@ -45,8 +47,9 @@ from common import (
     synchronize,
 )
 from configurator import configure
-from optim import configure_optimizers
+from experiments.bench_serving import bench_serving, serving_markdown
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 from prepare.sources import DataError, read_text, source_file
 from prepare.text import normalize
 from tagging import LEXICAL_MAP, entity_map, lexicon_dir, tag_texts
@@ -69,6 +72,8 @@ DEFAULTS = dict(
     prepare_scales='',     # e.g. '1,10,30': instead, time python -m prepare.pretrain --corpus on synthetic
                            # corpora that many times the shared medical texts: build time, chars/s and peak
                            # memory per scale
+    serve_requests=32,     # streamed requests per row of the serving table, spread over its clients; 0 skips it
+    serve_tokens=32,       # tokens per served reply
     src='',                # folder of the raw data sets; '' = $CMED_DATA, else ../shared/data
     out='',                # write the numbers to this JSON file too
 )
@@ -261,8 +266,11 @@ def bench_prepare(cfg):
 # ----------------------------------------------------------------------------- output
 
 def markdown(results):
-    sections = (machine_markdown(results['machine'], results['config']), training_markdown(results['train']),
-                generation_markdown(results['generate']), prepare_markdown(results['prepare']))
+    sections = [machine_markdown(results['machine'], results['config']), training_markdown(results['train']),
+                generation_markdown(results['generate']), prepare_markdown(results['prepare'])]
+    if results['serve'] is not None:
+        sections.append(serving_markdown(results['serve'], results['config']['serve_tokens'], PROMPT_TOKENS,
+                                         results['machine']['device']))
     return '\n\n'.join('\n'.join(lines) for lines in sections)
 
 
@@ -382,15 +390,18 @@ def main(argv=None):
     model_args, batches, data = load_data(cfg, device)
     config = dict(model_args, batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                   tokens_per_step=cfg.batch_size * model_args['block_size'] * cfg.gradient_accumulation_steps,
-                  params=GPT(GPTConfig(**model_args)).num_params(), compile=cfg.compile, data=data)
+                  params=GPT(GPTConfig(**model_args)).num_params(), compile=cfg.compile, data=data,
+                  serve_tokens=cfg.serve_tokens)
     precisions = ('float32', 'bfloat16', 'float16') if device.startswith('cuda') else ('float32', 'bfloat16')
     rows = [bench_training(cfg, model_args, batches, device, attention, precision, machine['peak_flops'])
             for precision in precisions for attention in ('manual', 'fused')]
     prompt = batches.batch('val', np.random.default_rng(cfg.seed))['idx'][:1, :PROMPT_TOKENS]  # (1, P)
     generation = bench_generation(cfg, model_args, prompt, device, dtype)
     preparation = bench_prepare(cfg) if cfg.prepare_chars > 0 else None
+    serving = bench_serving(model_args, device, cfg.serve_requests, cfg.serve_tokens, PROMPT_TOKENS, cfg.seed) \
+        if cfg.serve_requests > 0 else None
     results = dict(machine=machine, config=config, train=rows, generate=generation, prepare=preparation,
-                   seconds=time.perf_counter() - started)
+                   serve=serving, seconds=time.perf_counter() - started)
     print(markdown(results))
     print(f"\n(bench took {results['seconds']:.0f} s)")
     if cfg.out:

@@ -16,6 +16,7 @@ MIRROR = os.environ.get('CMED_DATA') or str(ROOT.parent / 'shared' / 'data')
 TRAIN_NUMBERS = ('steps', 'ms_per_step', 'tokens_per_s', 'mfu')
 GENERATE_NUMBERS = ('new_tokens', 'prompt_tokens', 'block_size', 'cached_tokens_per_s', 'recompute_tokens_per_s',
                     'speedup')
+SERVE_NUMBERS = ('requests', 'seconds', 'requests_per_s', 'tokens_per_s', 'ttft_median_ms', 'ttft_p90_ms')
 PREPARE_NUMBERS = ('chars', 'records', 'workers', 'single_seconds', 'multi_seconds', 'single_chars_per_s',
                    'multi_chars_per_s', 'speedup')
 
@@ -35,7 +36,7 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
     args = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
             '--vocab_size=2000', '--warmup_steps=1', '--steps=2', '--cpu_bf16_steps=1', '--gen_tokens=24',
             '--peak_flops=1e10', f'--dataset={tmp_path / "no_data"}', f'--src={MIRROR}', f'--out={out}',
-            f'--prepare_chars={3000 if has_mirror else 0}']
+            f'--prepare_chars={3000 if has_mirror else 0}', '--serve_requests=4', '--serve_tokens=4']
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a toy model gains nothing from threads, and loses much on a busy machine
     try:
@@ -55,6 +56,10 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
         assert_positive_numbers(row, TRAIN_NUMBERS)
     assert_positive_numbers(results['generate'], GENERATE_NUMBERS)
     assert results['generate']['tokens_match'] is True  # the KV cache changes the speed, never the tokens
+    assert [row['clients'] for row in results['serve']] == [1, 4, 16]
+    assert [row['requests'] for row in results['serve']] == [4, 4, 16]  # 4 spread over the clients, at least one each
+    for row in results['serve']:
+        assert_positive_numbers(row, SERVE_NUMBERS)
     if has_mirror:
         prepare = results['prepare']
         assert prepare['available'] is True, prepare
