@@ -13,6 +13,7 @@ macro-F1 of class predictions (tasks.py's classification tasks).
   are the spans its annotators marked; a generated reply has no annotation, so its entities are the strings
   annotators marked in the training replies (of the labelled dialogues), found by longest match (terms_in).
 """
+
 from collections import Counter
 
 import numpy as np
@@ -24,7 +25,7 @@ def bleu(generated, references, n):
 
 
 def distinct(texts, n):
-    grams = [text[i:i + n] for text in texts for i in range(len(text) - n + 1)]
+    grams = [text[i : i + n] for text in texts for i in range(len(text) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -38,8 +39,8 @@ def terms_in(text, terms, longest):
     found, i = set(), 0
     while i < len(text):
         for n in range(min(longest, len(text) - i), 0, -1):
-            if text[i:i + n] in terms:
-                found.add(text[i:i + n])
+            if text[i : i + n] in terms:
+                found.add(text[i : i + n])
                 i += n
                 break
         else:
@@ -61,19 +62,30 @@ def reply_variety(generated):
     """How many different replies the model gives: the share of distinct reply texts among the generated ones,
     and the largest share of sources that got one and the same reply (a model that answers everyone alike: 1.0)."""
     counts = Counter(generated)
-    return dict(distinct_replies=len(counts) / max(len(generated), 1),
-                top_reply_share=max(counts.values(), default=0) / max(len(generated), 1))
+    return dict(
+        distinct_replies=len(counts) / max(len(generated), 1),
+        top_reply_share=max(counts.values(), default=0) / max(len(generated), 1),
+    )
 
 
 def score_replies(generated, references, tagger, reference_spans, gold_terms=None):
     """BLEU-1/2/4, Distinct-1/2 and entity P/R/F1 of the generated replies against their references; given
     the annotated vocabulary (gold_terms), also the gold entity P/R/F1 against each reference's annotated spans."""
-    precision, recall, f1 = entity_scores([entities_in(t, tagger) for t in generated],
-                                          [entities_in(t, tagger) for t in references])
-    scores = dict(generated=len(generated), bleu1=bleu(generated, references, 1), bleu2=bleu(generated, references, 2),
-                  bleu4=bleu(generated, references, 4), distinct1=distinct(generated, 1),
-                  distinct2=distinct(generated, 2), entity_precision=precision, entity_recall=recall, entity_f1=f1,
-                  **reply_variety(generated))
+    precision, recall, f1 = entity_scores(
+        [entities_in(t, tagger) for t in generated], [entities_in(t, tagger) for t in references]
+    )
+    scores = dict(
+        generated=len(generated),
+        bleu1=bleu(generated, references, 1),
+        bleu2=bleu(generated, references, 2),
+        bleu4=bleu(generated, references, 4),
+        distinct1=distinct(generated, 1),
+        distinct2=distinct(generated, 2),
+        entity_precision=precision,
+        entity_recall=recall,
+        entity_f1=f1,
+        **reply_variety(generated),
+    )
     if gold_terms is not None:
         longest = max(map(len, gold_terms), default=1)
         precision, recall, f1 = entity_scores([terms_in(t, gold_terms, longest) for t in generated], reference_spans)

@@ -26,18 +26,18 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
-    block_size: int = 512     # longest sequence, soft prompt included
+    block_size: int = 512  # longest sequence, soft prompt included
     vocab_size: int = 8000
     n_layer: int = 6
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = False        # biases in Linear and LayerNorm layers (GPT-2 has them; a bit faster without)
-    n_lexical: int = 0        # part-of-speech table (paper: 4 = other, noun, adjective, verb); 0 = none
-    n_entity: int = 0         # entity table (paper: 2 = outside / inside an entity); 0 = none
-    n_prompt: int = 0         # soft-prompt vectors for p-tuning; 0 = none
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them; a bit faster without)
+    n_lexical: int = 0  # part-of-speech table (paper: 4 = other, noun, adjective, verb); 0 = none
+    n_entity: int = 0  # entity table (paper: 2 = outside / inside an entity); 0 = none
+    n_prompt: int = 0  # soft-prompt vectors for p-tuning; 0 = none
     prompt_reparam: str = 'none'  # 'none', 'mlp' or 'lstm': P-tuning's re-parameterisation of the prompt
-    n_classes: int = 0        # classification head outputs; 0 = no head
+    n_classes: int = 0  # classification head outputs; 0 = no head
     attention: str = 'manual'  # 'manual' (hand-written reference) or 'fused' (scaled_dot_product_attention)
     activation: str = 'gelu'  # MLP: 'gelu' (exact, erf) or 'gelu_tanh' (GPT-2's tanh approximation, HF's gelu_new)
 
@@ -47,7 +47,7 @@ class LayerKVCache:
 
     def __init__(self, max_len):
         self.max_len = max_len
-        self.length = 0   # positions filled so far
+        self.length = 0  # positions filled so far
         self.k = self.v = None
 
     def append(self, k, v):
@@ -59,18 +59,19 @@ class LayerKVCache:
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
-        assert config.attention in ('manual', 'fused'), f"attention must be 'manual' or 'fused', not {config.attention!r}"
+        assert config.attention in ('manual', 'fused'), (
+            f"attention must be 'manual' or 'fused', not {config.attention!r}"
+        )
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -108,18 +109,19 @@ class CausalSelfAttention(nn.Module):
     def _fused_attention(self, q, k, v, past):
         dropout_p = self.dropout if self.training else 0.0
         T, Tk = q.size(2), k.size(2)
-        if past == 0:   # plain causal: lets the kernel pick flash attention
+        if past == 0:  # plain causal: lets the kernel pick flash attention
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if T == 1:      # one new token sees every cached position: no mask at all
+        if T == 1:  # one new token sees every cached position: no mask at all
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal[past:Tk, :Tk], dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
-        assert config.activation in ('gelu', 'gelu_tanh'), f"activation must be 'gelu' or 'gelu_tanh', not {config.activation!r}"
+        assert config.activation in ('gelu', 'gelu_tanh'), (
+            f"activation must be 'gelu' or 'gelu_tanh', not {config.activation!r}"
+        )
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh' if config.activation == 'gelu_tanh' else 'none')
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
@@ -130,7 +132,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -155,8 +156,9 @@ class SoftPrompt(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.prompt_reparam in ('none', 'mlp', 'lstm'), \
+        assert config.prompt_reparam in ('none', 'mlp', 'lstm'), (
             f"prompt_reparam must be 'none', 'mlp' or 'lstm', not {config.prompt_reparam!r}"
+        )
         C = config.n_embd
         self.reparam = config.prompt_reparam
         self.embedding = nn.Parameter(torch.randn(config.n_prompt, C) * 0.02)  # (P, C)
@@ -181,16 +183,15 @@ class SoftPrompt(nn.Module):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
         C = config.n_embd
-        self.wte = nn.Embedding(config.vocab_size, C)   # Ew: token
-        self.wpe = nn.Embedding(config.block_size, C)   # Ep: position
+        self.wte = nn.Embedding(config.vocab_size, C)  # Ew: token
+        self.wpe = nn.Embedding(config.block_size, C)  # Ep: position
         self.wle = nn.Embedding(config.n_lexical, C) if config.n_lexical else None  # Et: lexical (part of speech)
-        self.wee = nn.Embedding(config.n_entity, C) if config.n_entity else None    # Ee: entity
+        self.wee = nn.Embedding(config.n_entity, C) if config.n_entity else None  # Ee: entity
         self.prompt = SoftPrompt(config) if config.n_prompt else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -291,8 +292,11 @@ class GPT(nn.Module):
 
     def _embed(self, idx, lexical, entity, span, past_len):
         (B, T), P, C = idx.size(), self.config.n_prompt, self.config.n_embd
-        x = self.wte(idx) + self._tag_embedding(self.wle, lexical, idx, 'lexical') \
+        x = (
+            self.wte(idx)
+            + self._tag_embedding(self.wle, lexical, idx, 'lexical')
             + self._tag_embedding(self.wee, entity, idx, 'entity')
+        )
         if span is not None:
             # prompt positions carry lexical and entity id 0, like any untagged token
             zero_tags = sum(t.weight[0] for t in (self.wle, self.wee) if t is not None)
@@ -301,8 +305,10 @@ class GPT(nn.Module):
             x = x.new_zeros(B, T + P, C).scatter(1, _places(~span, T, C), x).scatter(1, _places(span, P, C), prompt)
         n_pos = past_len + x.size(1)
         if n_pos > self.config.block_size:
-            raise ValueError(f"sequence of {n_pos} positions (tokens + {self.config.n_prompt} prompt vectors) "
-                             f"exceeds block_size={self.config.block_size}: crop the input")
+            raise ValueError(
+                f"sequence of {n_pos} positions (tokens + {self.config.n_prompt} prompt vectors) "
+                f"exceeds block_size={self.config.block_size}: crop the input"
+            )
         pos = torch.arange(past_len, n_pos, dtype=torch.long, device=idx.device)
         return self.drop(x + self.wpe(pos))
 
@@ -322,8 +328,8 @@ class GPT(nn.Module):
         # token's position, with the token before the prompt swapped for the last prompt position
         # (that one sits between the same neighbours, so the order is kept). A prefix prompt has no
         # token before it: its states are simply not read.
-        next_in_span = F.pad(span[:, 1:], (0, 1))      # (B, T + P): the next position holds the prompt
-        before_prompt = ~span & next_in_span           # the token just before an infix prompt
+        next_in_span = F.pad(span[:, 1:], (0, 1))  # (B, T + P): the next position holds the prompt
+        before_prompt = ~span & next_in_span  # the token just before an infix prompt
         last_prompt = span & ~next_in_span & before_prompt.any(dim=1, keepdim=True)
         readout = (~span & ~before_prompt) | last_prompt  # T places per row
         return x.gather(1, _places(readout, idx.size(1), x.size(-1)))
@@ -333,8 +339,9 @@ class GPT(nn.Module):
         scored tokens, or with reduction='sum' their total)."""
         if targets is not None:
             logits = self.lm_head(h)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                                   reduction=reduction)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+            )
             return logits, loss
         # generating: only the last position is needed, unless asked for all
         return self.lm_head(h if all_logits else h[:, [-1], :]), None
@@ -349,8 +356,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(class_logits, labels) if labels is not None else None
         return class_logits, loss
 
-    def forward(self, idx, targets=None, lexical=None, entity=None, prompt_pos=None, all_logits=False,
-                kv_cache=None):
+    def forward(self, idx, targets=None, lexical=None, entity=None, prompt_pos=None, all_logits=False, kv_cache=None):
         h = self.encode(idx, lexical, entity, prompt_pos, kv_cache)
         return self.lm_head_loss(h, targets, all_logits)
 
@@ -360,9 +366,23 @@ class GPT(nn.Module):
         return [LayerKVCache(self.config.block_size) for _ in self.blocks]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, lexical=None,
-                 entity=None, prompt_pos=None, eos_id=None, use_cache=True, generator=None, on_token=None,
-                 repetition_penalty=1.0, no_repeat_ngram_size=0):
+    def generate(
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        lexical=None,
+        entity=None,
+        prompt_pos=None,
+        eos_id=None,
+        use_cache=True,
+        generator=None,
+        on_token=None,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+    ):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new).
 
         With use_cache, keys and values of the past stay in a KV cache (rebuilt after cropping, below):
@@ -374,10 +394,14 @@ class GPT(nn.Module):
         """
         B = idx.size(0)
         # tag ids for the whole generation, padded once: every generated token gets id 0
-        tags = {name: None if table is None else F.pad(torch.zeros_like(idx) if ids is None else ids, (0, max_new_tokens))
-                for name, ids, table in (('lexical', lexical, self.wle), ('entity', entity, self.wee))}
+        tags = {
+            name: None if table is None else F.pad(torch.zeros_like(idx) if ids is None else ids, (0, max_new_tokens))
+            for name, ids, table in (('lexical', lexical, self.wle), ('entity', entity, self.wee))
+        }
+
         def tags_of(start, end):
             return {name: None if t is None else t[:, start:end] for name, t in tags.items()}
+
         room = self.config.block_size - self.config.n_prompt  # tokens that fit beside the prompt
         if room < 1:
             raise ValueError(f"n_prompt={self.config.n_prompt} leaves no room in block_size={self.config.block_size}")
@@ -394,8 +418,11 @@ class GPT(nn.Module):
                 # Position embeddings are absolute, so once the oldest token is cropped every cached
                 # key has moved one position: the cache cannot slide and is rebuilt instead.
                 crop = max(0, T - room)
-                pos = None if prompt_pos is None or self.prompt is None else \
-                    (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
+                pos = (
+                    None
+                    if prompt_pos is None or self.prompt is None
+                    else (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
+                )
                 cache = self.new_kv_cache() if use_cache else None
                 logits, _ = self(idx[:, crop:], prompt_pos=pos, kv_cache=cache, **tags_of(crop, T))
             logits = penalize_repeats(logits[:, -1, :], idx, repetition_penalty, no_repeat_ngram_size)
@@ -428,9 +455,9 @@ def penalize_repeats(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0
         logits = logits.scatter(1, idx, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
     n = no_repeat_ngram_size
     if n > 0 and idx.size(1) >= n:
-        ngrams = idx.unfold(1, n, 1)                          # (B, T - n + 1, n): every n-gram so far
+        ngrams = idx.unfold(1, n, 1)  # (B, T - n + 1, n): every n-gram so far
         # an n-gram whose first n - 1 tokens are the last n - 1 tokens would be repeated by its last token
-        repeats = (ngrams[:, :, :-1] == idx[:, idx.size(1) - n + 1:][:, None, :]).all(dim=-1)  # (B, T - n + 1)
+        repeats = (ngrams[:, :, :-1] == idx[:, idx.size(1) - n + 1 :][:, None, :]).all(dim=-1)  # (B, T - n + 1)
         banned = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, ngrams[:, :, -1], repeats.long())
         logits = logits.masked_fill(banned > 0, float('-inf'))
     return logits

@@ -13,6 +13,7 @@ prompt, LayerNorm gains, biases and a classification head are not hidden matrice
     optimizer = configure_optimizers(model, 'muon', weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.99),
                                      device_type='cpu', muon_lr=0.02)
 """
+
 import inspect
 
 import torch
@@ -22,8 +23,9 @@ import torch
 TABLES = ('wte.weight', 'wpe.weight', 'wle.weight', 'wee.weight', 'prompt.embedding')
 
 
-def configure_optimizers(model, optimizer, weight_decay, learning_rate, betas, device_type, muon_lr=0.02,
-                         muon_momentum=0.95):
+def configure_optimizers(
+    model, optimizer, weight_decay, learning_rate, betas, device_type, muon_lr=0.02, muon_momentum=0.95
+):
     """The optimiser over the model's trainable parameters (frozen ones are left out, so p-tuning stays
     p-tuning). 'adamw': weight decay only on the 2-D matrices of linear maps. 'muon': Muon for the blocks'
     2-D matrices at muon_lr, AdamW for everything else at learning_rate.
@@ -33,19 +35,31 @@ def configure_optimizers(model, optimizer, weight_decay, learning_rate, betas, d
     matrices = [p for name, p in trainable if p.dim() >= 2 and name not in TABLES]
     others = [p for name, p in trainable if p.dim() < 2 or name in TABLES]
     if optimizer == 'adamw':
-        groups = [{'params': matrices, 'weight_decay': weight_decay, 'lr_scale': 1.0},
-                  {'params': others, 'weight_decay': 0.0, 'lr_scale': 1.0}]
+        groups = [
+            {'params': matrices, 'weight_decay': weight_decay, 'lr_scale': 1.0},
+            {'params': others, 'weight_decay': 0.0, 'lr_scale': 1.0},
+        ]
         fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
     if optimizer != 'muon':
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     # a classification head's (n_classes, C) matrix maps to classes, not to the hidden stream: AdamW
     head = {id(p) for name, p in trainable if name.startswith('class_head.')}
-    groups = [{'params': [p for p in matrices if id(p) not in head], 'use_muon': True, 'weight_decay': weight_decay,
-               'lr_scale': muon_lr / learning_rate},
-              {'params': [p for p in matrices if id(p) in head], 'use_muon': False, 'weight_decay': weight_decay,
-               'lr_scale': 1.0},
-              {'params': others, 'use_muon': False, 'weight_decay': 0.0, 'lr_scale': 1.0}]
+    groups = [
+        {
+            'params': [p for p in matrices if id(p) not in head],
+            'use_muon': True,
+            'weight_decay': weight_decay,
+            'lr_scale': muon_lr / learning_rate,
+        },
+        {
+            'params': [p for p in matrices if id(p) in head],
+            'use_muon': False,
+            'weight_decay': weight_decay,
+            'lr_scale': 1.0,
+        },
+        {'params': others, 'use_muon': False, 'weight_decay': 0.0, 'lr_scale': 1.0},
+    ]
     return MuonAdamW([g for g in groups if g['params']], lr=learning_rate, betas=betas, momentum=muon_momentum)
 
 
@@ -62,9 +76,9 @@ def orthogonalize(G, steps=5):
         X = X.T
     X = X / (X.norm() + 1e-7)  # the Frobenius norm bounds the largest singular value: all s now <= 1
     for _ in range(steps):
-        A = X @ X.T            # (rows, rows)
+        A = X @ X.T  # (rows, rows)
         B = b * A + c * A @ A
-        X = a * X + B @ X      # = (a I + b XX^T + c (XX^T)^2) X: odd polynomial in the singular values
+        X = a * X + B @ X  # = (a I + b XX^T + c (XX^T)^2) X: odd polynomial in the singular values
     return (X.T if transposed else X).to(G.dtype)
 
 
@@ -73,8 +87,16 @@ class MuonAdamW(torch.optim.Optimizer):
     checkpoint, one object for the gradient scaler and the schedule."""
 
     def __init__(self, param_groups, lr, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, ns_steps=5):
-        defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0,
-                        use_muon=False, lr_scale=1.0)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            momentum=momentum,
+            ns_steps=ns_steps,
+            weight_decay=0.0,
+            use_muon=False,
+            lr_scale=1.0,
+        )
         super().__init__(param_groups, defaults)
 
     @torch.no_grad()
@@ -112,8 +134,8 @@ class MuonAdamW(torch.optim.Optimizer):
         beta1, beta2 = group['betas']
         state['step'] += 1
         step = state['step'].item()
-        state['exp_avg'].lerp_(p.grad, 1 - beta1)                 # m = b1 m + (1 - b1) g
+        state['exp_avg'].lerp_(p.grad, 1 - beta1)  # m = b1 m + (1 - b1) g
         state['exp_avg_sq'].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = b2 v + (1 - b2) g^2
         # bias correction: m and v start at zero, so early on they underestimate; divide by (1 - b^step)
-        denominator = (state['exp_avg_sq'] / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
-        p.addcdiv_(state['exp_avg'], denominator, value=-group['lr'] / (1 - beta1 ** step))
+        denominator = (state['exp_avg_sq'] / (1 - beta2**step)).sqrt_().add_(group['eps'])
+        p.addcdiv_(state['exp_avg'], denominator, value=-group['lr'] / (1 - beta1**step))

@@ -8,6 +8,7 @@ Reads each run's log.jsonl (train.py writes an eval record per eval_interval: it
 val_bpc). Training seconds count the optimisation steps only, not the evaluations, so runs with different
 eval settings line up. A run without a tokenizer has no bits/char: its losses (nats per token) are drawn.
 """
+
 import json
 import os
 import sys
@@ -40,8 +41,10 @@ def main(argv=None):
         raise SystemExit("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=picture.png]")
     out = out or os.path.join(run_dirs[0], 'curves.png')
     import matplotlib
+
     matplotlib.use('Agg')  # write a file; no screen needed
     import matplotlib.pyplot as plt
+
     fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for run_dir in run_dirs:
         records = eval_records(run_dir)
@@ -50,9 +53,14 @@ def main(argv=None):
         name = os.path.basename(os.path.normpath(run_dir))
         for ax, x_key in ((by_iter, 'iter'), (by_time, 'train_s')):
             points = [r for r in records if x_key in r and r.get(train_key) is not None]
-            line, = ax.plot([r[x_key] for r in points], [r[val_key] for r in points], label=f'{name} val')
-            ax.plot([r[x_key] for r in points], [r[train_key] for r in points], '--', color=line.get_color(),
-                    label=f'{name} train')
+            (line,) = ax.plot([r[x_key] for r in points], [r[val_key] for r in points], label=f'{name} val')
+            ax.plot(
+                [r[x_key] for r in points],
+                [r[train_key] for r in points],
+                '--',
+                color=line.get_color(),
+                label=f'{name} train',
+            )
     by_iter.set_xlabel('iteration')
     by_time.set_xlabel('training seconds')
     by_iter.set_ylabel('bits per character' if bpc else 'loss (nats per token)')

@@ -6,6 +6,7 @@ prompt.pt loads its base checkpoint by itself).
     python sample.py --dialogue --prompt "孩子发烧三天，咳嗽"        # the doctor's reply to a patient
     python sample.py --out_dir=out-ptune --dialogue --interactive  # a consultation: patient turns from stdin
 """
+
 import sys
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import torch
 from chat import DECODING_RULES, ChatModel, crop_to_context, render
 from configurator import configure
 
+# fmt: off
 DEFAULTS = dict(
     out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it; default: the quick start's) ...
     checkpoint='',          # ... or this checkpoint / p-tuning file
@@ -34,6 +36,7 @@ DEFAULTS = dict(
     device='auto',
     stream=True,            # print the tokens as they are generated
 )
+# fmt: on
 
 
 def check_options(cfg):
@@ -63,7 +66,7 @@ class StreamPrinter:
         self.ids.append(token)
         text = render(self.tokenizer, self.ids)
         if not text.endswith('\ufffd'):
-            print(text[self.shown:], end='', flush=True)
+            print(text[self.shown :], end='', flush=True)
             self.shown = len(text)
 
 
@@ -77,8 +80,14 @@ def generate_reply(chat, context, cfg, generator):
     for _ in range(cfg.num_samples):
         if cfg.stream and not cfg.dialogue:
             print(context, end='', flush=True)
-        new = chat.generate((idx, lexical, entity), cfg.max_new_tokens, stop_ids, decoding, generator,
-                            on_token=StreamPrinter(chat.tokenizer, stop_ids) if cfg.stream else None)
+        new = chat.generate(
+            (idx, lexical, entity),
+            cfg.max_new_tokens,
+            stop_ids,
+            decoding,
+            generator,
+            on_token=StreamPrinter(chat.tokenizer, stop_ids) if cfg.stream else None,
+        )
         texts.append(render(chat.tokenizer, [t for t in new if t not in stop_ids]))
         if cfg.stream:
             print('\n' + '-' * 40, flush=True)

@@ -16,6 +16,7 @@ Special pieces (speakers, separator, end of text) always get 0 for both.
 The medical lexicon (medical_lexicon/<type>.txt, one term per line) is both the entity dictionary and jieba's
 user words; sample.py, eval.py and the fine-tuning tasks load it as prepare/ does, so tags agree at run time.
 """
+
 import functools
 import logging
 import multiprocessing
@@ -72,7 +73,6 @@ def read_lexicon(folder, skipped=None):
 
 
 class Tagger:
-
     def __init__(self, lexicon_dir, entity_types=False):
         self.entity_types = entity_types
         self.terms = read_lexicon(lexicon_dir)  # term -> type id
@@ -94,13 +94,16 @@ class Tagger:
         special = np.isin(ids, tok.special_ids)
         lexical = np.where(special, 0, self.lexical_per_char(text)[begins])
         if entity_chars is not None and len(entity_chars) != len(text):
-            raise ValueError(f"entity ids for {len(entity_chars)} characters, but the normalised text has {len(text)}: "
-                             f"the reader must normalise the text it annotates ({text[:40]!r}...)")
+            raise ValueError(
+                f"entity ids for {len(entity_chars)} characters, but the normalised text has {len(text)}: "
+                f"the reader must normalise the text it annotates ({text[:40]!r}...)"
+            )
         per_char = self.entity_per_char(text, extra_entities) if entity_chars is None else np.asarray(entity_chars)
         entity = np.where(special, 0, per_char[begins])
         if tok.bos_id is not None:  # a document starts with the piece the model was trained to start from
-            ids, lexical, entity = (np.concatenate([[first], x])
-                                    for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity)))
+            ids, lexical, entity = (
+                np.concatenate([[first], x]) for first, x in ((tok.bos_id, ids), (0, lexical), (0, entity))
+            )
         return ids, lexical.astype(np.int64), entity.astype(np.int64)
 
     def lexical_per_char(self, text):
@@ -116,17 +119,17 @@ class Tagger:
         while i < len(text):
             length = self._longest_term(text, i)
             if length:
-                yield i, text[i:i + length]
+                yield i, text[i : i + length]
             i += max(length, 1)
 
     def entity_per_char(self, text, extra_entities=()):
         entity = np.zeros(len(text), dtype=np.uint8)
         for start, term in self.lexicon_matches(text):
-            entity[start:start + len(term)] = self.terms[term] if self.entity_types else 1
+            entity[start : start + len(term)] = self.terms[term] if self.entity_types else 1
         for term in filter(None, map(normalize, extra_entities)):
             start = text.find(term)
             while start >= 0:
-                entity[start:start + len(term)] = SYMPTOM if self.entity_types else 1
+                entity[start : start + len(term)] = SYMPTOM if self.entity_types else 1
                 start = text.find(term, start + len(term))
         return entity
 

@@ -17,6 +17,7 @@ model), check (refusals before training) and score_generated (what the model gen
 Every task honours the run's input options: entity splicing (the source's entity words as text), the soft
 prompt in front of the input or between source and target, lexical and entity ids.
 """
+
 import math
 import os
 from types import SimpleNamespace
@@ -29,22 +30,35 @@ from tqdm import tqdm
 from common import autocast_context, load_char_counts
 from metrics import macro_f1, score_replies
 
-
 # ----------------------------------------------------------------------------- examples
+
 
 def load_split(data_dir, split):
     """One split of an example set as a list of dicts of numpy arrays (source + target + eot)."""
+
     def read(suffix, dtype):
         return np.fromfile(os.path.join(data_dir, f"{split}.{suffix}"), dtype=dtype)
-    tokens, lexical, entity, mask = read('bin', np.uint16), read('lex.bin', np.uint8), \
-        read('ent.bin', np.uint8), read('mask.bin', np.uint8)
+
+    tokens, lexical, entity, mask = (
+        read('bin', np.uint16),
+        read('lex.bin', np.uint8),
+        read('ent.bin', np.uint8),
+        read('mask.bin', np.uint8),
+    )
     offsets = np.load(os.path.join(data_dir, f"{split}.offsets.npy"))
     labels = np.load(os.path.join(data_dir, f"{split}.labels.npy"))
     examples = []
     for i, label in enumerate(labels):
         part = slice(offsets[i], offsets[i + 1])
-        examples.append(dict(tokens=tokens[part].astype(np.int64), lexical=lexical[part].astype(np.int64),
-                             entity=entity[part].astype(np.int64), mask=mask[part], label=int(label)))
+        examples.append(
+            dict(
+                tokens=tokens[part].astype(np.int64),
+                lexical=lexical[part].astype(np.int64),
+                entity=entity[part].astype(np.int64),
+                mask=mask[part],
+                label=int(label),
+            )
+        )
     return examples
 
 
@@ -71,20 +85,30 @@ def splice_entities(ex, target_start, sep_id):
     extra = np.array([t for run in runs for t in (sep_id,) + run], dtype=np.int64)
     extra_entity = np.array([t for run in runs for t in (0,) + (1,) * len(run)], dtype=np.int64)
     cut = target_start - 1
+
     def insert(array, values):
         return np.concatenate([array[:cut], values.astype(array.dtype), array[cut:]])
-    return dict(ex, tokens=insert(ex['tokens'], extra), lexical=insert(ex['lexical'], np.zeros_like(extra)),
-                entity=insert(ex['entity'], extra_entity), mask=insert(ex['mask'], np.zeros_like(extra)))
+
+    return dict(
+        ex,
+        tokens=insert(ex['tokens'], extra),
+        lexical=insert(ex['lexical'], np.zeros_like(extra)),
+        entity=insert(ex['entity'], extra_entity),
+        mask=insert(ex['mask'], np.zeros_like(extra)),
+    )
 
 
 def with_label_target(ex, target_start, label_ids, eot_id):
     """BioGPT's text-as-label: the target becomes the label's sentence."""
     target = np.array(label_ids + [eot_id], dtype=np.int64)
     keep = slice(0, target_start)
-    return dict(ex, tokens=np.concatenate([ex['tokens'][keep], target]),
-                lexical=np.concatenate([ex['lexical'][keep], np.zeros_like(target)]),
-                entity=np.concatenate([ex['entity'][keep], np.zeros_like(target)]),
-                mask=np.concatenate([ex['mask'][keep], np.ones(len(target), dtype=np.uint8)]))
+    return dict(
+        ex,
+        tokens=np.concatenate([ex['tokens'][keep], target]),
+        lexical=np.concatenate([ex['lexical'][keep], np.zeros_like(target)]),
+        entity=np.concatenate([ex['entity'][keep], np.zeros_like(target)]),
+        mask=np.concatenate([ex['mask'][keep], np.ones(len(target), dtype=np.uint8)]),
+    )
 
 
 def crop_window(length, target_start, room):
@@ -104,8 +128,15 @@ def answer_input(ex, target_start, room):
     seq = {k: ex[k][start:end] for k in ('tokens', 'lexical', 'entity', 'mask')}
     targets = np.where(seq['mask'][1:] == 1, seq['tokens'][1:], -1)  # score only the answer's tokens
     source_len = target_start - start
-    return dict(idx=seq['tokens'][:-1], targets=targets, lexical=seq['lexical'][:-1], entity=seq['entity'][:-1],
-                prompt_pos=source_len, class_pos=source_len - 1, label=ex['label'])
+    return dict(
+        idx=seq['tokens'][:-1],
+        targets=targets,
+        lexical=seq['lexical'][:-1],
+        entity=seq['entity'][:-1],
+        prompt_pos=source_len,
+        class_pos=source_len - 1,
+        label=ex['label'],
+    )
 
 
 def question_input(ex, target_start, room):
@@ -113,18 +144,27 @@ def question_input(ex, target_start, room):
     classify or to generate from."""
     start, _ = crop_window(target_start, target_start, room)
     seq = {k: ex[k][start:target_start] for k in ('tokens', 'lexical', 'entity')}
-    return dict(idx=seq['tokens'], targets=None, lexical=seq['lexical'], entity=seq['entity'],
-                prompt_pos=len(seq['tokens']), class_pos=len(seq['tokens']) - 1, label=ex['label'])
+    return dict(
+        idx=seq['tokens'],
+        targets=None,
+        lexical=seq['lexical'],
+        entity=seq['entity'],
+        prompt_pos=len(seq['tokens']),
+        class_pos=len(seq['tokens']) - 1,
+        label=ex['label'],
+    )
 
 
 # ----------------------------------------------------------------------------- the tasks
+
 
 class Task:
     """What the tasks share. A task holds the run's settings (cfg: finetune.py's options) and says what
     the model needs, which examples it uses and how a batch is made and evaluated; each task adds its
     loss (training), tally (evaluation) and selection_loss (which validation number picks the best model)."""
-    class_head = False         # the model needs a class head (one output per label)
-    needs_labels = False       # only labelled examples are used
+
+    class_head = False  # the model needs a class head (one output per label)
+    needs_labels = False  # only labelled examples are used
     generates_replies = False  # doctor replies can be generated and scored (without entity splicing)
 
     def __init__(self, cfg):
@@ -150,12 +190,16 @@ class Task:
     def collate(self, inputs, pad_id, device):
         """Right-pad a list of inputs into batch tensors; padding is never scored."""
         T = max(len(x['idx']) for x in inputs)
+
         def pad(key, value):
             rows = [np.pad(x[key], (0, T - len(x[key])), constant_values=value) for x in inputs]
             return torch.from_numpy(np.stack(rows)).to(device)
-        batch = dict(idx=pad('idx', pad_id),
-                     class_pos=torch.tensor([x['class_pos'] for x in inputs], device=device),
-                     labels=torch.tensor([x['label'] for x in inputs], device=device))
+
+        batch = dict(
+            idx=pad('idx', pad_id),
+            class_pos=torch.tensor([x['class_pos'] for x in inputs], device=device),
+            labels=torch.tensor([x['label'] for x in inputs], device=device),
+        )
         if inputs[0]['targets'] is not None:
             batch['targets'] = pad('targets', -1)
         if self.cfg.lexical:
@@ -173,8 +217,9 @@ class Task:
         totals = dict(nats=0.0, tokens=0, chars=0, class_nats=0.0, predictions=[], labels=[])
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]['idx']))  # similar lengths: little padding
         for i in range(0, len(order), self.cfg.batch_size):
-            batch = self.collate([inputs[j] for j in order[i:i + self.cfg.batch_size]], task_data.pad_id,
-                                 task_data.device)
+            batch = self.collate(
+                [inputs[j] for j in order[i : i + self.cfg.batch_size]], task_data.pad_id, task_data.device
+            )
             with task_data.autocast:
                 self.tally(model, encode(model, batch), batch, task_data, totals)
         model.train()
@@ -185,15 +230,22 @@ class Task:
         x = self.question(ex, task_data.room - max_new_tokens, task_data.special)
         batch = self.collate([x], task_data.pad_id, task_data.device)
         with task_data.autocast:
-            out = model.generate(batch['idx'], max_new_tokens, lexical=batch.get('lexical'), entity=batch.get('entity'),
-                                 prompt_pos=batch.get('prompt_pos'), **sampling)
-        return out[0, batch['idx'].size(1):].tolist()
+            out = model.generate(
+                batch['idx'],
+                max_new_tokens,
+                lexical=batch.get('lexical'),
+                entity=batch.get('entity'),
+                prompt_pos=batch.get('prompt_pos'),
+                **sampling,
+            )
+        return out[0, batch['idx'].size(1) :].tolist()
 
     def check(self, task_data, data_dir):
         """Refuse, before training, a data set the task cannot learn from."""
         if self.needs_labels and not task_data.label_names:
-            raise SystemExit(f"--task={self.cfg.task} needs a labelled data set (e.g. department), "
-                             f"and {data_dir} has no labels")
+            raise SystemExit(
+                f"--task={self.cfg.task} needs a labelled data set (e.g. department), and {data_dir} has no labels"
+            )
 
     def score_generated(self, model, examples, task_data):
         """Scores of what the model generates for examples' sources (the test split): none for this task."""
@@ -203,6 +255,7 @@ class Task:
 class Dialogue(Task):
     """CMed-GPT: the doctor's reply is the target, scored by the LM head: loss, PPL, bits per character;
     with --generate_examples, greedy replies to test sources scored against the references."""
+
     generates_replies = True
 
     def loss(self, model, batch):
@@ -220,33 +273,63 @@ class Dialogue(Task):
     def check(self, task_data, data_dir):
         super().check(task_data, data_dir)
         if self.cfg.generate_examples and task_data.room - self.cfg.max_new_tokens < 2:
-            raise SystemExit(f"--max_new_tokens={self.cfg.max_new_tokens} leaves no room for a source in the "
-                             f"{task_data.room} tokens of the context: generate fewer tokens")
+            raise SystemExit(
+                f"--max_new_tokens={self.cfg.max_new_tokens} leaves no room for a source in the "
+                f"{task_data.room} tokens of the context: generate fewer tokens"
+            )
 
     def score_generated(self, model, examples, task_data):
         if not self.cfg.generate_examples:
             return {}
-        return self.reply_scores(model, task_data, examples[:self.cfg.generate_examples], self.cfg.max_new_tokens,
-                                 seed=self.cfg.seed, repetition_penalty=self.cfg.repetition_penalty,
-                                 no_repeat_ngram_size=self.cfg.no_repeat_ngram_size)
+        return self.reply_scores(
+            model,
+            task_data,
+            examples[: self.cfg.generate_examples],
+            self.cfg.max_new_tokens,
+            seed=self.cfg.seed,
+            repetition_penalty=self.cfg.repetition_penalty,
+            no_repeat_ngram_size=self.cfg.no_repeat_ngram_size,
+        )
 
-    def reply_scores(self, model, task_data, examples, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-                     seed=1337, repetition_penalty=1.0, no_repeat_ngram_size=0):
+    def reply_scores(
+        self,
+        model,
+        task_data,
+        examples,
+        max_new_tokens,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=1337,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+    ):
         """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
         generator; the rules against loops as in model.generate) and score the replies against the references
         (metrics.py)."""
         from tagging import Tagger
+
         tok = task_data.tokenizer
         stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
         generator = torch.Generator(device=task_data.device).manual_seed(seed)
         generated, references, marked = [], [], []  # marked: the entity spans of each reference
         model.eval()
         for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
-            reply = self.generate(model, ex, task_data, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                  top_p=top_p if top_p < 1.0 else None, eos_id=stops, generator=generator,
-                                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+            reply = self.generate(
+                model,
+                ex,
+                task_data,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k or None,
+                top_p=top_p if top_p < 1.0 else None,
+                eos_id=stops,
+                generator=generator,
+                repetition_penalty=repetition_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )
             generated.append(tok.decode([t for t in reply if t not in stops]))
-            target = ex['tokens'][int(np.argmax(ex['mask'])):].tolist()
+            target = ex['tokens'][int(np.argmax(ex['mask'])) :].tolist()
             references.append(tok.decode([t for t in target if t not in stops]))
             marked.append(reply_spans(tok, ex))
         model.train()
@@ -262,6 +345,7 @@ class Dialogue(Task):
 class Classify(Task):
     """MEDI-BERPT's baseline: the question alone, its last token read by a class head; class loss,
     accuracy and macro-F1."""
+
     class_head = True
     needs_labels = True
 
@@ -282,6 +366,7 @@ class Classify(Task):
 class Multitask(Task):
     """MEDI-BERPT: one input scores both the reply (LM head) and the label (class head on the source's last
     token): loss = class loss + lambda_lm * LM loss."""
+
     class_head = True
     needs_labels = True
 
@@ -302,6 +387,7 @@ class Multitask(Task):
 class LabelText(Task):
     """BioGPT's text-as-label: the target is the label's sentence (--label_template), scored by the LM head;
     on the test split, correct when the sentence generated greedily after the question is exactly the label's."""
+
     needs_labels = True
 
     def inputs(self, ex, room, special, label_sentences=()):
@@ -322,9 +408,11 @@ class LabelText(Task):
         super().check(task_data, data_dir)
         longest = max(map(len, task_data.label_ids), default=0) + 1  # a label sentence and <eot>
         if task_data.room <= longest:
-            raise SystemExit(f"--n_prompt={self.cfg.n_prompt} leaves {task_data.room} tokens of the context, too "
-                             f"few for a question and the longest label sentence ({longest} tokens): "
-                             f"use fewer prompt vectors")
+            raise SystemExit(
+                f"--n_prompt={self.cfg.n_prompt} leaves {task_data.room} tokens of the context, too "
+                f"few for a question and the longest label sentence ({longest} tokens): "
+                f"use fewer prompt vectors"
+            )
 
     @torch.no_grad()
     def score_generated(self, model, examples, task_data):
@@ -346,6 +434,7 @@ TASKS = {'dialogue': Dialogue, 'classify': Classify, 'multitask': Multitask, 'la
 
 
 # ----------------------------------------------------------------------------- scoring
+
 
 def encode(model, batch):
     return model.encode(batch['idx'], batch.get('lexical'), batch.get('entity'), batch.get('prompt_pos'))
@@ -373,16 +462,21 @@ def metrics_of(totals):
     """Loss, perplexity and bits per character on target tokens; class loss, accuracy and macro-F1."""
     metrics, nats, n_tokens, labels = {}, totals['nats'], totals['tokens'], totals['labels']
     if n_tokens:
-        metrics.update(loss=nats / n_tokens, ppl=math.exp(nats / n_tokens),
-                       bpc=nats / math.log(2) / max(totals['chars'], 1))
+        metrics.update(
+            loss=nats / n_tokens, ppl=math.exp(nats / n_tokens), bpc=nats / math.log(2) / max(totals['chars'], 1)
+        )
     if labels:
         predictions = totals['predictions']
-        metrics.update(class_loss=totals['class_nats'] / len(labels),
-                       acc=float(np.mean(np.array(predictions) == labels)), f1=macro_f1(predictions, labels))
+        metrics.update(
+            class_loss=totals['class_nats'] / len(labels),
+            acc=float(np.mean(np.array(predictions) == labels)),
+            f1=macro_f1(predictions, labels),
+        )
     return metrics
 
 
 # ----------------------------------------------------------------------------- the entities of replies
+
 
 def labelled_dialogue_examples(examples):
     """The examples of labelled dialogues. Only a dialogue's first example carries its label (prepare/dataset.py:
@@ -390,7 +484,7 @@ def labelled_dialogue_examples(examples):
     kept, inside, previous = [], False, np.zeros(0, dtype=np.int64)
     for ex in examples:
         body = previous[:-1]  # the previous example without its closing <eot>
-        extends = len(ex['tokens']) > len(previous) > 0 and np.array_equal(ex['tokens'][:len(body)], body)
+        extends = len(ex['tokens']) > len(previous) > 0 and np.array_equal(ex['tokens'][: len(body)], body)
         inside = ex['label'] >= 0 or (inside and extends)
         if inside:
             kept.append(ex)
@@ -414,6 +508,7 @@ def tagging_lexicon(meta):
     """The lexicon folder the example set was tagged with (meta.json lists its files), so that entity F1 counts
     the terms the entity ids mark; prepare/'s default folder if that one has gone."""
     from tagging import lexicon_dir
+
     files = [path for path in meta.get('sources', {}) if os.path.basename(os.path.dirname(path)) == 'medical_lexicon']
     folders = {os.path.dirname(path) for path in files}
     if len(folders) == 1 and all(os.path.isfile(path) for path in files):
@@ -423,16 +518,26 @@ def tagging_lexicon(meta):
 
 # ----------------------------------------------------------------------------- a task's data
 
+
 def load_task_data(task, model_args, meta, data_dir, device, dtype):
     """What a fine-tuning run reads besides the model: tokenizer facts, precision, and the task's model
     inputs (and raw examples) of each split."""
     from tokenizer import Tokenizer  # here: only runs that fine-tune need the tokenizer
+
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = meta['special_ids']
-    task_data = SimpleNamespace(device=device, dtype=dtype, autocast=autocast_context(device, dtype), meta=meta,
-                                tokenizer=tokenizer, special=special, pad_id=special['eot'],
-                                char_counts=load_char_counts(data_dir), label_names=meta.get('label_names', []),
-                                room=model_args['block_size'] - task.cfg.n_prompt)
+    task_data = SimpleNamespace(
+        device=device,
+        dtype=dtype,
+        autocast=autocast_context(device, dtype),
+        meta=meta,
+        tokenizer=tokenizer,
+        special=special,
+        pad_id=special['eot'],
+        char_counts=load_char_counts(data_dir),
+        label_names=meta.get('label_names', []),
+        room=model_args['block_size'] - task.cfg.n_prompt,
+    )
     task_data.label_ids = [tokenizer.encode(task.cfg.label_template.format(name)) for name in task_data.label_names]
     task_data.examples, task_data.inputs = {}, {}
     for split in ('train', 'val', 'test'):

@@ -7,6 +7,7 @@ pieces, 5-260 the 256 byte pieces, then the learned pieces. Text is normalised h
 SentencePiece is trained with identity normalisation, so decode(encode(text)) == normalize(text) exactly and
 the character offsets of the tokens index the same string that jieba segments.
 """
+
 import io
 import json
 import os
@@ -31,8 +32,10 @@ _SPECIAL_SPLIT = re.compile('(' + '|'.join(map(re.escape, SPECIALS)) + ')')
 
 def check_vocab_size(vocab_size):
     if vocab_size >= MAX_VOCAB:
-        raise ValueError(f'vocab_size {vocab_size} is too large: token ids are stored as uint16, '
-                         f'so the vocabulary must be smaller than {MAX_VOCAB}')
+        raise ValueError(
+            f'vocab_size {vocab_size} is too large: token ids are stored as uint16, '
+            f'so the vocabulary must be smaller than {MAX_VOCAB}'
+        )
     if vocab_size < MIN_VOCAB:
         raise ValueError(f'vocab_size {vocab_size} is too small: specials and byte pieces alone take {MIN_VOCAB - 1}')
 
@@ -42,10 +45,24 @@ def train_bpe(lines, path, vocab_size=8000, char_coverage=0.9995):
     check_vocab_size(vocab_size)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type='bpe', vocab_size=vocab_size,
-        character_coverage=char_coverage, byte_fallback=True, user_defined_symbols=SPECIALS,
-        normalization_rule_name='identity', add_dummy_prefix=False, remove_extra_whitespaces=False,
-        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, max_sentence_length=1 << 16, num_threads=2, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type='bpe',
+        vocab_size=vocab_size,
+        character_coverage=char_coverage,
+        byte_fallback=True,
+        user_defined_symbols=SPECIALS,
+        normalization_rule_name='identity',
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        max_sentence_length=1 << 16,
+        num_threads=2,
+        minloglevel=2,
+    )
     atomic_write(path, model.getvalue())
     return Tokenizer.load(path)
 
@@ -57,14 +74,13 @@ def train_char(lines, path, vocab_size=8000):
     for line in lines:
         counts.update(line)
     by_frequency = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # ties by character: deterministic
-    chars = [ch for ch, _ in by_frequency[:vocab_size - MIN_VOCAB + 1]]
+    chars = [ch for ch, _ in by_frequency[: vocab_size - MIN_VOCAB + 1]]
     pieces = ['<unk>'] + SPECIALS + BYTE_PIECES + chars
     atomic_write(path, json.dumps({'kind': 'char', 'pieces': pieces}, ensure_ascii=False).encode())
     return Tokenizer.load(path)
 
 
 class Tokenizer:
-
     def __init__(self, kind, pieces, sp=None):
         self.kind = kind  # 'bpe' or 'char'
         self.pieces = pieces  # id -> piece
@@ -148,8 +164,16 @@ def _piece_chars(i, piece):
 # Our pieces -> reserved entries of the BERT vocabulary, so that an imported model needs no new embedding row.
 BERT_SPECIALS = {'<patient>': '[unused1]', '<doctor>': '[unused2]', '<sep>': '[unused3]', '<eot>': '[SEP]'}
 BERT_MAX_WORD = 100  # longer words become one [UNK], as in BertTokenizer
-_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # the blocks BERT gives one token per character
+_CJK = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)  # the blocks BERT gives one token per character
 
 
 def import_bert_vocab(vocab_path, path):
@@ -160,8 +184,10 @@ def import_bert_vocab(vocab_path, path):
         pieces = [line.rstrip('\n') for line in f]
     missing = [p for p in ['[UNK]', '[CLS]', *BERT_SPECIALS.values()] if p not in pieces]
     if missing or len(pieces) >= MAX_VOCAB:
-        raise DataError(f'{vocab_path} is not a BERT vocabulary this project can use: '
-                        + (f'no {", ".join(missing)}' if missing else f'{len(pieces)} pieces, ids must fit uint16'))
+        raise DataError(
+            f'{vocab_path} is not a BERT vocabulary this project can use: '
+            + (f'no {", ".join(missing)}' if missing else f'{len(pieces)} pieces, ids must fit uint16')
+        )
     atomic_write(path, json.dumps({'kind': 'bert', 'pieces': pieces}, ensure_ascii=False).encode())
     return Tokenizer.load(path)
 
@@ -191,8 +217,9 @@ class BertVocab:
         self.patient_id, self.doctor_id, self.sep_id, self.eot_id = (self._id[BERT_SPECIALS[s]] for s in SPECIALS)
         self.unk_id, self.bos_id = self._id['[UNK]'], self._id['[CLS]']
         self.special_ids = np.array([self.patient_id, self.doctor_id, self.sep_id, self.eot_id, self.bos_id])
-        self._text = {i: '' if p.startswith('[') and p.endswith(']') else p.removeprefix('##')
-                      for i, p in enumerate(pieces)}
+        self._text = {
+            i: '' if p.startswith('[') and p.endswith(']') else p.removeprefix('##') for i, p in enumerate(pieces)
+        }
         self._text.update({self._id[b]: s for s, b in BERT_SPECIALS.items()})
         self._text[self.unk_id] = '\ufffd'
 
@@ -296,5 +323,9 @@ def _is_punctuation(ch):
 
 def _wordy(text):
     """Does this (one-character) text belong to a word that only whitespace could have ended?"""
-    return bool(text) and not _is_punctuation(text) and not _is_space(text) and not any(
-        lo <= ord(text) <= hi for lo, hi in _CJK)
+    return (
+        bool(text)
+        and not _is_punctuation(text)
+        and not _is_space(text)
+        and not any(lo <= ord(text) <= hi for lo, hi in _CJK)
+    )

@@ -10,6 +10,7 @@ Continue a run:        python train.py config/tiny.py --init_from=resume
 Writes out_dir/ckpt.pt (last), out_dir/best.pt (lowest val loss) and out_dir/log.jsonl (one JSON
 object per log or eval line).
 """
+
 import contextlib
 import json
 import math
@@ -23,16 +24,36 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, refuse_previous_run, save_checkpoint, \
-    start_fresh, tokenizer_record
-from common import TAG_FILES, Windows, busy_note, check_attention_memory, check_token_files, data_dir_of, \
-    learning_rate_at, load_char_counts, load_meta, new_model_args, peak_flops, resolve_device_and_dtype, \
-    tag_table_size
+from checkpoint import (
+    check_tokenizer,
+    claim_out_dir,
+    load_checkpoint,
+    refuse_previous_run,
+    save_checkpoint,
+    start_fresh,
+    tokenizer_record,
+)
+from common import (
+    TAG_FILES,
+    Windows,
+    busy_note,
+    check_attention_memory,
+    check_token_files,
+    data_dir_of,
+    learning_rate_at,
+    load_char_counts,
+    load_meta,
+    new_model_args,
+    peak_flops,
+    resolve_device_and_dtype,
+    tag_table_size,
+)
 from configurator import configure, given_keys
 from model import GPT, GPTConfig
 from optim import configure_optimizers
 
 # Defaults are the paper's base model (CMed-GPT); config/*.py and --key=value override them.
+# fmt: off
 DEFAULTS = dict(
     # output and evaluation
     out_dir='out',
@@ -81,9 +102,10 @@ DEFAULTS = dict(
     seed=1337,
     peak_flops=0.0,                # the device's peak FLOP/s for MFU; 0 = look it up or measure it
 )
-TRAIN_STREAM, EVAL_STREAM = 0, 1   # keep training and evaluation random numbers apart
+# fmt: on
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation random numbers apart
 ARCHITECTURE = ('n_layer', 'n_head', 'n_embd', 'bias')  # what a checkpoint fixes, with block_size and the tables
-MAX_PASSES = 4                     # more passes over the training tokens than this: the model memorises them
+MAX_PASSES = 4  # more passes over the training tokens than this: the model memorises them
 
 
 def main(argv=None):
@@ -110,8 +132,10 @@ def main(argv=None):
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master_process = rank == 0  # the one that prints, logs and writes checkpoints
     if cfg.gradient_accumulation_steps % world_size:
-        raise SystemExit(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
-                         f"multiple of the number of processes ({world_size})")
+        raise SystemExit(
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
+            f"multiple of the number of processes ({world_size})"
+        )
     accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps per iteration on this rank
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps  # over all ranks
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -119,8 +143,9 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'  # what autocast and the scaler want
     # bf16/fp16: autocast runs the matmuls in that type while the weights stay float32; float32: nothing
-    autocast = contextlib.nullcontext() if dtype == 'float32' else \
-        torch.autocast(device_type, dtype=getattr(torch, dtype))
+    autocast = (
+        contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    )
     # fp16's small range lets gradients underflow: the scaler multiplies the loss up before backward and
     # divides the gradients back before the step (with bf16 or float32 it does nothing)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
@@ -143,18 +168,29 @@ def main(argv=None):
     elif checkpoint is not None:  # continued pretraining: the weights; tag tables they lack start at zero
         missing, unexpected = model.load_state_dict(checkpoint['model'], strict=False)
         if unexpected or any(not name.startswith(('wle.', 'wee.')) for name in missing):
-            raise SystemExit(f"{cfg.init_from} does not fit its own model_args: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise SystemExit(
+                f"{cfg.init_from} does not fit its own model_args: missing {missing}, unexpected {unexpected}"
+            )
 
     # ---------------------------------------------------------------------------------------------- optimiser
-    optimizer = configure_optimizers(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate,
-                                     (cfg.beta1, cfg.beta2), device_type, cfg.muon_lr, cfg.muon_momentum)
+    optimizer = configure_optimizers(
+        model,
+        cfg.optimizer,
+        cfg.weight_decay,
+        cfg.learning_rate,
+        (cfg.beta1, cfg.beta2),
+        device_type,
+        cfg.muon_lr,
+        cfg.muon_momentum,
+    )
     iter_num, best_val_loss = 0, math.inf  # continued pretraining too: a new schedule from iteration 0
     if resuming:
         saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
         if saved_optimizer != cfg.optimizer:  # the saved state holds the other optimiser's moments
-            raise SystemExit(f"{cfg.out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}: resume with "
-                             f"it, or start a new run (--init_from={cfg.out_dir} continues from its weights)")
+            raise SystemExit(
+                f"{cfg.out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}: resume with "
+                f"it, or start a new run (--init_from={cfg.out_dir} continues from its weights)"
+            )
         optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint['scaler']:  # {} from a run without fp16: the fresh scaler is right then
             scaler.load_state_dict(checkpoint['scaler'])
@@ -175,9 +211,11 @@ def main(argv=None):
     peak, peak_source = (cfg.peak_flops, 'given') if cfg.peak_flops else peak_flops(device, dtype)
     remeasure_peak = peak_source.startswith('measured')
     if master_process:
-        print(f"{model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device} in {dtype} "
-              f"({dtype_reason}), {tokens_per_iter:,} tokens per iteration; MFU against a peak of "
-              f"{peak / 1e9:,.0f} GFLOP/s ({peak_source}){busy_note(device) if remeasure_peak else ''}")
+        print(
+            f"{model.num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device} in {dtype} "
+            f"({dtype_reason}), {tokens_per_iter:,} tokens per iteration; MFU against a peak of "
+            f"{peak / 1e9:,.0f} GFLOP/s ({peak_source}){busy_note(device) if remeasure_peak else ''}"
+        )
         report_passes((cfg.max_iters - iter_num) * tokens_per_iter, train_tokens, data_dir)
 
     @torch.no_grad()
@@ -202,10 +240,13 @@ def main(argv=None):
         val_nats, val_tokens, val_chars = totals['val']
         val_loss = val_nats / val_tokens
         train_nats, train_tokens, train_chars = totals['train']
-        return {'train_loss': train_nats / train_tokens, 'val_loss': val_loss,
-                'val_ppl': math.exp(val_loss) if val_loss < 700 else math.inf,  # exp overflows past ~709
-                'train_bpc': train_nats / math.log(2) / train_chars if train_chars else None,
-                'val_bpc': val_nats / math.log(2) / val_chars if val_chars else None}
+        return {
+            'train_loss': train_nats / train_tokens,
+            'val_loss': val_loss,
+            'val_ppl': math.exp(val_loss) if val_loss < 700 else math.inf,  # exp overflows past ~709
+            'train_bpc': train_nats / math.log(2) / train_chars if train_chars else None,
+            'val_bpc': val_nats / math.log(2) / val_chars if val_chars else None,
+        }
 
     # ----------------------------------------------------------------------------------------------- the loop
     start_iter, saved = iter_num, False
@@ -219,18 +260,32 @@ def main(argv=None):
             if remeasure_peak:
                 peak = max(peak, peak_flops(device, dtype)[0])
             if master_process:
-                log(cfg.out_dir, {'iter': iter_num, **metrics, 'train_s': round(train_seconds, 2),
-                                  'tokens': (iter_num - start_iter) * tokens_per_iter},
+                log(
+                    cfg.out_dir,
+                    {
+                        'iter': iter_num,
+                        **metrics,
+                        'train_s': round(train_seconds, 2),
+                        'tokens': (iter_num - start_iter) * tokens_per_iter,
+                    },
                     f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-                    f"val ppl {metrics['val_ppl']:.2f}, val bits/char {bpc_text(metrics)}")
+                    f"val ppl {metrics['val_ppl']:.2f}, val bits/char {bpc_text(metrics)}",
+                )
             if not math.isfinite(metrics['val_loss']):
                 raise SystemExit(f"stopping: non-finite val loss at iter {iter_num}; no checkpoint written.")
             improved = metrics['val_loss'] < best_val_loss
             best_val_loss = min(metrics['val_loss'], best_val_loss)
             if master_process and iter_num > start_iter:  # nothing new has been learned before
-                checkpoint = {'model': model.state_dict(), 'model_args': model_args, 'config': vars(cfg),
-                              'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                              'iter_num': iter_num, 'best_val_loss': best_val_loss, 'tokenizer': tokenizer}
+                checkpoint = {
+                    'model': model.state_dict(),
+                    'model_args': model_args,
+                    'config': vars(cfg),
+                    'optimizer': optimizer.state_dict(),
+                    'scaler': scaler.state_dict(),
+                    'iter_num': iter_num,
+                    'best_val_loss': best_val_loss,
+                    'tokenizer': tokenizer,
+                }
                 # best.pt first: a kill between the two writes must not leave best.pt behind the best ckpt.pt records
                 if improved:
                     save_checkpoint(checkpoint, os.path.join(cfg.out_dir, 'best.pt'))
@@ -245,9 +300,16 @@ def main(argv=None):
         # Windows and dropout masks are a function of (seed, rank, iteration) alone, so a resumed run
         # draws exactly what the uninterrupted one drew, with nothing but iter_num to restore.
         rng = window_rng(cfg.seed, rank, TRAIN_STREAM, iter_num)
-        torch.manual_seed(int(rng.integers(2 ** 62)))
-        lr = learning_rate_at(iter_num, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters,
-                              cfg.lr_schedule, cfg.warmdown_fraction)
+        torch.manual_seed(int(rng.integers(2**62)))
+        lr = learning_rate_at(
+            iter_num,
+            cfg.learning_rate,
+            cfg.min_lr,
+            cfg.warmup_iters,
+            cfg.lr_decay_iters,
+            cfg.lr_schedule,
+            cfg.warmdown_fraction,
+        )
         for group in optimizer.param_groups:  # optim.py: a group's peak is lr_scale times learning_rate's
             group['lr'] = lr * group.get('lr_scale', 1.0)
         loss_sum = torch.zeros((), device=device)  # kept on the device: reading it would wait for the GPU
@@ -265,7 +327,7 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scale_before = scaler.get_scale()
         scaler.step(optimizer)  # with fp16, skips the step when a gradient is inf/nan
-        scaler.update()         # ... and then lowers the scale: that is how the skip shows
+        scaler.update()  # ... and then lowers the scale: that is how the skip shows
         optimizer.zero_grad(set_to_none=True)
         skipped = scaler.get_scale() < scale_before
 
@@ -274,9 +336,11 @@ def main(argv=None):
         if log_now:  # reading the loss waits for the device: only here, not every step
             loss = sum_over_ranks([(loss_sum / accum_steps).item()], world_size, device)[0] / world_size
             if not math.isfinite(loss) and not scaler.is_enabled():  # fp16 skips such a step instead
-                raise SystemExit(f"stopping: non-finite training loss ({loss}) at iter {iter_num} with dtype "
-                                 f"{dtype} (checked every log_interval={cfg.log_interval} iterations); no "
-                                 f"checkpoint was written after it. Lower learning_rate or check the data.")
+                raise SystemExit(
+                    f"stopping: non-finite training loss ({loss}) at iter {iter_num} with dtype "
+                    f"{dtype} (checked every log_interval={cfg.log_interval} iterations); no "
+                    f"checkpoint was written after it. Lower learning_rate or check the data."
+                )
         step_seconds = time.time() - step_start
         train_seconds += step_seconds
         interval_seconds, interval_iters = interval_seconds + step_seconds, interval_iters + 1
@@ -287,10 +351,20 @@ def main(argv=None):
             mfu = model.estimate_mfu(cfg.batch_size * accum_steps, dt, peak, cfg.block_size)
             eta = (time.time() - loop_start) / (iter_num - start_iter + 1) * (cfg.max_iters - iter_num - 1)
             skip_note = f", fp16 overflow: step skipped, scale now {scaler.get_scale():g}" if skipped else ""
-            log(cfg.out_dir, {'iter': iter_num, 'loss': loss, 'lr': lr, 'tokens_per_s': tokens_per_s, 'mfu': mfu,
-                              'skipped_step': skipped, 'train_s': round(train_seconds, 2)},
+            log(
+                cfg.out_dir,
+                {
+                    'iter': iter_num,
+                    'loss': loss,
+                    'lr': lr,
+                    'tokens_per_s': tokens_per_s,
+                    'mfu': mfu,
+                    'skipped_step': skipped,
+                    'train_s': round(train_seconds, 2),
+                },
                 f"iter {iter_num}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
-                f"{tokens_per_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min{skip_note}")
+                f"{tokens_per_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min{skip_note}",
+            )
         if log_now:
             interval_seconds, interval_iters = 0.0, 0
         iter_num += 1
@@ -301,12 +375,17 @@ def main(argv=None):
         dist.all_gather(gathered, checksum)
         checksums = [c.item() for c in gathered]
         if master_process:
-            log(cfg.out_dir, {'iter': iter_num, 'param_checksums': checksums},
-                f"ranks in step: {len(set(checksums)) == 1} (weight checksums {checksums})")
+            log(
+                cfg.out_dir,
+                {'iter': iter_num, 'param_checksums': checksums},
+                f"ranks in step: {len(set(checksums)) == 1} (weight checksums {checksums})",
+            )
     if master_process:
         written = f"checkpoints in {cfg.out_dir}/" if saved else "no checkpoint written (max_iters=0)"
-        print(f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
-              f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; {written}")
+        print(
+            f"done in {(time.time() - loop_start) / 60:.1f} min: val loss {metrics['val_loss']:.4f}, "
+            f"val bits/char {bpc_text(metrics)}; best val loss {best_val_loss:.4f}; {written}"
+        )
     del out_dir_lock  # held to here: the lock is released (as it is when the process ends)
     if ddp:
         leave_process_group()
@@ -314,26 +393,33 @@ def main(argv=None):
 
 # ----------------------------------------------------------------------------- the checks and helpers main calls
 
+
 def check_config(cfg):
     """Every option a number must be, with its range: one line naming the key, before any work."""
-    rules = [('batch_size', cfg.batch_size >= 1, '>= 1'), ('block_size', cfg.block_size >= 1, '>= 1'),
-             ('gradient_accumulation_steps', cfg.gradient_accumulation_steps >= 1, '>= 1'),
-             ('max_iters', cfg.max_iters >= 0, '>= 0'), ('eval_interval', cfg.eval_interval >= 1, '>= 1'),
-             ('eval_iters', cfg.eval_iters >= 1, '>= 1'), ('log_interval', cfg.log_interval >= 1, '>= 1'),
-             ('warmup_iters', cfg.warmup_iters >= 0, '>= 0'),
-             ('lr_decay_iters', cfg.lr_decay_iters >= cfg.warmup_iters, '>= warmup_iters'),
-             ('learning_rate', 0 < cfg.learning_rate < math.inf, 'a finite number > 0'),
-             ('min_lr', 0 <= cfg.min_lr <= cfg.learning_rate, 'in [0, learning_rate]'),
-             ('weight_decay', 0 <= cfg.weight_decay < math.inf, 'a finite number >= 0'),
-             ('grad_clip', 0 <= cfg.grad_clip < math.inf, 'a finite number >= 0 (0 = off)'),
-             ('dropout', 0 <= cfg.dropout < 1, 'in [0, 1)'), ('beta1', 0 <= cfg.beta1 < 1, 'in [0, 1)'),
-             ('beta2', 0 <= cfg.beta2 < 1, 'in [0, 1)'),
-             ('attention', cfg.attention in ('manual', 'fused'), "'manual' or 'fused'"),
-             ('optimizer', cfg.optimizer in ('adamw', 'muon'), "'adamw' or 'muon'"),
-             ('muon_lr', 0 < cfg.muon_lr < math.inf, 'a finite number > 0'),
-             ('muon_momentum', 0 <= cfg.muon_momentum < 1, 'in [0, 1)'),
-             ('lr_schedule', cfg.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
-             ('warmdown_fraction', 0 < cfg.warmdown_fraction <= 1, 'in (0, 1]')]
+    rules = [
+        ('batch_size', cfg.batch_size >= 1, '>= 1'),
+        ('block_size', cfg.block_size >= 1, '>= 1'),
+        ('gradient_accumulation_steps', cfg.gradient_accumulation_steps >= 1, '>= 1'),
+        ('max_iters', cfg.max_iters >= 0, '>= 0'),
+        ('eval_interval', cfg.eval_interval >= 1, '>= 1'),
+        ('eval_iters', cfg.eval_iters >= 1, '>= 1'),
+        ('log_interval', cfg.log_interval >= 1, '>= 1'),
+        ('warmup_iters', cfg.warmup_iters >= 0, '>= 0'),
+        ('lr_decay_iters', cfg.lr_decay_iters >= cfg.warmup_iters, '>= warmup_iters'),
+        ('learning_rate', 0 < cfg.learning_rate < math.inf, 'a finite number > 0'),
+        ('min_lr', 0 <= cfg.min_lr <= cfg.learning_rate, 'in [0, learning_rate]'),
+        ('weight_decay', 0 <= cfg.weight_decay < math.inf, 'a finite number >= 0'),
+        ('grad_clip', 0 <= cfg.grad_clip < math.inf, 'a finite number >= 0 (0 = off)'),
+        ('dropout', 0 <= cfg.dropout < 1, 'in [0, 1)'),
+        ('beta1', 0 <= cfg.beta1 < 1, 'in [0, 1)'),
+        ('beta2', 0 <= cfg.beta2 < 1, 'in [0, 1)'),
+        ('attention', cfg.attention in ('manual', 'fused'), "'manual' or 'fused'"),
+        ('optimizer', cfg.optimizer in ('adamw', 'muon'), "'adamw' or 'muon'"),
+        ('muon_lr', 0 < cfg.muon_lr < math.inf, 'a finite number > 0'),
+        ('muon_momentum', 0 <= cfg.muon_momentum < 1, 'in [0, 1)'),
+        ('lr_schedule', cfg.lr_schedule in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
+        ('warmdown_fraction', 0 < cfg.warmdown_fraction <= 1, 'in (0, 1]'),
+    ]
     for key, ok, expected in rules:
         if not ok:
             raise SystemExit(f"--{key} must be {expected}, not {getattr(cfg, key)!r}")
@@ -349,8 +435,11 @@ def load_starting_point(cfg, data_dir, meta, given):
     resuming = cfg.init_from == 'resume'
     path = os.path.join(cfg.out_dir, 'ckpt.pt') if resuming else cfg.init_from
     path = os.path.join(path, 'best.pt') if os.path.isdir(path) else path
-    keys = ('model', 'model_args', 'optimizer', 'scaler', 'iter_num', 'best_val_loss') if resuming else \
-        ('model', 'model_args')
+    keys = (
+        ('model', 'model_args', 'optimizer', 'scaler', 'iter_num', 'best_val_loss')
+        if resuming
+        else ('model', 'model_args')
+    )
     try:
         checkpoint = load_checkpoint(path, 'cpu', required_keys=keys)
     except (FileNotFoundError, ValueError) as error:  # a user's mistake, not a bug: no traceback
@@ -362,13 +451,18 @@ def load_starting_point(cfg, data_dir, meta, given):
     if record is not None:
         check_tokenizer(record, data_dir, path)
     elif model_args['vocab_size'] != meta['vocab_size']:
-        raise SystemExit(f"{path} has a vocabulary of {model_args['vocab_size']:,} but {data_dir} one of "
-                         f"{meta['vocab_size']:,}: prepare the data with the model's tokenizer")
+        raise SystemExit(
+            f"{path} has a vocabulary of {model_args['vocab_size']:,} but {data_dir} one of "
+            f"{meta['vocab_size']:,}: prepare the data with the model's tokenizer"
+        )
     if resuming:
         return model_args, checkpoint
-    model_args.update(dropout=cfg.dropout, attention=cfg.attention,
-                      n_lexical=model_args['n_lexical'] or (tag_table_size(meta['lexical_map']) if cfg.lexical else 0),
-                      n_entity=model_args['n_entity'] or (tag_table_size(meta['entity_map']) if cfg.entity else 0))
+    model_args.update(
+        dropout=cfg.dropout,
+        attention=cfg.attention,
+        n_lexical=model_args['n_lexical'] or (tag_table_size(meta['lexical_map']) if cfg.lexical else 0),
+        n_entity=model_args['n_entity'] or (tag_table_size(meta['entity_map']) if cfg.entity else 0),
+    )
     return model_args, {'model': checkpoint['model']}
 
 
@@ -377,8 +471,10 @@ def adopt_architecture(cfg, model_args, source, windows_may_be_shorter, given):
     (`given`, even to the default's value) to another value is an error naming both; the others take the
     checkpoint's value, so that the config saved with the next checkpoint tells the truth."""
     wanted = {key: model_args[key] for key in ARCHITECTURE}
-    wanted.update(lexical=model_args['n_lexical'] > 0 or (windows_may_be_shorter and cfg.lexical),
-                  entity=model_args['n_entity'] > 0 or (windows_may_be_shorter and cfg.entity))
+    wanted.update(
+        lexical=model_args['n_lexical'] > 0 or (windows_may_be_shorter and cfg.lexical),
+        entity=model_args['n_entity'] > 0 or (windows_may_be_shorter and cfg.entity),
+    )
     if not windows_may_be_shorter:
         wanted['block_size'] = model_args['block_size']
     for key, value in wanted.items():
@@ -386,12 +482,16 @@ def adopt_architecture(cfg, model_args, source, windows_may_be_shorter, given):
         # a table the checkpoint has is kept though not asked for; one it lacks is never added on resume
         conflict = asked if key in ('lexical', 'entity') else key in given
         if conflict and asked != value:
-            raise SystemExit(f"--{key}={asked!r} differs from {source}'s {value!r}: the model keeps its architecture "
-                             f"(drop --{key}, or start a new run in another --out_dir)")
+            raise SystemExit(
+                f"--{key}={asked!r} differs from {source}'s {value!r}: the model keeps its architecture "
+                f"(drop --{key}, or start a new run in another --out_dir)"
+            )
         setattr(cfg, key, value)
     if cfg.block_size > model_args['block_size']:
-        raise SystemExit(f"--block_size={cfg.block_size} is longer than {source}'s {model_args['block_size']} "
-                         f"positions: lower --block_size")
+        raise SystemExit(
+            f"--block_size={cfg.block_size} is longer than {source}'s {model_args['block_size']} "
+            f"positions: lower --block_size"
+        )
 
 
 def hold_out_dir(out_dir, new_run, overwrite):
@@ -407,11 +507,16 @@ def hold_out_dir(out_dir, new_run, overwrite):
 def report_passes(tokens_to_read, train_tokens, data_dir):
     """How much data the run reads, and a warning when it will memorise its corpus."""
     passes = tokens_to_read / train_tokens
-    print(f"this run reads {tokens_to_read:,} tokens: {passes:,.1f} passes over the {train_tokens:,} training "
-          f"tokens of {data_dir}")
+    print(
+        f"this run reads {tokens_to_read:,} tokens: {passes:,.1f} passes over the {train_tokens:,} training "
+        f"tokens of {data_dir}"
+    )
     if passes > MAX_PASSES:
-        print(f"WARNING: {passes:,.0f} passes (more than {MAX_PASSES}): the model will memorise the corpus. Add "
-              f"data (python -m prepare.pretrain --corpus ...) or lower --max_iters.", flush=True)
+        print(
+            f"WARNING: {passes:,.0f} passes (more than {MAX_PASSES}): the model will memorise the corpus. Add "
+            f"data (python -m prepare.pretrain --corpus ...) or lower --max_iters.",
+            flush=True,
+        )
 
 
 def window_rng(seed, rank, stream, index):

@@ -6,11 +6,11 @@
 # and schedule start fresh. The data must be tokenized with the model's own vocab.txt (the line above).
 import torch
 
-init_from = 'out/gpt2_chinese'   # the folder convert.py wrote (best.pt)
+init_from = 'out/gpt2_chinese'  # the folder convert.py wrote (best.pt)
 out_dir = 'out/cmed_gpt'
 dataset = 'pretrain'
 
-block_size = 512   # the paper's length; the model's positions go to 1024
+block_size = 512  # the paper's length; the model's positions go to 1024
 dropout = 0.0
 
 # 16 sequences x 512 tokens x 8 micro-steps = 65,536 tokens per iteration

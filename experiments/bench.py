@@ -20,6 +20,7 @@ texts with python -m prepare.pretrain --corpus and prints build time, chars/s an
 It trains on data/<dataset>/ when that has been prepared, else on random tokens (the output says which).
 A benchmark, not a test: it asserts nothing about speed.
 """
+
 import json
 import os
 import platform
@@ -57,6 +58,7 @@ from tokenizer import train_bpe
 
 # The train.py keys a benchmark uses, at config/tiny.py's sizes (a 2-core CPU in a minute or two); a
 # train.py config file works here too: its other keys (out_dir, max_iters, ...) are listed and ignored.
+# fmt: off
 DEFAULTS = dict(
     dataset='pretrain', device='auto', dtype='auto', compile=False, seed=1337, peak_flops=0.0,
     n_layer=4, n_head=4, n_embd=192, block_size=128, dropout=0.0, bias=False, lexical=False, entity=False,
@@ -77,11 +79,13 @@ DEFAULTS = dict(
     src='',                # folder of the raw data sets; '' = $CMED_DATA, else ../shared/data
     out='',                # write the numbers to this JSON file too
 )
+# fmt: on
 PROMPT_TOKENS = 16  # generation starts from this many tokens of the data
 COVID_TEXT = 'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt'
 
 
 # ----------------------------------------------------------------------------- machine
+
 
 def cpu_name():
     if os.path.exists('/proc/cpuinfo'):
@@ -94,8 +98,13 @@ def cpu_name():
 
 def machine_info(device, peak_flops_override):
     """Device name, software, threads, and the peak FLOP/s that every MFU below is a fraction of."""
-    info = dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(), cpu_cores=os.cpu_count(),
-                cpu=cpu_name())
+    info = dict(
+        device=device,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu_cores=os.cpu_count(),
+        cpu=cpu_name(),
+    )
     on_gpu = device.startswith('cuda')
     info['device_name'] = torch.cuda.get_device_name(device) if on_gpu else info['cpu']
     if peak_flops_override:
@@ -125,6 +134,7 @@ def seconds_per_call(fn, warmup, repeats, device):
 
 
 # ----------------------------------------------------------------------------- data
+
 
 class RandomTokens:
     """Uniformly random tokens (and tags) in the shape of Windows' batches, for when no data is prepared."""
@@ -160,12 +170,14 @@ def load_data(cfg, device):
 
 # ----------------------------------------------------------------------------- training
 
+
 def bench_training(cfg, model_args, batches, device, attention, dtype, peak_flops):
     """One row: seconds per optimizer step, tokens/s and MFU for one attention kind and precision."""
     torch.manual_seed(cfg.seed)  # the same initial weights in every row
     model = GPT(GPTConfig(**dict(model_args, attention=attention))).to(device)
-    optimizer = configure_optimizers(model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device_type(device))
+    optimizer = configure_optimizers(
+        model, 'adamw', cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type(device)
+    )
     scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == 'float16')
     step_model = torch.compile(model) if cfg.compile else model
     autocast = autocast_context(device, dtype)
@@ -183,12 +195,18 @@ def bench_training(cfg, model_args, batches, device, attention, dtype, peak_flop
     steps = cfg.steps if on_gpu or dtype == 'float32' else min(cfg.steps, cfg.cpu_bf16_steps)
     seconds = seconds_per_call(step, cfg.warmup_steps, steps, device)
     tokens_per_step = cfg.batch_size * model_args['block_size'] * accum
-    return dict(attention=attention, dtype=dtype, steps=steps, ms_per_step=seconds * 1000,
-                tokens_per_s=tokens_per_step / seconds,
-                mfu=model.estimate_mfu(cfg.batch_size * accum, seconds, peak_flops, model_args['block_size']))
+    return dict(
+        attention=attention,
+        dtype=dtype,
+        steps=steps,
+        ms_per_step=seconds * 1000,
+        tokens_per_s=tokens_per_step / seconds,
+        mfu=model.estimate_mfu(cfg.batch_size * accum, seconds, peak_flops, model_args['block_size']),
+    )
 
 
 # ----------------------------------------------------------------------------- generation
+
 
 def bench_generation(cfg, model_args, prompt, device, dtype):
     """Greedy generation of gen_tokens with the KV cache and with full recompute, from one model."""
@@ -198,13 +216,20 @@ def bench_generation(cfg, model_args, prompt, device, dtype):
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**dict(model_args, block_size=block_size))).to(device).eval()
     autocast = autocast_context(device, dtype)
-    result = dict(new_tokens=cfg.gen_tokens, prompt_tokens=prompt.size(1), block_size=block_size, dtype=dtype,
-                  attention=model_args['attention'])
+    result = dict(
+        new_tokens=cfg.gen_tokens,
+        prompt_tokens=prompt.size(1),
+        block_size=block_size,
+        dtype=dtype,
+        attention=model_args['attention'],
+    )
     outputs = {}
     for name, use_cache in (('cached', True), ('recompute', False)):
+
         def generate(n_tokens):
             with autocast:
                 return model.generate(prompt, n_tokens, temperature=0, use_cache=use_cache)
+
         generate(8)  # warm-up: first calls allocate; a whole generation would double the bench's time
         synchronize(device)
         start = time.perf_counter()
@@ -217,6 +242,7 @@ def bench_generation(cfg, model_args, prompt, device, dtype):
 
 
 # ----------------------------------------------------------------------------- prepare
+
 
 def raw_data_folder(cfg):
     # the Makefile's order: --src, then $CMED_DATA, then the read-only mirror beside the repo;
@@ -238,7 +264,7 @@ def bench_prepare(cfg):
     """chars/s of tagging.tag_texts (normalise, encode, jieba POS, lexicon entities), 1 vs N processes."""
     src = raw_data_folder(cfg)
     try:
-        text = read_text(source_file(COVID_TEXT, src))[:cfg.prepare_chars]
+        text = read_text(source_file(COVID_TEXT, src))[: cfg.prepare_chars]
         lexicon = lexicon_dir(src)
     except DataError as error:  # no mirror and no network: the other sections still stand
         return dict(available=False, reason=str(error))
@@ -257,52 +283,92 @@ def bench_prepare(cfg):
     chars = sum(len(record) for record, _, _ in jobs)
     (single_s, single_out), (multi_s, multi_out) = runs[1], runs[cfg.prepare_workers]
     same = all(np.array_equal(a, b) for one, many in zip(single_out, multi_out) for a, b in zip(one, many))
-    return dict(available=True, source=COVID_TEXT, chars=chars, records=len(jobs), tokenizer=tokenizer,
-                workers=cfg.prepare_workers, single_seconds=single_s, multi_seconds=multi_s,
-                single_chars_per_s=chars / single_s, multi_chars_per_s=chars / multi_s,
-                speedup=single_s / multi_s, outputs_match=same)
+    return dict(
+        available=True,
+        source=COVID_TEXT,
+        chars=chars,
+        records=len(jobs),
+        tokenizer=tokenizer,
+        workers=cfg.prepare_workers,
+        single_seconds=single_s,
+        multi_seconds=multi_s,
+        single_chars_per_s=chars / single_s,
+        multi_chars_per_s=chars / multi_s,
+        speedup=single_s / multi_s,
+        outputs_match=same,
+    )
 
 
 # ----------------------------------------------------------------------------- output
 
+
 def markdown(results):
-    sections = [machine_markdown(results['machine'], results['config']), training_markdown(results['train']),
-                generation_markdown(results['generate']), prepare_markdown(results['prepare'])]
+    sections = [
+        machine_markdown(results['machine'], results['config']),
+        training_markdown(results['train']),
+        generation_markdown(results['generate']),
+        prepare_markdown(results['prepare']),
+    ]
     if results['serve'] is not None:
-        sections.append(serving_markdown(results['serve'], results['config']['serve_tokens'], PROMPT_TOKENS,
-                                         results['machine']['device']))
+        sections.append(
+            serving_markdown(
+                results['serve'], results['config']['serve_tokens'], PROMPT_TOKENS, results['machine']['device']
+            )
+        )
     return '\n\n'.join('\n'.join(lines) for lines in sections)
 
 
 def machine_markdown(m, c):
-    other = f"; a {m['other_dtype']} 512x512 matmul ran at {m['other_matmul_flops'] / 1e9:,.1f} GFLOP/s" \
-        if 'other_dtype' in m else ''
-    return ["## Machine", "",
-            f"- device: {m['device']}, {m['device_name']}; torch {m['torch']}, {m['threads']} threads, "
-            f"{m['cpu_cores']} CPU cores",
-            f"- MFU is against {m['peak_flops'] / 1e12:.3f} TFLOP/s ({m['peak_source']}){other}",
-            f"- model: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, block {c['block_size']}, "
-            f"vocab {c['vocab_size']}, {c['params'] / 1e6:.2f}M parameters, random initial weights",
-            f"- {c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['block_size']} x "
-            f"{c['gradient_accumulation_steps']} accumulation){', torch.compile' if c['compile'] else ''}",
-            f"- data: {c['data']}"]
+    other = (
+        f"; a {m['other_dtype']} 512x512 matmul ran at {m['other_matmul_flops'] / 1e9:,.1f} GFLOP/s"
+        if 'other_dtype' in m
+        else ''
+    )
+    return [
+        "## Machine",
+        "",
+        f"- device: {m['device']}, {m['device_name']}; torch {m['torch']}, {m['threads']} threads, "
+        f"{m['cpu_cores']} CPU cores",
+        f"- MFU is against {m['peak_flops'] / 1e12:.3f} TFLOP/s ({m['peak_source']}){other}",
+        f"- model: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, block {c['block_size']}, "
+        f"vocab {c['vocab_size']}, {c['params'] / 1e6:.2f}M parameters, random initial weights",
+        f"- {c['tokens_per_step']:,} tokens per step ({c['batch_size']} x {c['block_size']} x "
+        f"{c['gradient_accumulation_steps']} accumulation){', torch.compile' if c['compile'] else ''}",
+        f"- data: {c['data']}",
+    ]
 
 
 def training_markdown(rows):
-    lines = ["## Training", "", "| attention | dtype | timed steps | ms/step | tokens/s | MFU |",
-             "|---|---|---:|---:|---:|---:|"]
-    return lines + [f"| {r['attention']} | {r['dtype']} | {r['steps']} | {r['ms_per_step']:,.1f} | "
-                    f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f}% |" for r in rows]
+    lines = [
+        "## Training",
+        "",
+        "| attention | dtype | timed steps | ms/step | tokens/s | MFU |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    return lines + [
+        f"| {r['attention']} | {r['dtype']} | {r['steps']} | {r['ms_per_step']:,.1f} | "
+        f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f}% |"
+        for r in rows
+    ]
 
 
 def generation_markdown(g):
     rows = [(mode, g[f"{key}_tokens_per_s"]) for mode, key in (('on', 'cached'), ('off (full recompute)', 'recompute'))]
-    return [f"## Generation: {g['new_tokens']} new tokens, greedy, batch 1, {g['prompt_tokens']}-token prompt, "
-            f"{g['dtype']}, {g['attention']} attention, block {g['block_size']}", "",
-            "| KV cache | tokens/s | ms/token |", "|---|---:|---:|"] + \
-        [f"| {mode} | {tokens_per_s:,.1f} | {1000 / tokens_per_s:.2f} |" for mode, tokens_per_s in rows] + \
-        ["", f"The cache is {g['speedup']:.1f}x faster; the same tokens with and without it: "
-             f"{'yes' if g['tokens_match'] else 'NO'}."]
+    return (
+        [
+            f"## Generation: {g['new_tokens']} new tokens, greedy, batch 1, {g['prompt_tokens']}-token prompt, "
+            f"{g['dtype']}, {g['attention']} attention, block {g['block_size']}",
+            "",
+            "| KV cache | tokens/s | ms/token |",
+            "|---|---:|---:|",
+        ]
+        + [f"| {mode} | {tokens_per_s:,.1f} | {1000 / tokens_per_s:.2f} |" for mode, tokens_per_s in rows]
+        + [
+            "",
+            f"The cache is {g['speedup']:.1f}x faster; the same tokens with and without it: "
+            f"{'yes' if g['tokens_match'] else 'NO'}.",
+        ]
+    )
 
 
 def prepare_markdown(p):
@@ -310,20 +376,27 @@ def prepare_markdown(p):
         return ["## Prepare", "", "skipped (--prepare_chars=0)"]
     if not p['available']:
         return ["## Prepare", "", f"prepare not available: {p['reason']}"]
-    return ["## Prepare: tag + encode (tagging.tag_texts)", "",
-            f"{p['chars']:,} characters ({p['records']} consultations) of {p['source']}; "
-            f"tokenizer: {p['tokenizer']}", "",
-            "| processes | seconds | chars/s |", "|---:|---:|---:|",
-            f"| 1 | {p['single_seconds']:.2f} | {p['single_chars_per_s']:,.0f} |",
-            f"| {p['workers']} | {p['multi_seconds']:.2f} | {p['multi_chars_per_s']:,.0f} |", "",
-            f"{p['speedup']:.2f}x with {p['workers']} processes; the same output: "
-            f"{'yes' if p['outputs_match'] else 'NO'}."]
+    return [
+        "## Prepare: tag + encode (tagging.tag_texts)",
+        "",
+        f"{p['chars']:,} characters ({p['records']} consultations) of {p['source']}; tokenizer: {p['tokenizer']}",
+        "",
+        "| processes | seconds | chars/s |",
+        "|---:|---:|---:|",
+        f"| 1 | {p['single_seconds']:.2f} | {p['single_chars_per_s']:,.0f} |",
+        f"| {p['workers']} | {p['multi_seconds']:.2f} | {p['multi_chars_per_s']:,.0f} |",
+        "",
+        f"{p['speedup']:.2f}x with {p['workers']} processes; the same output: {'yes' if p['outputs_match'] else 'NO'}.",
+    ]
 
 
 # ----------------------------------------------------------------------------- prepare at scale
 
-SCALE_SOURCES = (('covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt', 'utf-8'), ('medical_book/fever.txt', 'utf-8'),
-                 ('department_qa/im_sample_gb18030.csv', 'gb18030'))
+SCALE_SOURCES = (
+    ('covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt', 'utf-8'),
+    ('medical_book/fever.txt', 'utf-8'),
+    ('department_qa/im_sample_gb18030.csv', 'gb18030'),
+)
 
 
 def synthetic_corpus(src, folder, copies, seed):
@@ -337,8 +410,9 @@ def synthetic_corpus(src, folder, copies, seed):
     for copy in range(copies):
         order = np.random.default_rng([seed, copy]).permutation(len(sentences))
         with open(os.path.join(folder, f'copy{copy:03d}.txt'), 'w', encoding='utf-8') as f:
-            f.writelines(''.join(sentences[i] for i in order[start:start + 20]) + '\n\n'
-                         for start in range(0, len(order), 20))
+            f.writelines(
+                ''.join(sentences[i] for i in order[start : start + 20]) + '\n\n' for start in range(0, len(order), 20)
+            )
     return sum(map(len, sentences)) * copies
 
 
@@ -350,29 +424,52 @@ def bench_prepare_scale(cfg):
         with tempfile.TemporaryDirectory() as folder:
             os.makedirs(os.path.join(folder, 'corpus'))
             chars = synthetic_corpus(raw_data_folder(cfg), os.path.join(folder, 'corpus'), scale, cfg.seed)
-            command = [sys.executable, '-m', 'prepare.pretrain', '--corpus', os.path.join(folder, 'corpus'),
-                       '--out', os.path.join(folder, 'out'), '--src', raw_data_folder(cfg),
-                       '--workers', str(cfg.prepare_workers)]
+            command = [
+                sys.executable,
+                '-m',
+                'prepare.pretrain',
+                '--corpus',
+                os.path.join(folder, 'corpus'),
+                '--out',
+                os.path.join(folder, 'out'),
+                '--src',
+                raw_data_folder(cfg),
+                '--workers',
+                str(cfg.prepare_workers),
+            ]
             start = time.perf_counter()
             finished = subprocess.run(['/usr/bin/time', '-f', '%M', *command], capture_output=True, text=True)
             seconds = time.perf_counter() - start
             if finished.returncode != 0:
                 raise SystemExit(f"python -m prepare.pretrain failed at scale {scale}: {finished.stderr[-500:]}")
             meta = load_meta(os.path.join(folder, 'out'))
-        rows.append(dict(scale=scale, chars=chars, seconds=seconds, chars_per_s=chars / seconds,
-                         tag_chars_per_s=meta['chars_per_s'], tokens=meta['splits']['train']['tokens'],
-                         peak_rss_mb=int(finished.stderr.strip().splitlines()[-1]) / 1024))
+        rows.append(
+            dict(
+                scale=scale,
+                chars=chars,
+                seconds=seconds,
+                chars_per_s=chars / seconds,
+                tag_chars_per_s=meta['chars_per_s'],
+                tokens=meta['splits']['train']['tokens'],
+                peak_rss_mb=int(finished.stderr.strip().splitlines()[-1]) / 1024,
+            )
+        )
         print(rows[-1], flush=True)
     return rows
 
 
 def prepare_scale_markdown(rows, workers):
-    return [f"## python -m prepare.pretrain --corpus at scale ({workers} workers; synthetic: shuffled copies of "
-            f"the shared medical texts)", "",
-            "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | train tokens | peak RSS MB |",
-            "|---:|---:|---:|---:|---:|---:|---:|"] + \
-        [f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | "
-         f"{r['tag_chars_per_s']:,} | {r['tokens']:,} | {r['peak_rss_mb']:,.0f} |" for r in rows]
+    return [
+        f"## python -m prepare.pretrain --corpus at scale ({workers} workers; synthetic: shuffled copies of "
+        f"the shared medical texts)",
+        "",
+        "| scale | characters | seconds | chars/s (whole build) | chars/s (tagging) | train tokens | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ] + [
+        f"| {r['scale']}x | {r['chars']:,} | {r['seconds']:.0f} | {r['chars_per_s']:,.0f} | "
+        f"{r['tag_chars_per_s']:,} | {r['tokens']:,} | {r['peak_rss_mb']:,.0f} |"
+        for r in rows
+    ]
 
 
 def main(argv=None):
@@ -388,20 +485,39 @@ def main(argv=None):
     started = time.perf_counter()
     machine = machine_info(device, cfg.peak_flops)
     model_args, batches, data = load_data(cfg, device)
-    config = dict(model_args, batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                  tokens_per_step=cfg.batch_size * model_args['block_size'] * cfg.gradient_accumulation_steps,
-                  params=GPT(GPTConfig(**model_args)).num_params(), compile=cfg.compile, data=data,
-                  serve_tokens=cfg.serve_tokens)
+    config = dict(
+        model_args,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        tokens_per_step=cfg.batch_size * model_args['block_size'] * cfg.gradient_accumulation_steps,
+        params=GPT(GPTConfig(**model_args)).num_params(),
+        compile=cfg.compile,
+        data=data,
+        serve_tokens=cfg.serve_tokens,
+    )
     precisions = ('float32', 'bfloat16', 'float16') if device.startswith('cuda') else ('float32', 'bfloat16')
-    rows = [bench_training(cfg, model_args, batches, device, attention, precision, machine['peak_flops'])
-            for precision in precisions for attention in ('manual', 'fused')]
+    rows = [
+        bench_training(cfg, model_args, batches, device, attention, precision, machine['peak_flops'])
+        for precision in precisions
+        for attention in ('manual', 'fused')
+    ]
     prompt = batches.batch('val', np.random.default_rng(cfg.seed))['idx'][:1, :PROMPT_TOKENS]  # (1, P)
     generation = bench_generation(cfg, model_args, prompt, device, dtype)
     preparation = bench_prepare(cfg) if cfg.prepare_chars > 0 else None
-    serving = bench_serving(model_args, device, cfg.serve_requests, cfg.serve_tokens, PROMPT_TOKENS, cfg.seed) \
-        if cfg.serve_requests > 0 else None
-    results = dict(machine=machine, config=config, train=rows, generate=generation, prepare=preparation,
-                   serve=serving, seconds=time.perf_counter() - started)
+    serving = (
+        bench_serving(model_args, device, cfg.serve_requests, cfg.serve_tokens, PROMPT_TOKENS, cfg.seed)
+        if cfg.serve_requests > 0
+        else None
+    )
+    results = dict(
+        machine=machine,
+        config=config,
+        train=rows,
+        generate=generation,
+        prepare=preparation,
+        serve=serving,
+        seconds=time.perf_counter() - started,
+    )
     print(markdown(results))
     print(f"\n(bench took {results['seconds']:.0f} s)")
     if cfg.out:

@@ -21,6 +21,7 @@ characters never seen, so every character gets probability > 0.
 
 Command line:  python -m experiments.ngram --train a.txt --test b.txt --order 5   (one document per line)
 """
+
 import argparse
 import math
 import time
@@ -64,7 +65,6 @@ def context_stats(counts, discounts):
 
 
 class KneserNey:
-
     def __init__(self, order=5):
         assert order >= 1, 'order is the n-gram length, at least 1'
         self.order = order
@@ -76,7 +76,7 @@ class KneserNey:
             if BOS in text or EOS in text:
                 raise ValueError('a text holds the BOS or EOS marker character')
             padded = BOS * (n - 1) + text + EOS
-            highest.update(padded[i:i + n] for i in range(len(padded) - n + 1))
+            highest.update(padded[i : i + n] for i in range(len(padded) - n + 1))
         # counts[k], discounts[k], contexts[k] are for order k = 1..n (index 0 is unused);
         # counts[k] maps each k-gram, a str, to its count
         self.counts = [None] * (n + 1)
@@ -99,7 +99,7 @@ class KneserNey:
         """P(char | history), history being exactly order - 1 characters long."""
         p = self.uniform
         for k in range(1, self.order + 1):
-            h = history[len(history) - k + 1:]
+            h = history[len(history) - k + 1 :]
             stats = self.contexts[k].get(h)
             if stats is None:
                 # an unseen context passes P_(k-1) on unchanged, and so does every longer one,
@@ -115,7 +115,7 @@ class KneserNey:
         """Natural log of P(char | context); context is the text so far in this document (the
         start of a document is the empty context) and char may be EOS."""
         padded = BOS * (self.order - 1) + context
-        return math.log(self._prob(padded[len(padded) - self.order + 1:], char))
+        return math.log(self._prob(padded[len(padded) - self.order + 1 :], char))
 
     def bits_per_char(self, texts):
         """(bits per character, number of characters scored) over the texts. Each text scores
@@ -126,7 +126,7 @@ class KneserNey:
         for text in texts:
             padded = BOS * (n - 1) + text + EOS
             for i in range(n - 1, len(padded)):
-                total_bits -= math.log2(self._prob(padded[i - n + 1:i], padded[i]))
+                total_bits -= math.log2(self._prob(padded[i - n + 1 : i], padded[i]))
             n_chars += len(text) + 1
         return total_bits / n_chars, n_chars
 
@@ -151,8 +151,10 @@ def main():
     t1 = time.time()
     bpc, n_chars = model.bits_per_char(read_documents(args.test))
     t2 = time.time()
-    print(f'order {args.order}: {bpc:.4f} bits/char, ppl/char {2 ** bpc:.2f} '
-          f'over {n_chars} chars (end markers included); fit {t1 - t0:.1f}s, score {t2 - t1:.1f}s')
+    print(
+        f'order {args.order}: {bpc:.4f} bits/char, ppl/char {2**bpc:.2f} '
+        f'over {n_chars} chars (end markers included); fit {t1 - t0:.1f}s, score {t2 - t1:.1f}s'
+    )
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ weights), the pretraining runs, and the aggregated tables; prints the tables as 
 is already in results.json is not run again, and an interrupted pretraining run resumes from its checkpoint,
 so a crash loses at most the runs under way.
 """
+
 import hashlib
 import json
 import math
@@ -46,6 +47,7 @@ from experiments.tables import DECODING, DIALOGUE_SETS, is_deterministic, render
 from model import GPT, GPTConfig
 from tasks import TASKS, Dialogue, load_split
 
+# fmt: off
 DEFAULTS = dict(
     quick=False,              # toy sizes and a few iterations: checks that every table fills with finite numbers
     out_dir='out-reproduce',  # --quick writes under out_dir/quick
@@ -55,30 +57,65 @@ DEFAULTS = dict(
     jobs=0,                   # runs at once, each on cores / jobs threads; 0 = one per core (see run_all)
     tables='',                # only the tables of these kinds, comma-separated: lm, class, generation ('' = all)
 )
+# fmt: on
 
 # Every base is config/tiny.py with these overrides, pretrained on its own data set (BASES). They read 256-token
 # windows (config/tiny.py has 128): 100 prompt vectors must leave room for the dialogue. Batch 8 x 256 keeps
 # tiny's 2,048 tokens per step; 600 steps (1.2M tokens) and 2 seeds per cell keep the full run near an hour.
 BASES = {'medical': 'pretrain', 'general': 'general', 'medical_equal': 'medical_equal'}
 SCALES = {
-    'full': dict(size=dict(block_size=256, batch_size=8, max_iters=600, lr_decay_iters=600),
-                 seeds=2, finetune_iters=120, max_eval_examples=64, ngram_texts=0, generate_examples=32,
-                 max_new_tokens=48, prompt_lengths={'covid': (1, 25, 50, 75, 100), 'imcs': (1, 25, 100)}),
-    'quick': dict(size=dict(n_layer=1, n_head=2, n_embd=32, batch_size=4, max_iters=30, lr_decay_iters=30,
-                            warmup_iters=5, eval_interval=15, eval_iters=2, log_interval=10),
-                  seeds=2, finetune_iters=6, max_eval_examples=16, ngram_texts=300, generate_examples=3,
-                  max_new_tokens=12, prompt_lengths={'covid': (1, 25, 100), 'imcs': (1, 25)}),
+    'full': dict(
+        size=dict(block_size=256, batch_size=8, max_iters=600, lr_decay_iters=600),
+        seeds=2,
+        finetune_iters=120,
+        max_eval_examples=64,
+        ngram_texts=0,
+        generate_examples=32,
+        max_new_tokens=48,
+        prompt_lengths={'covid': (1, 25, 50, 75, 100), 'imcs': (1, 25, 100)},
+    ),
+    'quick': dict(
+        size=dict(
+            n_layer=1,
+            n_head=2,
+            n_embd=32,
+            batch_size=4,
+            max_iters=30,
+            lr_decay_iters=30,
+            warmup_iters=5,
+            eval_interval=15,
+            eval_iters=2,
+            log_interval=10,
+        ),
+        seeds=2,
+        finetune_iters=6,
+        max_eval_examples=16,
+        ngram_texts=300,
+        generate_examples=3,
+        max_new_tokens=12,
+        prompt_lengths={'covid': (1, 25, 100), 'imcs': (1, 25)},
+    ),
 }
 SIZE_CONFIG = 'config/tiny.py'
 # the paper's 5e-5 is for a 768-wide model and 6 epochs; ours is small and short (3e-4 and 1e-3 reached the
 # same COVID val loss in a 200-step trial)
 FULL_FINETUNE_LR = 3e-4
 # a pretraining run is reusable when its config equals the wanted one on every key but these
-PRETRAIN_KEYS_IGNORED = {'out_dir', 'init_from', 'log_interval', 'eval_interval', 'eval_iters',
-                         'always_save_checkpoint', 'device', 'compile', 'peak_flops'}
+PRETRAIN_KEYS_IGNORED = {
+    'out_dir',
+    'init_from',
+    'log_interval',
+    'eval_interval',
+    'eval_iters',
+    'always_save_checkpoint',
+    'device',
+    'compile',
+    'peak_flops',
+}
 
 
 # ----------------------------------------------------------------------------- running the scripts
+
 
 def run_script(script, settings, run_dir, log_name, threads):
     """Run train.py or finetune.py in a child process on `settings`, written as a config file (the
@@ -91,14 +128,19 @@ def run_script(script, settings, run_dir, log_name, threads):
         f.write(''.join(f"{key} = {value!r}\n" for key, value in settings.items()))
     log_path = os.path.join(run_dir, f"{log_name}.log")
     with open(log_path, 'a', encoding='utf-8') as log:
-        finished = subprocess.run([sys.executable, script, config_path], stdout=log, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        finished = subprocess.run(
+            [sys.executable, script, config_path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+        )
     if finished.returncode != 0:
         raise SystemExit(f"{script} failed (exit {finished.returncode}) on {config_path}: see {log_path}")
     return log_path
 
 
 # ----------------------------------------------------------------------------- pretraining
+
 
 def pretrain_settings(size_overrides, dataset, run_dir):
     """Every train.py key reproduce sets for one base: config/tiny.py's values, then the size's and its data."""
@@ -125,16 +167,25 @@ def pretrain(name, size_overrides, cfg, results):
         if last is not None and last['iter_num'] >= wanted['max_iters']:
             print(f"pretraining {name}: reusing the finished run in {candidate}\n", end='', flush=True)
             previous = results['pretraining'].get(name, {})
-            return describe_pretraining(candidate, previous.get('wall_time_s') if previous.get('dir') == candidate
-                                        else None)
+            return describe_pretraining(
+                candidate, previous.get('wall_time_s') if previous.get('dir') == candidate else None
+            )
     resume = same_config_checkpoint(run_dir, wanted) is not None
     # one write per line: the bases are pretrained on parallel threads
-    print(f"pretraining {name} on data/{BASES[name]}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}\n",
-          end='', flush=True)
+    print(
+        f"pretraining {name} on data/{BASES[name]}: {size_overrides} -> {run_dir} {'(resuming)' if resume else ''}\n",
+        end='',
+        flush=True,
+    )
     t0 = time.time()
     # a scratch run replaces whatever other run reproduce left in its own folder
-    run_script('train.py', dict(wanted, init_from='resume' if resume else 'scratch', overwrite=not resume), run_dir,
-               'pretrain', cfg.threads)
+    run_script(
+        'train.py',
+        dict(wanted, init_from='resume' if resume else 'scratch', overwrite=not resume),
+        run_dir,
+        'pretrain',
+        cfg.threads,
+    )
     return describe_pretraining(run_dir, round(time.time() - t0, 1))
 
 
@@ -146,11 +197,20 @@ def describe_pretraining(run_dir, wall_time_s):
     params = GPT(GPTConfig(**best['model_args'])).num_params()
     dataset = best['config']['dataset']
     train_chars = load_meta(os.path.join('data', dataset))['splits']['train']['input_chars']
-    return dict(dir=run_dir, dataset=dataset, train_chars=train_chars, model_args=best['model_args'], params=params,
-                iters=best['config']['max_iters'],
-                learning_rate=best['config']['learning_rate'], best_iter=best['iter_num'],
-                val_loss=best_eval['val_loss'], val_bpc=best_eval['val_bpc'], wall_time_s=wall_time_s,
-                fingerprint=fingerprint(best['model']))
+    return dict(
+        dir=run_dir,
+        dataset=dataset,
+        train_chars=train_chars,
+        model_args=best['model_args'],
+        params=params,
+        iters=best['config']['max_iters'],
+        learning_rate=best['config']['learning_rate'],
+        best_iter=best['iter_num'],
+        val_loss=best_eval['val_loss'],
+        val_bpc=best_eval['val_bpc'],
+        wall_time_s=wall_time_s,
+        fingerprint=fingerprint(best['model']),
+    )
 
 
 def scratch_checkpoint(pretrained, seed, cfg):
@@ -162,30 +222,34 @@ def scratch_checkpoint(pretrained, seed, cfg):
         os.makedirs(run_dir, exist_ok=True)
         torch.manual_seed(seed)
         model = GPT(GPTConfig(**pretrained['model_args']))
-        save_checkpoint(dict(model=model.state_dict(), model_args=pretrained['model_args']),
-                        os.path.join(run_dir, name))
+        save_checkpoint(
+            dict(model=model.state_dict(), model_args=pretrained['model_args']), os.path.join(run_dir, name)
+        )
     return run_dir, name
 
 
 # ----------------------------------------------------------------------------- the n-gram reference
+
 
 def ngram_training_texts(max_texts):
     """The pretraining text as the n-gram sees it: train.bin decoded, cut at every special piece. The
     n-gram has no speaker tokens, so each utterance (or book chapter) is one text: it learns how an
     utterance starts and ends, as a test reply is scored from its start to its end marker."""
     from tokenizer import Tokenizer
+
     tokenizer = Tokenizer.load(os.path.join('data', 'pretrain', 'tokenizer.model'))
     ids = np.fromfile(os.path.join('data', 'pretrain', 'train.bin'), dtype=np.uint16)
     pieces = np.split(ids, np.flatnonzero(np.isin(ids, tokenizer.special_ids)))
     texts = [tokenizer.decode(p[1:] if p[0] in tokenizer.special_ids else p) for p in pieces if len(p)]
     texts = [t for t in texts if t]
-    return texts[:max_texts or None]
+    return texts[: max_texts or None]
 
 
 def scored_replies(room):
     """The COVID test replies exactly as a GPT without a prompt scores them: (text, whether <eot> is scored),
     each reply cut where the GPT's window cuts it."""
     from tokenizer import Tokenizer
+
     data_dir = os.path.join('data', 'covid')
     tokenizer = Tokenizer.load(os.path.join(data_dir, 'tokenizer.model'))
     special = load_meta(data_dir)['special_ids']
@@ -215,22 +279,31 @@ def ngram_result(order, room, max_texts):
     replies = scored_replies(room)
     bits = sum(reply_bits(model, text, ends) for text, ends in replies)
     n_chars = sum(len(text) for text, _ in replies)
-    return dict(ngram=order, train_texts=len(texts),
-                train_chars=sum(map(len, texts)), test_replies=len(replies), test_chars=n_chars,
-                test_bpc=bits / n_chars, test_ppl=None, trainable_params=None,
-                ngrams=len(model.counts[order]), seen_fraction=seen_fraction(replies, texts),
-                wall_time_s=round(time.time() - t0, 1))
+    return dict(
+        ngram=order,
+        train_texts=len(texts),
+        train_chars=sum(map(len, texts)),
+        test_replies=len(replies),
+        test_chars=n_chars,
+        test_bpc=bits / n_chars,
+        test_ppl=None,
+        trainable_params=None,
+        ngrams=len(model.counts[order]),
+        seen_fraction=seen_fraction(replies, texts),
+        wall_time_s=round(time.time() - t0, 1),
+    )
 
 
 def seen_fraction(replies, texts, width=12):
     """The share of the replies' consecutive width-character pieces found verbatim in the training text: how
     much of the test set an n-gram can simply remember."""
     corpus = '\n'.join(texts)
-    pieces = [text[i:i + width] for text, _ in replies for i in range(0, len(text) - width + 1, width)]
+    pieces = [text[i : i + width] for text, _ in replies for i in range(0, len(text) - width + 1, width)]
     return sum(piece in corpus for piece in pieces) / max(len(pieces), 1)
 
 
 # ----------------------------------------------------------------------------- fine-tuning runs
+
 
 def finetune_settings(spec, seed, pretrained, scale, cfg):
     """finetune.py's settings for one cell of a table and one seed (out_dir aside: see run_finetune)."""
@@ -242,12 +315,20 @@ def finetune_settings(spec, seed, pretrained, scale, cfg):
         init_from, init_checkpoint = pretrained['dir'], 'best.pt'
         learning_rate = FULL_FINETUNE_LR if spec['mode'] == 'full' else 0.0  # 0: finetune.py's p-tuning rate
     iters = cfg.finetune_iters or scale['finetune_iters']
-    settings.update(init_from=init_from, init_checkpoint=init_checkpoint, max_iters=iters,
-                    warmup_iters=max(iters // 10, 1), eval_interval=max(iters // 2, 1), learning_rate=learning_rate,
-                    max_eval_examples=scale['max_eval_examples'], seed=seed)
+    settings.update(
+        init_from=init_from,
+        init_checkpoint=init_checkpoint,
+        max_iters=iters,
+        warmup_iters=max(iters // 10, 1),
+        eval_interval=max(iters // 2, 1),
+        learning_rate=learning_rate,
+        max_eval_examples=scale['max_eval_examples'],
+        seed=seed,
+    )
     if TASKS[spec['task']].generates_replies and spec['dataset'] in DIALOGUE_SETS and not spec.get('entity_splice'):
-        settings.update(generate_examples=scale['generate_examples'], max_new_tokens=scale['max_new_tokens'],
-                        **DECODING)
+        settings.update(
+            generate_examples=scale['generate_examples'], max_new_tokens=scale['max_new_tokens'], **DECODING
+        )
     return settings
 
 
@@ -273,8 +354,12 @@ def run_all(tables, seeds, scale, cfg, results, pool):
     Small models use two cores poorly: two runs of one thread each finish sooner than two runs one after the
     other on two threads (measured: docs/papers.md). A run's numbers depend on its thread count in the last digits
     (the order of a matmul's sums), so the same --jobs on the same machine gives the same results."""
-    cells = [(spec, seed) for table in tables for _, spec in table['rows']
-             for seed in (seeds[:1] if is_deterministic(spec) else seeds)]
+    cells = [
+        (spec, seed)
+        for table in tables
+        for _, spec in table['rows']
+        for seed in (seeds[:1] if is_deterministic(spec) else seeds)
+    ]
     keys_of_spec = {json.dumps(spec, sort_keys=True): [] for spec, _ in cells}
     pretrained, todo, done, t0 = {}, {}, 0, time.time()
     needed = {spec.get('base', 'medical') for spec, _ in cells}  # only the bases the chosen tables use
@@ -302,8 +387,11 @@ def run_all(tables, seeds, scale, cfg, results, pool):
             done += 1
             spec, seed = todo[name_or_key]
             elapsed = time.time() - t0
-            print(f"[{done}/{len(todo)} so far] {describe(spec)} seed {seed}: "
-                  f"{summary_line(results['runs'][name_or_key])} ({elapsed / 60:.1f} min)", flush=True)
+            print(
+                f"[{done}/{len(todo)} so far] {describe(spec)} seed {seed}: "
+                f"{summary_line(results['runs'][name_or_key])} ({elapsed / 60:.1f} min)",
+                flush=True,
+            )
     return pretrained, keys_of_spec
 
 
@@ -327,12 +415,22 @@ def describe(spec):
 
 
 def summary_line(result):
-    parts = [f"{name} {result[key]:.4g}" for name, key in (('ppl', 'test_ppl'), ('bpc', 'test_bpc'),
-             ('acc', 'test_acc'), ('f1', 'test_f1'), ('bleu1', 'test_bleu1')) if result.get(key) is not None]
+    parts = [
+        f"{name} {result[key]:.4g}"
+        for name, key in (
+            ('ppl', 'test_ppl'),
+            ('bpc', 'test_bpc'),
+            ('acc', 'test_acc'),
+            ('f1', 'test_f1'),
+            ('bleu1', 'test_bleu1'),
+        )
+        if result.get(key) is not None
+    ]
     return ', '.join(parts)
 
 
 # ----------------------------------------------------------------------------- results file
+
 
 def results_path(cfg):
     return os.path.join(cfg.out_dir, 'results.json')

@@ -16,6 +16,7 @@ training text and scored on its validation text (both decoded from the bins and 
 Writes out/ttq/results.json (the curves) and out/ttq/curves.png. Run it on an otherwise idle machine: the
 seconds are wall-clock seconds.
 """
+
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 
 from configurator import configure
 
+# fmt: off
 DEFAULTS = dict(
     recipes='',          # comma-separated names from RECIPES ('' = all, in order)
     target=0.0,          # bits/char to reach; 0 = the n-gram's
@@ -39,12 +41,23 @@ DEFAULTS = dict(
     dtype='float32',     # every recipe in float32, as on a CPU without bf16 matmul units (a recipe may differ)
     extra='',            # train.py overrides added to every recipe, space-separated (e.g. '--device=cuda')
 )
+# fmt: on
 
 # nanoGPT's recipe for small models (its shakespeare_char config): AdamW, lr 1e-3, beta2 0.99, warm-up then
 # cosine to a tenth of the peak, no dropout; on config/tiny.py's model and data/pretrain.
-REFERENCE = ['--dataset=pretrain', '--optimizer=adamw', '--learning_rate=1e-3', '--min_lr=1e-4', '--beta1=0.9',
-             '--beta2=0.99', '--weight_decay=0.1', '--grad_clip=1.0', '--lr_schedule=cosine', '--warmup_iters=100',
-             '--dropout=0.0']
+REFERENCE = [
+    '--dataset=pretrain',
+    '--optimizer=adamw',
+    '--learning_rate=1e-3',
+    '--min_lr=1e-4',
+    '--beta1=0.9',
+    '--beta2=0.99',
+    '--weight_decay=0.1',
+    '--grad_clip=1.0',
+    '--lr_schedule=cosine',
+    '--warmup_iters=100',
+    '--dropout=0.0',
+]
 MUON = ['--optimizer=muon', '--muon_lr=0.02', '--learning_rate=3e-3', '--min_lr=3e-4']
 RECIPES = {  # each changes one lever of the reference, or adds one to the best so far; later keys win
     'reference': REFERENCE,
@@ -64,6 +77,7 @@ def ngram_bpc(orders, out):
     """(best bits/char, order) of the character n-gram on data/pretrain's validation text (cached)."""
     from experiments.ngram import KneserNey
     from tokenizer import Tokenizer
+
     cache = os.path.join(out, 'ngram.json')
     meta_path = os.path.join('data', 'pretrain', 'meta.json')
     key = {'orders': orders, 'meta_mtime': os.path.getmtime(meta_path)}
@@ -96,9 +110,23 @@ def ngram_bpc(orders, out):
 def iterations_in(seconds, overrides, cfg, out_dir):
     """How many iterations of this recipe fit in `seconds` here: the speed of a short run's last steps (the first
     ones include start-up and compilation)."""
-    subprocess.run([sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out_dir}', '--overwrite',
-                    f'--dtype={cfg.dtype}', *overrides, f'--max_iters={CALIBRATION_ITERS}', '--eval_iters=1',
-                    '--log_interval=1', f'--eval_interval={CALIBRATION_ITERS}'], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            'train.py',
+            'config/tiny.py',
+            f'--out_dir={out_dir}',
+            '--overwrite',
+            f'--dtype={cfg.dtype}',
+            *overrides,
+            f'--max_iters={CALIBRATION_ITERS}',
+            '--eval_iters=1',
+            '--log_interval=1',
+            f'--eval_interval={CALIBRATION_ITERS}',
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
     steps = [r['train_s'] for r in records if 'loss' in r]  # training seconds after each step
@@ -116,9 +144,17 @@ def run_recipe(name, overrides, cfg):
     if not any(o.startswith('--max_iters=') for o in overrides):
         iters = iterations_in(0.98 * cfg.time_cap, overrides, cfg, out_dir)
         overrides = overrides + [f'--max_iters={iters}', f'--lr_decay_iters={iters}']
-    command = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out_dir}', '--overwrite',
-               f'--eval_interval={cfg.eval_interval}', f'--eval_iters={cfg.eval_iters}', f'--dtype={cfg.dtype}',
-               *overrides]
+    command = [
+        sys.executable,
+        'train.py',
+        'config/tiny.py',
+        f'--out_dir={out_dir}',
+        '--overwrite',
+        f'--eval_interval={cfg.eval_interval}',
+        f'--eval_iters={cfg.eval_iters}',
+        f'--dtype={cfg.dtype}',
+        *overrides,
+    ]
     print(' '.join(command[1:]), flush=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
     process = subprocess.Popen(command)
@@ -156,8 +192,10 @@ def time_to(curve, target):
 
 def plot(curves, ngram, ngram_order, target, path):
     import matplotlib
+
     matplotlib.use('Agg')  # no screen needed
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, curve in curves.items():
         ax.plot([c[0] for c in curve], [c[2] for c in curve], label=name)
@@ -189,8 +227,13 @@ def main(argv=None):
     for name in names:
         overrides = RECIPES[name] + cfg.extra.split()
         curve = run_recipe(name, overrides, cfg)
-        results[name] = {'overrides': overrides, 'dtype': cfg.dtype, 'time_cap': cfg.time_cap, 'curve': curve,
-                         'load_average': os.getloadavg()[0]}
+        results[name] = {
+            'overrides': overrides,
+            'dtype': cfg.dtype,
+            'time_cap': cfg.time_cap,
+            'curve': curve,
+            'load_average': os.getloadavg()[0],
+        }
         with open(results_path, 'w') as f:
             json.dump(results, f, indent=1)
     curves = {name: results[name]['curve'] for name in results}
@@ -205,8 +248,10 @@ def report(curves, target, ngram, ngram_order):
     print(f"\ntarget {target:.4f} bits/char; the best n-gram ({ngram_order}-gram) scores {ngram:.4f}")
     reference = curves.get('reference')
     equal = reference[-1][2] if reference else None
-    print(f"{'recipe':<22} {'to target':>10} {'best bpc':>9} {'at s':>6}" +
-          (f" {f'to {equal:.3f}':>9} {'speed-up':>9}" if equal else ''))
+    print(
+        f"{'recipe':<22} {'to target':>10} {'best bpc':>9} {'at s':>6}"
+        + (f" {f'to {equal:.3f}':>9} {'speed-up':>9}" if equal else '')
+    )
     for name, curve in curves.items():
         seconds = time_to(curve, target)
         best = min(curve, key=lambda point: point[2])

@@ -1,4 +1,5 @@
 """Test-wide settings."""
+
 import torch
 
 # The tests' tensors are tiny: a second thread buys nothing, and when the cores are shared (CI

@@ -1,4 +1,5 @@
 """Smoke test of bench.py: a toy-sized run writes every number, finite and positive (never judged for speed)."""
+
 import json
 import math
 import os
@@ -14,11 +15,25 @@ from experiments import bench  # noqa: E402
 
 MIRROR = os.environ.get('CMED_DATA') or str(ROOT.parent / 'shared' / 'data')
 TRAIN_NUMBERS = ('steps', 'ms_per_step', 'tokens_per_s', 'mfu')
-GENERATE_NUMBERS = ('new_tokens', 'prompt_tokens', 'block_size', 'cached_tokens_per_s', 'recompute_tokens_per_s',
-                    'speedup')
+GENERATE_NUMBERS = (
+    'new_tokens',
+    'prompt_tokens',
+    'block_size',
+    'cached_tokens_per_s',
+    'recompute_tokens_per_s',
+    'speedup',
+)
 SERVE_NUMBERS = ('requests', 'seconds', 'requests_per_s', 'tokens_per_s', 'ttft_median_ms', 'ttft_p90_ms')
-PREPARE_NUMBERS = ('chars', 'records', 'workers', 'single_seconds', 'multi_seconds', 'single_chars_per_s',
-                   'multi_chars_per_s', 'speedup')
+PREPARE_NUMBERS = (
+    'chars',
+    'records',
+    'workers',
+    'single_seconds',
+    'multi_seconds',
+    'single_chars_per_s',
+    'multi_chars_per_s',
+    'speedup',
+)
 
 
 def assert_positive_numbers(record, keys):
@@ -33,10 +48,26 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
     has_mirror = os.path.exists(os.path.join(MIRROR, bench.COVID_TEXT))
     out = tmp_path / 'bench.json'
     # a dataset that does not exist: random tokens, whatever has been prepared in data/
-    args = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2',
-            '--vocab_size=2000', '--warmup_steps=1', '--steps=2', '--cpu_bf16_steps=1', '--gen_tokens=24',
-            '--peak_flops=1e10', f'--dataset={tmp_path / "no_data"}', f'--src={MIRROR}', f'--out={out}',
-            f'--prepare_chars={3000 if has_mirror else 0}', '--serve_requests=4', '--serve_tokens=4']
+    args = [
+        '--device=cpu',
+        '--n_layer=1',
+        '--n_head=2',
+        '--n_embd=32',
+        '--block_size=16',
+        '--batch_size=2',
+        '--vocab_size=2000',
+        '--warmup_steps=1',
+        '--steps=2',
+        '--cpu_bf16_steps=1',
+        '--gen_tokens=24',
+        '--peak_flops=1e10',
+        f'--dataset={tmp_path / "no_data"}',
+        f'--src={MIRROR}',
+        f'--out={out}',
+        f'--prepare_chars={3000 if has_mirror else 0}',
+        '--serve_requests=4',
+        '--serve_tokens=4',
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a toy model gains nothing from threads, and loses much on a busy machine
     try:
@@ -50,8 +81,9 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
     assert_positive_numbers(machine, ('threads', 'peak_flops'))
     assert results['config']['data'].startswith('random tokens')
     assert_positive_numbers(results['config'], ('params', 'tokens_per_step'))
-    assert {(row['attention'], row['dtype']) for row in results['train']} == \
-        {(a, d) for a in ('manual', 'fused') for d in ('float32', 'bfloat16')}
+    assert {(row['attention'], row['dtype']) for row in results['train']} == {
+        (a, d) for a in ('manual', 'fused') for d in ('float32', 'bfloat16')
+    }
     for row in results['train']:
         assert_positive_numbers(row, TRAIN_NUMBERS)
     assert_positive_numbers(results['generate'], GENERATE_NUMBERS)

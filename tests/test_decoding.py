@@ -1,5 +1,6 @@
 """The decoding rules against loops (repetition_penalty, no_repeat_ngram_size): by hand on small cases, against
 the transformers library's own logits processors, and inside generate()."""
+
 import torch
 from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
@@ -15,9 +16,13 @@ def test_repetition_penalty_by_hand():
 
 def test_no_repeat_ngram_by_hand():
     logits = torch.zeros(3, 10)
-    idx = torch.tensor([[5, 6, 7, 5],     # "5 6" was seen and the sequence ends in 5: 6 is banned
-                        [1, 2, 3, 1],     # "1 2": 2 is banned
-                        [4, 4, 8, 9]])    # "9 x" never seen: nothing banned
+    idx = torch.tensor(
+        [
+            [5, 6, 7, 5],  # "5 6" was seen and the sequence ends in 5: 6 is banned
+            [1, 2, 3, 1],  # "1 2": 2 is banned
+            [4, 4, 8, 9],
+        ]
+    )  # "9 x" never seen: nothing banned
     out = penalize_repeats(logits, idx, no_repeat_ngram_size=2)
     assert torch.isinf(out).nonzero().tolist() == [[0, 6], [1, 2]]
     out3 = penalize_repeats(torch.zeros(1, 10), torch.tensor([[1, 2, 3, 1, 2]]), no_repeat_ngram_size=3)
@@ -60,6 +65,7 @@ def test_generate_never_repeats_an_ngram():
 
 def test_reply_variety():
     from metrics import reply_variety
+
     replies = ['宝宝吗?'] * 7 + ['多喝水', '去医院']
     variety = reply_variety(replies)
     assert variety == {'distinct_replies': 3 / 9, 'top_reply_share': 7 / 9}

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optim import configure_optimizers
 from model import GPT, GPTConfig, sample_next
+from optim import configure_optimizers
 
 V, BLOCK = 97, 32
 
@@ -39,9 +39,11 @@ def randomise_tag_tables(model):
 
 # ----- shapes, errors --------------------------------------------------------------------------
 
-@pytest.mark.parametrize('n_lexical,n_entity,n_prompt,n_classes,infix',
-                         [c for c in itertools.product((0, 4), (0, 2), (0, 3), (0, 5), (False, True))
-                          if not (c[4] and c[2] == 0)])
+
+@pytest.mark.parametrize(
+    'n_lexical,n_entity,n_prompt,n_classes,infix',
+    [c for c in itertools.product((0, 4), (0, 2), (0, 3), (0, 5), (False, True)) if not (c[4] and c[2] == 0)],
+)
 def test_shapes_for_every_option(n_lexical, n_entity, n_prompt, n_classes, infix):
     model = make_model(n_lexical=n_lexical, n_entity=n_entity, n_prompt=n_prompt, n_classes=n_classes)
     B, T = 3, 10
@@ -92,6 +94,7 @@ def test_omitted_tags_mean_zeros():
 
 # ----- initialisation ----------------------------------------------------------------------------
 
+
 def test_initial_loss_is_close_to_uniform():
     model = make_model(n_lexical=4, n_entity=2, n_prompt=3)
     idx, lexical, entity = random_batch(B=8, T=16)
@@ -110,6 +113,7 @@ def test_gpt2_initialisation_and_weight_tying():
 
 
 # ----- the embedding sum ---------------------------------------------------------------------------
+
 
 def test_embedding_is_the_sum_of_four_tables():
     model = make_model(n_lexical=4, n_entity=2)
@@ -142,6 +146,7 @@ def test_known_tag_vector_shifts_the_block_input_by_exactly_that_vector():
 
 # ----- the soft prompt --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('reparam', ['none', 'mlp', 'lstm'])
 def test_infix_prompt_lands_at_the_requested_positions(reparam):
     P = 3
@@ -156,7 +161,7 @@ def test_infix_prompt_lands_at_the_requested_positions(reparam):
     prompt = model.prompt() + model.wle.weight[0]  # prompt positions carry lexical id 0
     pe = model.wpe.weight
     for b, p in enumerate(prompt_pos.tolist()):
-        expected = torch.cat([tokens[b, :p], prompt, tokens[b, p:]]) + pe[:8 + P]
+        expected = torch.cat([tokens[b, :p], prompt, tokens[b, p:]]) + pe[: 8 + P]
         assert torch.allclose(x[b], expected, atol=1e-6), f"row {b}, prompt at {p}"
 
 
@@ -196,7 +201,7 @@ def test_prompt_positions_are_not_scored_and_outputs_align_with_tokens():
     # the last prompt state, which is what predicts token 5; tokens 5.. read theirs, P further on
     assert torch.allclose(logits[1, :4], full[1, :4], atol=1e-5)
     assert torch.allclose(logits[1, 4], full[1, 5 + P - 1], atol=1e-5)
-    assert torch.allclose(logits[1, 5:], full[1, 5 + P:], atol=1e-5)
+    assert torch.allclose(logits[1, 5:], full[1, 5 + P :], atol=1e-5)
     manual = F.cross_entropy(logits.reshape(-1, V), idx.reshape(-1))
     assert torch.allclose(loss, manual)
 
@@ -212,6 +217,7 @@ def test_targets_minus_one_are_not_scored():
 
 
 # ----- causality ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('n_prompt,prompt_pos', [(0, None), (3, None), (3, 6)])
 @pytest.mark.parametrize('attention', ['manual', 'fused'])
@@ -246,6 +252,7 @@ def test_class_head_reads_the_requested_position_and_is_causal():
 
 # ----- fused attention ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('n_prompt', [0, 3])
 def test_fused_attention_equals_hand_written(n_prompt):
     manual = make_model(n_prompt=n_prompt, n_lexical=4, n_entity=2)
@@ -265,6 +272,7 @@ def test_fused_attention_equals_hand_written(n_prompt):
 
 # ----- KV cache -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('attention', ['manual', 'fused'])
 @pytest.mark.parametrize('n_prompt,prompt_pos', [(0, None), (4, None), (4, 5)])
 def test_kv_cache_logits_equal_full_recompute(attention, n_prompt, prompt_pos):
@@ -277,7 +285,7 @@ def test_kv_cache_logits_equal_full_recompute(attention, n_prompt, prompt_pos):
     first, _ = model(idx[:, :6], lexical=lexical[:, :6], prompt_pos=pos, all_logits=True, kv_cache=cache)
     stepped = [first]
     for t in range(6, 14):
-        step, _ = model(idx[:, t:t + 1], lexical=lexical[:, t:t + 1], kv_cache=cache)
+        step, _ = model(idx[:, t : t + 1], lexical=lexical[:, t : t + 1], kv_cache=cache)
         stepped.append(step)
     assert torch.allclose(torch.cat(stepped, dim=1), full, atol=1e-5)
     assert cache[0].length == 14 + n_prompt
@@ -304,7 +312,7 @@ def test_generation_stops_at_eos():
     eos = greedy[0, 7].item()  # the third new token; make it the end-of-sequence id
     first_eos = greedy[0, 5:].tolist().index(eos) + 5  # (it may come earlier too)
     out = model.generate(idx, max_new_tokens=6, temperature=0, eos_id=eos)
-    assert torch.equal(out, greedy[:, :first_eos + 1])  # the same tokens, and not one after the stop id
+    assert torch.equal(out, greedy[:, : first_eos + 1])  # the same tokens, and not one after the stop id
 
 
 def test_generation_stops_at_any_of_several_ids():
@@ -316,7 +324,7 @@ def test_generation_stops_at_any_of_several_ids():
     for row in range(2):
         new = out[row, 5:].tolist()
         first = next(i for i, t in enumerate(new) if t in stops)
-        assert new[:first] == greedy[row, 5:5 + first].tolist()
+        assert new[:first] == greedy[row, 5 : 5 + first].tolist()
         assert all(t == new[first] for t in new[first:])
     # generation ends as soon as the later row has stopped: 5 + its stop position + 1 tokens
     last_stop = max(next(i for i, t in enumerate(greedy[row, 5:].tolist()) if t in stops) for row in range(2))
@@ -343,12 +351,19 @@ def test_sampling_respects_top_k_and_top_p():
 
 # ----- p-tuning and the optimiser ---------------------------------------------------------------------
 
+
 def test_ptuning_trains_only_the_prompt():
     model = make_model(n_prompt=3, n_lexical=4, n_entity=2, prompt_reparam='mlp')
     model.freeze_for_ptuning(train_lexical=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {'prompt.embedding', 'prompt.mlp.0.weight', 'prompt.mlp.0.bias',
-                         'prompt.mlp.2.weight', 'prompt.mlp.2.bias', 'wle.weight'}
+    assert trainable == {
+        'prompt.embedding',
+        'prompt.mlp.0.weight',
+        'prompt.mlp.0.bias',
+        'prompt.mlp.2.weight',
+        'prompt.mlp.2.bias',
+        'wle.weight',
+    }
     assert model.num_params(trainable_only=True) == sum(model.get_parameter(n).numel() for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = configure_optimizers(model, 'adamw', 0.1, 1e-2, (0.9, 0.95), 'cpu')
@@ -383,13 +398,17 @@ def test_weight_decay_only_on_trainable_linear_matrices():
     decay, no_decay = optimizer.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     decayed = {id(p) for p in decay['params']}
-    expected = {id(p) for n, p in model.named_parameters()
-                if p.dim() == 2 and not n.startswith(('wte', 'wpe', 'wle', 'wee', 'prompt.embedding'))}
+    expected = {
+        id(p)
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and not n.startswith(('wte', 'wpe', 'wle', 'wee', 'prompt.embedding'))
+    }
     assert decayed == expected and len(expected) == 2 * 4 + 1  # 4 matrices per block + class head
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in decay['params']) == sorted(
         [f'blocks.{i}.{m}.weight' for i in range(2) for m in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj')]
-        + ['class_head.weight'])
+        + ['class_head.weight']
+    )
     assert sum(p.numel() for g in optimizer.param_groups for p in g['params']) == model.num_params()
     model.freeze_for_ptuning()
     optimizer = configure_optimizers(model, 'adamw', 0.1, 1e-3, (0.9, 0.95), 'cpu')
@@ -398,6 +417,7 @@ def test_weight_decay_only_on_trainable_linear_matrices():
 
 
 # ----- learning -----------------------------------------------------------------------------------
+
 
 def test_tiny_model_overfits_one_batch():
     model = make_model(n_lexical=4, n_entity=2)

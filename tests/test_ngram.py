@@ -8,9 +8,15 @@ from experiments.ngram import EOS, FALLBACK_DISCOUNTS, KneserNey, modified_kn_di
 UNSEEN = '\U00020000'  # a CJK character that no corpus below contains
 
 SYMPTOMS = ['发热', '咳嗽', '咽痛', '乏力', '胸闷', '腹泻', '头痛', '气短']
-SENTENCES = ['病人：{}{}天了，还有点{}。', '医生：有没有{}或者{}？', '病人：没有{}，体温三十八度。',
-             '医生：建议去医院查血常规和胸部CT。', '病人：{}需要吃什么药吗？', '医生：先多喝水，注意休息。',
-             '病人：我姓{}。']
+SENTENCES = [
+    '病人：{}{}天了，还有点{}。',
+    '医生：有没有{}或者{}？',
+    '病人：没有{}，体温三十八度。',
+    '医生：建议去医院查血常规和胸部CT。',
+    '病人：{}需要吃什么药吗？',
+    '医生：先多喝水，注意休息。',
+    '病人：我姓{}。',
+]
 SURNAMES = '王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董'  # rare characters
 
 

@@ -1,5 +1,6 @@
 """optim.py: Muon's update is near-orthogonal, the parameter groups follow the rules (hidden matrices to Muon,
 frozen tensors to nobody), its AdamW half is torch's AdamW, its state resumes exactly; and the schedules."""
+
 import copy
 
 import pytest
@@ -12,8 +13,9 @@ from optim import MuonAdamW, configure_optimizers, orthogonalize
 
 def small_model(**extra):
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, n_lexical=4, n_entity=2,
-                         **extra))
+    return GPT(
+        GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, n_lexical=4, n_entity=2, **extra)
+    )
 
 
 def test_orthogonalize_gives_near_orthogonal_matrices():
@@ -43,7 +45,7 @@ def test_muon_step_on_a_matrix_is_near_orthogonal():
     singular = torch.linalg.svdvals(w.detach() - before)
     assert singular.max() / singular.min() < 2.0  # every direction moves by about the same amount
     # the step's size: lr times sqrt(rows / cols) per singular direction (tall matrices scaled up)
-    assert 0.5 * 0.1 * 3 ** 0.5 < singular.mean() < 1.25 * 0.1 * 3 ** 0.5
+    assert 0.5 * 0.1 * 3**0.5 < singular.mean() < 1.25 * 0.1 * 3**0.5
 
 
 def test_groups_hidden_matrices_to_muon_the_rest_to_adamw():
@@ -52,8 +54,7 @@ def test_groups_hidden_matrices_to_muon_the_rest_to_adamw():
     names = {id(p): name for name, p in model.named_parameters()}
     muon = {names[id(p)] for g in optimizer.param_groups if g['use_muon'] for p in g['params']}
     adamw = {names[id(p)] for g in optimizer.param_groups if not g['use_muon'] for p in g['params']}
-    assert muon == {name for name, p in model.named_parameters()
-                    if name.startswith('blocks.') and p.dim() == 2}
+    assert muon == {name for name, p in model.named_parameters() if name.startswith('blocks.') and p.dim() == 2}
     assert {'wte.weight', 'wpe.weight', 'wle.weight', 'wee.weight', 'ln_f.weight', 'class_head.weight'} <= adamw
     assert not muon & adamw and len(muon | adamw) == len(list(model.parameters()))
     # the schedule sets lr = learning_rate(it) * lr_scale: Muon's groups peak at muon_lr
@@ -137,11 +138,10 @@ def test_muon_learns_faster_than_its_start():
 
 
 def test_wsd_schedule():
-    lr = [common.learning_rate_at(it, 1.0, 0.1, 10, 110, schedule='wsd', warmdown_fraction=0.2)
-          for it in range(120)]
+    lr = [common.learning_rate_at(it, 1.0, 0.1, 10, 110, schedule='wsd', warmdown_fraction=0.2) for it in range(120)]
     assert lr[0] == pytest.approx(1 / 11) and lr[9] == pytest.approx(10 / 11)  # the same warm-up as cosine
-    assert all(v == 1.0 for v in lr[10:91])            # stable: the full rate until the last 20% (80 of 100)
-    assert lr[100] == pytest.approx(1.0 - 0.5 * 0.9)   # halfway down the straight line
+    assert all(v == 1.0 for v in lr[10:91])  # stable: the full rate until the last 20% (80 of 100)
+    assert lr[100] == pytest.approx(1.0 - 0.5 * 0.9)  # halfway down the straight line
     assert all(a > b for a, b in zip(lr[90:110], lr[91:111]))
     assert lr[110:] == [0.1] * 10
     cosine = [common.learning_rate_at(it, 1.0, 0.1, 10, 110) for it in range(120)]

@@ -1,4 +1,5 @@
 """experiments/time_to_quality.py's arithmetic: when a curve reaches a target, and the table it prints."""
+
 import math
 
 from experiments.time_to_quality import report, time_to
@@ -6,17 +7,19 @@ from experiments.time_to_quality import report, time_to
 
 def test_time_to_interpolates_between_evaluations():
     curve = [(0, 0, 7.0), (100, 1000, 5.0), (200, 2000, 4.0), (300, 3000, 3.5)]
-    assert time_to(curve, 7.0) == 0                 # reached at the first point
-    assert time_to(curve, 4.5) == 150               # halfway from 5.0 (100 s) to 4.0 (200 s)
+    assert time_to(curve, 7.0) == 0  # reached at the first point
+    assert time_to(curve, 4.5) == 150  # halfway from 5.0 (100 s) to 4.0 (200 s)
     assert time_to(curve, 3.5) == 300
-    assert time_to(curve, 3.4) is None              # never reached
+    assert time_to(curve, 3.4) is None  # never reached
     # between the last point above and the first at or below: a curve that went up first is no shortcut
     assert math.isclose(time_to([(10, 0, 5.0), (20, 0, 6.0), (30, 0, 3.0)], 4.0), 20 + 10 * (6 - 4) / 3)
 
 
 def test_report_speedup_at_the_reference_quality(capsys):
-    curves = {'reference': [(0, 0, 7.0), (300, 0, 5.0), (600, 0, 4.0)],
-              'faster': [(0, 0, 7.0), (100, 0, 5.0), (200, 0, 4.0), (600, 0, 3.0)]}
+    curves = {
+        'reference': [(0, 0, 7.0), (300, 0, 5.0), (600, 0, 4.0)],
+        'faster': [(0, 0, 7.0), (100, 0, 5.0), (200, 0, 4.0), (600, 0, 3.0)],
+    }
     report(curves, target=3.5, ngram=3.5, ngram_order=7)
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line}
     assert lines['reference'][1] == '-' and lines['reference'][-1] == '1.00x'

@@ -1,4 +1,5 @@
 """Tests of train.py, configurator.py and checkpoint.py on a tiny synthetic data set (CPU, seconds)."""
+
 import json
 import math
 import os
@@ -33,18 +34,40 @@ def data_dir(tmp_path_factory):
         tokens.astype(np.uint16).tofile(path / f"{split}.bin")
         rng.integers(0, 4, n_tokens, dtype=np.uint8).tofile(path / f"{split}.lex.bin")
         rng.integers(0, 2, n_tokens, dtype=np.uint8).tofile(path / f"{split}.ent.bin")
-    meta = {'vocab_size': VOCAB, 'lexical_map': {'other': 0, 'n': 1, 'v': 2, 'a': 3},
-            'entity_map': {'none': 0, 'entity': 1}}
+    meta = {
+        'vocab_size': VOCAB,
+        'lexical_map': {'other': 0, 'n': 1, 'v': 2, 'a': 3},
+        'entity_map': {'none': 0, 'entity': 1},
+    }
     (path / 'meta.json').write_text(json.dumps(meta))
     return path
 
 
 def tiny_args(data_dir, out_dir, **overrides):
     """Command-line overrides for a model and run small enough to train in about a second."""
-    settings = dict(dataset=data_dir, out_dir=out_dir, device='cpu', n_layer=1, n_head=2, n_embd=32,
-                    block_size=16, batch_size=4, gradient_accumulation_steps=2, max_iters=8,
-                    eval_interval=4, eval_iters=2, log_interval=1, learning_rate=1e-2, warmup_iters=2,
-                    lr_decay_iters=8, min_lr=1e-3, dropout=0.1, lexical=True, entity=True, peak_flops=1e9)
+    settings = dict(
+        dataset=data_dir,
+        out_dir=out_dir,
+        device='cpu',
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        max_iters=8,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=1,
+        learning_rate=1e-2,
+        warmup_iters=2,
+        lr_decay_iters=8,
+        min_lr=1e-3,
+        dropout=0.1,
+        lexical=True,
+        entity=True,
+        peak_flops=1e9,
+    )
     settings.update(overrides)
     return [f"--{key}={value}" for key, value in settings.items()]
 
@@ -64,8 +87,9 @@ DEFAULTS = dict(max_iters=100, learning_rate=1e-3, compile=False, out_dir='out',
 
 
 def test_overrides_are_typed_in_every_form():
-    config = configure(DEFAULTS, ['--max_iters=5', '--learning_rate', '3e-4', '--compile',
-                                  '--out_dir', 'runs/a', '--top_k=40'])
+    config = configure(
+        DEFAULTS, ['--max_iters=5', '--learning_rate', '3e-4', '--compile', '--out_dir', 'runs/a', '--top_k=40']
+    )
     assert config == dict(max_iters=5, learning_rate=3e-4, compile=True, out_dir='runs/a', top_k=40)
     assert type(config['max_iters']) is int and type(config['learning_rate']) is float
 
@@ -80,6 +104,7 @@ def test_boolean_flag_takes_an_explicit_value_and_config_file_comes_first(tmp_pa
 
 def test_given_keys_are_what_the_file_and_command_line_set_whatever_the_value(tmp_path):
     from configurator import given_keys
+
     config_file = tmp_path / 'run.py'
     config_file.write_text("max_iters = 100\n")  # the default's own value: still asked for
     assert given_keys(DEFAULTS, [str(config_file), '--compile', '--top_k=None']) == {'max_iters', 'compile', 'top_k'}
@@ -101,6 +126,7 @@ def test_badly_typed_value_is_refused():
 
 
 # ----------------------------------------------------------------------------- checkpoint
+
 
 def test_load_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     not_a_checkpoint = tmp_path / 'notes.pt'
@@ -126,6 +152,7 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch)
     def write_half_then_fail(obj, f):
         f.write(b'half a checkpoint')
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, 'save', write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({'model': {'w': torch.zeros(2)}, 'model_args': {}}, path)
@@ -135,13 +162,16 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- train.py
 
+
 def test_learning_rate_warms_up_decays_and_holds():
-    lrs = [common.learning_rate_at(it, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
-           for it in range(200)]
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))            # rising during warm-up
+    lrs = [
+        common.learning_rate_at(it, learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+        for it in range(200)
+    ]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # rising during warm-up
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine midpoint
-    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))      # falling
-    assert set(lrs[110:]) == {0.1}                                    # held at min_lr
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # falling
+    assert set(lrs[110:]) == {0.1}  # held at min_lr
 
 
 def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, monkeypatch):
@@ -168,8 +198,9 @@ def test_resumed_run_matches_uninterrupted_run(data_dir, tmp_path):
     train.main(tiny_args(data_dir, tmp_path / 'split', init_from='resume'))
     whole, split = read_log(tmp_path / 'whole'), read_log(tmp_path / 'split')
     assert train_losses(split) == pytest.approx(train_losses(whole), rel=1e-6)
-    assert [r['val_loss'] for r in split if r['iter'] == 8 and 'val_loss' in r] == \
-        pytest.approx([r['val_loss'] for r in whole if r['iter'] == 8 and 'val_loss' in r], rel=1e-6)
+    assert [r['val_loss'] for r in split if r['iter'] == 8 and 'val_loss' in r] == pytest.approx(
+        [r['val_loss'] for r in whole if r['iter'] == 8 and 'val_loss' in r], rel=1e-6
+    )
 
 
 def test_each_rank_reads_different_windows(data_dir):
@@ -181,22 +212,38 @@ def test_each_rank_reads_different_windows(data_dir):
 
 
 @pytest.mark.parametrize('log_interval, stop_iter', [(1, 1), (3, 3)])
-def test_non_finite_loss_stops_float32_training_without_a_checkpoint(data_dir, tmp_path, log_interval,
-                                                                     stop_iter):
+def test_non_finite_loss_stops_float32_training_without_a_checkpoint(data_dir, tmp_path, log_interval, stop_iter):
     # an absurd learning rate blows the weights up after one step, so the next loss is nan or inf;
     # the loss is read (and checked) at logged iterations only, so the stop comes at the next of those
     with pytest.raises(SystemExit, match=f"non-finite training loss .* iter {stop_iter} .*float32"):
-        train.main(tiny_args(data_dir, tmp_path, learning_rate=1e30, warmup_iters=0, grad_clip=0.0,
-                             log_interval=log_interval, dtype='float32'))  # auto is bf16 on a CPU with AMX
+        train.main(
+            tiny_args(
+                data_dir,
+                tmp_path,
+                learning_rate=1e30,
+                warmup_iters=0,
+                grad_clip=0.0,
+                log_interval=log_interval,
+                dtype='float32',
+            )
+        )  # auto is bf16 on a CPU with AMX
     assert not (tmp_path / 'ckpt.pt').exists() and not (tmp_path / 'best.pt').exists()
 
 
 def test_ddp_on_two_cpu_processes_learns_and_keeps_ranks_in_step(data_dir, tmp_path):
     # 4 micro-steps over 2 ranks: each rank runs 2, so no_sync is used on the first of them
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               str(ROOT / 'train.py'), *tiny_args(data_dir, tmp_path, gradient_accumulation_steps=4)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    command = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        '--nproc_per_node=2',
+        str(ROOT / 'train.py'),
+        *tiny_args(data_dir, tmp_path, gradient_accumulation_steps=4),
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'}
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     records = read_log(tmp_path)
     evals = [r for r in records if 'val_loss' in r]

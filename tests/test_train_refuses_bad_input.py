@@ -1,5 +1,6 @@
 """Bad input to train.py and checkpoint.py: each case fails with one clear line and loses nothing of a
 previous run, or works correctly."""
+
 import os
 import pickle
 import signal
@@ -16,14 +17,15 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from checkpoint import claim_out_dir, load_checkpoint, save_checkpoint  # noqa: E402
-from tokenizer import train_char  # noqa: E402
 from test_train import data_dir, read_log, tiny_args  # noqa: E402,F401 (data_dir is a fixture)
+from tokenizer import train_char  # noqa: E402
 
 
 def run_cli(*args, cwd=ROOT):
     """train.py as a user runs it: (exit code, stderr lines)."""
-    result = subprocess.run([sys.executable, str(ROOT / 'train.py'), *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / 'train.py'), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     return result.returncode, result.stderr.strip().splitlines()
 
 
@@ -54,10 +56,16 @@ def test_a_missing_dataset_names_the_command_and_keeps_the_log(finished_run, tmp
     assert snapshot(finished_run) == before  # the log was not truncated
 
 
-@pytest.mark.parametrize('key, value, message', [
-    ('batch_size', 0, '--batch_size must be >= 1'), ('eval_interval', 0, '--eval_interval must be >= 1'),
-    ('learning_rate', 'nan', '--learning_rate must be a finite number > 0'), ('max_iters', -1, '--max_iters must be >= 0'),
-    ('gradient_accumulation_steps', 0, '--gradient_accumulation_steps must be >= 1')])
+@pytest.mark.parametrize(
+    'key, value, message',
+    [
+        ('batch_size', 0, '--batch_size must be >= 1'),
+        ('eval_interval', 0, '--eval_interval must be >= 1'),
+        ('learning_rate', 'nan', '--learning_rate must be a finite number > 0'),
+        ('max_iters', -1, '--max_iters must be >= 0'),
+        ('gradient_accumulation_steps', 0, '--gradient_accumulation_steps must be >= 1'),
+    ],
+)
 def test_numeric_options_are_checked(data_dir, tmp_path, key, value, message):
     with pytest.raises(SystemExit, match=message):
         train.main(tiny_args(data_dir, tmp_path / 'out', **{key: value}))
@@ -78,9 +86,17 @@ def test_overwrite_starts_over(data_dir, tmp_path):
 
 
 def test_a_second_run_in_a_held_out_dir_is_refused_and_a_killed_holder_frees_it(data_dir, tmp_path):
-    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from checkpoint import claim_out_dir; '
-                               f'lock = claim_out_dir({str(tmp_path)!r}); print("held", flush=True); time.sleep(60)'],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            '-c',
+            'import sys, time; from checkpoint import claim_out_dir; '
+            f'lock = claim_out_dir({str(tmp_path)!r}); print("held", flush=True); time.sleep(60)',
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == 'held'
         with pytest.raises(SystemExit, match=rf'in use by another run \(pid {holder.pid}, started '):
@@ -107,11 +123,15 @@ def test_best_is_written_before_last(data_dir, tmp_path, monkeypatch):
     assert order == ['best.pt', 'ckpt.pt']
 
 
-@pytest.mark.parametrize('override, message', [
-    (dict(n_layer=2), r"--n_layer=2 differs from .*ckpt.pt's 1"),
-    (dict(block_size=32), r"--block_size=32 differs from .*ckpt.pt's 16"),
-    # asked for explicitly, even when it is the default's value (train.py's block_size default is 512)
-    (dict(block_size=512), r"--block_size=512 differs from .*ckpt.pt's 16")])
+@pytest.mark.parametrize(
+    'override, message',
+    [
+        (dict(n_layer=2), r"--n_layer=2 differs from .*ckpt.pt's 1"),
+        (dict(block_size=32), r"--block_size=32 differs from .*ckpt.pt's 16"),
+        # asked for explicitly, even when it is the default's value (train.py's block_size default is 512)
+        (dict(block_size=512), r"--block_size=512 differs from .*ckpt.pt's 16"),
+    ],
+)
 def test_resume_refuses_another_architecture(data_dir, finished_run, override, message):
     before = snapshot(finished_run)
     with pytest.raises(SystemExit, match=message):
@@ -125,15 +145,20 @@ def test_resume_without_the_shape_keys_takes_the_checkpoints(data_dir, finished_
     out.mkdir()
     for name in ('ckpt.pt', 'best.pt', 'log.jsonl'):
         (out / name).write_bytes((finished_run / name).read_bytes())
-    args = [a for a in tiny_args(data_dir, out, init_from='resume', max_iters=12)
-            if not a.startswith(('--n_layer', '--n_head', '--n_embd'))]
+    args = [
+        a
+        for a in tiny_args(data_dir, out, init_from='resume', max_iters=12)
+        if not a.startswith(('--n_layer', '--n_head', '--n_embd'))
+    ]
     train.main(args)
     saved = load_checkpoint(str(out / 'ckpt.pt'))
     assert saved['iter_num'] == 12 and saved['config']['n_layer'] == saved['model_args']['n_layer'] == 1
 
 
 def test_huge_block_sizes_are_refused_before_any_memory_is_used(data_dir, tmp_path):
-    with pytest.raises(SystemExit, match=r'train.bin has 20,000 tokens, fewer than one window of block_size\+1 = 100,001'):
+    with pytest.raises(
+        SystemExit, match=r'train.bin has 20,000 tokens, fewer than one window of block_size\+1 = 100,001'
+    ):
         train.main(tiny_args(data_dir, tmp_path, block_size=100000))
     with pytest.raises(SystemExit, match=r'block_size=1,900 needs about .* GiB for attention alone'):
         train.main(tiny_args(data_dir, tmp_path, block_size=1900, batch_size=100000))
@@ -153,9 +178,11 @@ def test_broken_token_files_are_named(data_dir, tmp_path, content, problem):
 
 def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(tmp_path):
     marker = tmp_path / 'ran'
+
     class Payload:
         def __reduce__(self):
             return (os.system, (f'touch {marker}',))
+
     evil, noise = tmp_path / 'evil.pt', tmp_path / 'noise.pt'
     evil.write_bytes(pickle.dumps(Payload()))
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
