@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+import train_start  # noqa: E402
 from checkpoint import claim_out_dir, load_checkpoint, save_checkpoint  # noqa: E402
 from test_train import data_dir, read_log, tiny_args  # noqa: E402,F401 (data_dir is a fixture)
 from tokenizer import train_char  # noqa: E402
@@ -223,9 +224,9 @@ def test_continued_pretraining_starts_from_the_given_weights(data_dir, finished_
 
 
 def test_the_passes_line_warns_before_memorising(capsys):
-    train.report_passes(1000 * 2048, 100_000, 'data/x')
+    train_start.report_passes(1000 * 2048, 100_000, 'data/x')
     out = capsys.readouterr().out
     assert 'reads 2,048,000 tokens: 20.5 passes over the 100,000 training tokens of data/x' in out
     assert 'WARNING: 20 passes' in out and '--corpus' in out
-    train.report_passes(1000 * 2048, 10_000_000, 'data/x')
+    train_start.report_passes(1000 * 2048, 10_000_000, 'data/x')
     assert 'WARNING' not in capsys.readouterr().out
