@@ -1,21 +1,20 @@
 """
-Fine-tuning tasks: how an example becomes a model input, the loss a run trains on, and how the model is
-scored. finetune.py trains on a task (--task is a key of TASKS); eval.py and reproduce.py score with one.
+Fine-tuning tasks: how an example becomes a model input, the loss a run trains on, and how the model is scored.
+finetune.py trains on a task (--task is a key of TASKS); eval.py and reproduce.py score with one.
 
-An example set (prepare/: covid, imcs, dxy, department) stores, per split, the tokens of every example with
-its lexical and entity ids, a loss mask that is 1 on the target (the doctor's reply + <eot>) and an
-optional label. Each task is one class with the same methods: inputs (an example as a model input: cropped
-to the context, the target scored and nothing else, the soft prompt's position and the token the class head
-reads), loss (training), evaluate (validation and test), selection_loss (the number that picks the best
-model), check (refusals before training) and score_generated (what the model generates on the test split).
+The examples come from an example set (example_sets.py). Each task is one class with the same methods: inputs (an
+example as a model input: cropped to the context, the target scored and nothing else, the soft prompt's position
+and the token the class head reads), loss (training), evaluate (validation and test), selection_loss (the number
+that picks the best model), check (refusals before training) and score_generated (what the model generates on the
+test split).
 
     dialogue    CMed-GPT: the doctor's reply is the target; LM loss; loss, PPL, bits/char; generated replies
     classify    MEDI-BERPT's baseline: the question alone, read by a class head; accuracy, macro-F1
     multitask   MEDI-BERPT: both on the reply's input; loss = class loss + lambda_lm * LM loss
     label_text  BioGPT: the label's sentence is the target; LM loss; accuracy of the greedily generated sentence
 
-Every task honours the run's input options: entity splicing (the source's entity words as text), the soft
-prompt in front of the input or between source and target, lexical and entity ids.
+Every task honours the run's input options: entity splicing (the source's entity words as text), the soft prompt
+in front of the input or between source and target, lexical and entity ids.
 """
 
 import math
@@ -28,132 +27,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common import autocast_context, load_char_counts
+from example_sets import crop_window, entity_runs, load_split, splice_entities, with_label_target
 from metrics import macro_f1, score_replies
-
-# ----------------------------------------------------------------------------- examples
-
-
-def load_split(data_dir, split):
-    """One split of an example set as a list of dicts of numpy arrays (source + target + eot)."""
-
-    def read(suffix, dtype):
-        return np.fromfile(os.path.join(data_dir, f"{split}.{suffix}"), dtype=dtype)
-
-    tokens, lexical, entity, mask = (
-        read('bin', np.uint16),
-        read('lex.bin', np.uint8),
-        read('ent.bin', np.uint8),
-        read('mask.bin', np.uint8),
-    )
-    offsets = np.load(os.path.join(data_dir, f"{split}.offsets.npy"))
-    labels = np.load(os.path.join(data_dir, f"{split}.labels.npy"))
-    examples = []
-    for i, label in enumerate(labels):
-        part = slice(offsets[i], offsets[i + 1])
-        examples.append(
-            dict(
-                tokens=tokens[part].astype(np.int64),
-                lexical=lexical[part].astype(np.int64),
-                entity=entity[part].astype(np.int64),
-                mask=mask[part],
-                label=int(label),
-            )
-        )
-    return examples
-
-
-def entity_runs(tokens, entity):
-    """The distinct runs of consecutive entity-tagged tokens, in order of appearance."""
-    runs, current = [], []
-    for token, tag in zip(tokens.tolist(), entity.tolist()):
-        if tag:
-            current.append(token)
-        elif current:
-            runs.append(tuple(current))
-            current = []
-    if current:
-        runs.append(tuple(current))
-    return list(dict.fromkeys(runs))
-
-
-def splice_entities(ex, target_start, sep_id):
-    """Entity splicing (the paper's baseline): the source's entity words, each after a separator,
-    go in as plain text just before the source's last token (the doctor's speaker piece)."""
-    runs = entity_runs(ex['tokens'][:target_start], ex['entity'][:target_start])
-    if not runs:
-        return ex
-    extra = np.array([t for run in runs for t in (sep_id,) + run], dtype=np.int64)
-    extra_entity = np.array([t for run in runs for t in (0,) + (1,) * len(run)], dtype=np.int64)
-    cut = target_start - 1
-
-    def insert(array, values):
-        return np.concatenate([array[:cut], values.astype(array.dtype), array[cut:]])
-
-    return dict(
-        ex,
-        tokens=insert(ex['tokens'], extra),
-        lexical=insert(ex['lexical'], np.zeros_like(extra)),
-        entity=insert(ex['entity'], extra_entity),
-        mask=insert(ex['mask'], np.zeros_like(extra)),
-    )
-
-
-def with_label_target(ex, target_start, label_ids, eot_id):
-    """BioGPT's text-as-label: the target becomes the label's sentence."""
-    target = np.array(label_ids + [eot_id], dtype=np.int64)
-    keep = slice(0, target_start)
-    return dict(
-        ex,
-        tokens=np.concatenate([ex['tokens'][keep], target]),
-        lexical=np.concatenate([ex['lexical'][keep], np.zeros_like(target)]),
-        entity=np.concatenate([ex['entity'][keep], np.zeros_like(target)]),
-        mask=np.concatenate([ex['mask'][keep], np.ones(len(target), dtype=np.uint8)]),
-    )
-
-
-def crop_window(length, target_start, room):
-    """[start, end) of at most room tokens, cropping the source from the left; if the target alone
-    does not fit, the source keeps half the window and the target is cut at the end."""
-    if length <= room:
-        return 0, length
-    source_keep = min(target_start, max(room - (length - target_start), room // 2))
-    start = target_start - source_keep
-    return start, start + room
-
-
-def answer_input(ex, target_start, room):
-    """The model input that scores the target: idx, targets (-1 where not scored), tags, prompt and class
-    positions (the soft prompt goes after the source; the class head reads the source's last token)."""
-    start, end = crop_window(len(ex['tokens']), target_start, room + 1)  # +1: inputs and targets shift by one
-    seq = {k: ex[k][start:end] for k in ('tokens', 'lexical', 'entity', 'mask')}
-    targets = np.where(seq['mask'][1:] == 1, seq['tokens'][1:], -1)  # score only the answer's tokens
-    source_len = target_start - start
-    return dict(
-        idx=seq['tokens'][:-1],
-        targets=targets,
-        lexical=seq['lexical'][:-1],
-        entity=seq['entity'][:-1],
-        prompt_pos=source_len,
-        class_pos=source_len - 1,
-        label=ex['label'],
-    )
-
-
-def question_input(ex, target_start, room):
-    """The source alone (everything before the answer, up to <doctor>), nothing scored: the input to
-    classify or to generate from."""
-    start, _ = crop_window(target_start, target_start, room)
-    seq = {k: ex[k][start:target_start] for k in ('tokens', 'lexical', 'entity')}
-    return dict(
-        idx=seq['tokens'],
-        targets=None,
-        lexical=seq['lexical'],
-        entity=seq['entity'],
-        prompt_pos=len(seq['tokens']),
-        class_pos=len(seq['tokens']) - 1,
-        label=ex['label'],
-    )
-
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -179,13 +54,40 @@ class Task:
         return ex, int(np.argmax(ex['mask']))
 
     def inputs(self, ex, room, special, label_sentences=()):
-        """The model input of an example in at most room tokens. label_sentences: each label's sentence as
-        token ids (the label_text task's targets)."""
-        return answer_input(*self.spliced(ex, special), room)
+        """The model input of an example in at most room tokens, scoring its target: idx, targets (-1 where not
+        scored), tags, prompt and class positions (the soft prompt goes after the source; the class head reads the
+        source's last token). label_sentences: each label's sentence as token ids (the label_text task's targets)."""
+        ex, target_start = self.spliced(ex, special)
+        start, end = crop_window(len(ex['tokens']), target_start, room + 1)  # +1: inputs and targets shift by one
+        seq = {k: ex[k][start:end] for k in ('tokens', 'lexical', 'entity', 'mask')}
+        targets = np.where(seq['mask'][1:] == 1, seq['tokens'][1:], -1)  # score only the answer's tokens
+        source_len = target_start - start
+        return dict(
+            idx=seq['tokens'][:-1],
+            targets=targets,
+            lexical=seq['lexical'][:-1],
+            entity=seq['entity'][:-1],
+            prompt_pos=source_len,
+            class_pos=source_len - 1,
+            label=ex['label'],
+        )
 
     def question(self, ex, room, special):
-        """The source alone as the model input (to classify, or to generate its answer from)."""
-        return question_input(*self.spliced(ex, special), room)
+        """The source alone (everything before the answer, up to <doctor>), nothing scored: the model input to
+        classify, or to generate the answer from."""
+        ex, target_start = self.spliced(ex, special)
+        start, _ = crop_window(target_start, target_start, room)
+        seq = {k: ex[k][start:target_start] for k in ('tokens', 'lexical', 'entity')}
+        n = len(seq['tokens'])
+        return dict(
+            idx=seq['tokens'],
+            targets=None,
+            lexical=seq['lexical'],
+            entity=seq['entity'],
+            prompt_pos=n,
+            class_pos=n - 1,
+            label=ex['label'],
+        )
 
     def collate(self, inputs, pad_id, device):
         """Right-pad a list of inputs into batch tensors; padding is never scored."""
@@ -229,15 +131,9 @@ class Task:
         """The tokens the model generates after the example's source, cropped to leave them room."""
         x = self.question(ex, task_data.room - max_new_tokens, task_data.special)
         batch = self.collate([x], task_data.pad_id, task_data.device)
+        tags_and_prompt = {key: batch.get(key) for key in ('lexical', 'entity', 'prompt_pos')}
         with task_data.autocast:
-            out = model.generate(
-                batch['idx'],
-                max_new_tokens,
-                lexical=batch.get('lexical'),
-                entity=batch.get('entity'),
-                prompt_pos=batch.get('prompt_pos'),
-                **sampling,
-            )
+            out = model.generate(batch['idx'], max_new_tokens, **tags_and_prompt, **sampling)
         return out[0, batch['idx'].size(1) :].tolist()
 
     def check(self, task_data, data_dir):
@@ -312,22 +208,12 @@ class Dialogue(Task):
         tok = task_data.tokenizer
         stops = [tok.eot_id, tok.patient_id, tok.doctor_id]  # a reply ends where the next turn would begin
         generator = torch.Generator(device=task_data.device).manual_seed(seed)
+        sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None)
+        sampling.update(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
         generated, references, marked = [], [], []  # marked: the entity spans of each reference
         model.eval()
         for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
-            reply = self.generate(
-                model,
-                ex,
-                task_data,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k or None,
-                top_p=top_p if top_p < 1.0 else None,
-                eos_id=stops,
-                generator=generator,
-                repetition_penalty=repetition_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size,
-            )
+            reply = self.generate(model, ex, task_data, max_new_tokens, eos_id=stops, generator=generator, **sampling)
             generated.append(tok.decode([t for t in reply if t not in stops]))
             target = ex['tokens'][int(np.argmax(ex['mask'])) :].tolist()
             references.append(tok.decode([t for t in target if t not in stops]))
