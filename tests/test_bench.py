@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ and the modules bench.py imports sit at the repo root
 
-from experiments import bench  # noqa: E402
+from experiments import bench, bench_prepare  # noqa: E402
 
 MIRROR = os.environ.get('CMED_DATA') or str(ROOT.parent / 'shared' / 'data')
 TRAIN_NUMBERS = ('steps', 'ms_per_step', 'tokens_per_s', 'mfu')
@@ -45,7 +45,7 @@ def assert_positive_numbers(record, keys):
 
 def test_bench_writes_every_number(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # bench reads data/<dataset>/ relative to the repo, as train.py does
-    has_mirror = os.path.exists(os.path.join(MIRROR, bench.COVID_TEXT))
+    has_mirror = os.path.exists(os.path.join(MIRROR, bench_prepare.COVID_TEXT))
     out = tmp_path / 'bench.json'
     # a dataset that does not exist: random tokens, whatever has been prepared in data/
     args = [
@@ -102,7 +102,7 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
 
 
 def test_synthetic_corpus_copies_are_distinct_documents(tmp_path):
-    chars = bench.synthetic_corpus(MIRROR, str(tmp_path), 2, seed=0)
+    chars = bench_prepare.synthetic_corpus(MIRROR, str(tmp_path), 2, seed=0)
     copies = [(tmp_path / f'copy{k:03d}.txt').read_text(encoding='utf-8') for k in range(2)]
     documents = [doc for text in copies for doc in text.split('\n\n') if doc]
     assert sum(len(doc) for doc in documents) == chars and chars > 1_000_000
