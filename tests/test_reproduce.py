@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import reproduce, tables
+from experiments import ngram_reference, reproduce, tables
 from experiments.ngram import KneserNey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,14 +127,14 @@ def test_reply_bits_match_the_ngram_models_own_scoring():
     model = KneserNey(3).fit(texts)
     reply = '发热，多喝水。'
     bpc, n_chars = model.bits_per_char([reply])  # scores the end marker too
-    assert reproduce.reply_bits(model, reply, True) == pytest.approx(bpc * n_chars)
-    without_end = reproduce.reply_bits(model, reply, False)  # a reply cut by the window: no end marker scored
+    assert ngram_reference.reply_bits(model, reply, True) == pytest.approx(bpc * n_chars)
+    without_end = ngram_reference.reply_bits(model, reply, False)  # a reply cut by the window: no end marker scored
     assert 0 < without_end < bpc * n_chars
 
 
 def test_seen_fraction_counts_pieces_found_in_training_text():
     replies = [('abcdefgh', True), ('wxyz', False)]  # pieces of 4: abcd, efgh, wxyz
-    assert reproduce.seen_fraction(replies, ['..abcd..', 'wxyz'], width=4) == pytest.approx(2 / 3)
+    assert ngram_reference.seen_fraction(replies, ['..abcd..', 'wxyz'], width=4) == pytest.approx(2 / 3)
 
 
 def test_only_runs_that_train_nothing_are_deterministic():
