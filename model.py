@@ -2,18 +2,18 @@
 The whole CMed-GPT model in one file.
 
 A GPT-2 style decoder (nanoGPT's shape) with the three additions the papers need:
-1) an entity-aware input embedding E = Ew + Ep + Et + Ee: token, position, lexical (part-of-speech)
-   and entity tables summed in one place (CMed-GPT);
-2) a soft prompt of n_prompt trainable vectors, inserted in front of the sequence (CMed-GPT's
-   p-tuning) or at a per-example position between source and target (BioGPT);
+1) an entity-aware input embedding E = Ew + Ep + Et + Ee: token, position, lexical (part-of-speech) and entity
+   tables summed in one place (CMed-GPT);
+2) a soft prompt of n_prompt trainable vectors, inserted in front of the sequence (CMed-GPT's p-tuning) or at a
+   per-example position between source and target (BioGPT);
 3) an optional classification head on the same causal model (MEDI-BERPT's multitask).
 
-Attention is written out by hand as the readable reference; config.attention='fused' swaps in
-torch's scaled_dot_product_attention, which tests/test_model.py proves equal.
+Attention is written out by hand as the readable reference; config.attention='fused' swaps in torch's
+scaled_dot_product_attention, which tests/test_model.py proves equal.
 
-Convention used throughout: the model's outputs are aligned with its input tokens, whatever prompt
-was inserted. Output t is the hidden state from which token t+1 is predicted, so logits[:, t]
-is scored against targets[:, t] = idx[:, t+1], as in nanoGPT.
+Convention used throughout: the model's outputs are aligned with its input tokens, whatever prompt was inserted.
+Output t is the hidden state from which token t+1 is predicted, so logits[:, t] is scored against
+targets[:, t] = idx[:, t+1], as in nanoGPT.
 """
 
 import math
@@ -54,8 +54,7 @@ class LayerKVCache:
         """Store k, v of shape (B, nh, T, hs); return all keys and values so far, (B, nh, length, hs)."""
         B, nh, T, hs = k.shape
         if self.k is None:
-            self.k = k.new_zeros(B, nh, self.max_len, hs)
-            self.v = v.new_zeros(B, nh, self.max_len, hs)
+            self.k, self.v = k.new_zeros(B, nh, self.max_len, hs), v.new_zeros(B, nh, self.max_len, hs)
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
@@ -69,9 +68,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
-        assert config.attention in ('manual', 'fused'), (
-            f"attention must be 'manual' or 'fused', not {config.attention!r}"
-        )
+        assert config.attention in ('manual', 'fused'), f"attention: 'manual' or 'fused', not {config.attention!r}"
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -120,7 +117,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.activation in ('gelu', 'gelu_tanh'), (
-            f"activation must be 'gelu' or 'gelu_tanh', not {config.activation!r}"
+            f"activation: 'gelu' or 'gelu_tanh', not {config.activation!r}"
         )
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh' if config.activation == 'gelu_tanh' else 'none')
@@ -148,29 +145,22 @@ class Block(nn.Module):
 class SoftPrompt(nn.Module):
     """n_prompt trainable input vectors (P-tuning / CMed-GPT's p-tuning).
 
-    With re-parameterisation the vectors are computed from free parameters by a small network
-    (an MLP, or an LSTM then an MLP), which the P-tuning paper found trains more stably. The
-    network is residual and its last layer starts at zero, so at step 0 the prompt equals the free
-    parameters; that keeps initialising the prompt from real token embeddings meaningful.
+    With re-parameterisation the vectors are computed from free parameters by a small network (an MLP, or an LSTM
+    then an MLP), which the P-tuning paper found trains more stably. The network is residual and its last layer
+    starts at zero, so at step 0 the prompt equals the free parameters; that keeps initialising the prompt from
+    real token embeddings meaningful.
     """
 
     def __init__(self, config):
         super().__init__()
-        assert config.prompt_reparam in ('none', 'mlp', 'lstm'), (
-            f"prompt_reparam must be 'none', 'mlp' or 'lstm', not {config.prompt_reparam!r}"
-        )
-        C = config.n_embd
         self.reparam = config.prompt_reparam
+        assert self.reparam in ('none', 'mlp', 'lstm'), f"prompt_reparam: 'none', 'mlp' or 'lstm', not {self.reparam!r}"
+        C = config.n_embd
         self.embedding = nn.Parameter(torch.randn(config.n_prompt, C) * 0.02)  # (P, C)
         if self.reparam == 'lstm':
             self.lstm = nn.LSTM(C, C // 2, num_layers=2, bidirectional=True, batch_first=True)
         if self.reparam != 'none':
             self.mlp = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
-
-    def zero_output_layer(self):
-        if self.reparam != 'none':
-            nn.init.zeros_(self.mlp[-1].weight)
-            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self):
         """The prompt vectors, (P, C)."""
@@ -216,8 +206,9 @@ class GPT(nn.Module):
         for table in (self.wle, self.wee):
             if table is not None:
                 nn.init.zeros_(table.weight)
-        if self.prompt is not None:
-            self.prompt.zero_output_layer()
+        if self.prompt is not None and self.prompt.reparam != 'none':  # the prompt's network starts as a no-op
+            nn.init.zeros_(self.prompt.mlp[-1].weight)
+            nn.init.zeros_(self.prompt.mlp[-1].bias)
 
     # ----- counting and freezing (the optimiser: optim.py) -------------------------------------------------------
 
@@ -234,13 +225,15 @@ class GPT(nn.Module):
             if flag and table is None:
                 raise ValueError(f"cannot train the {name} table: the model has none (n_{name}=0)")
         self.requires_grad_(False)
-        self.prompt.requires_grad_(True)
-        if train_lexical:
-            self.wle.requires_grad_(True)
-        if train_entity:
-            self.wee.requires_grad_(True)
-        if self.class_head is not None:
-            self.class_head.requires_grad_(True)
+        trained = [
+            self.prompt,
+            self.class_head,
+            self.wle if train_lexical else None,
+            self.wee if train_entity else None,
+        ]
+        for module in trained:
+            if module is not None:
+                module.requires_grad_(True)
 
     def init_prompt_from_tokens(self, token_ids):
         """Start the soft prompt at the embeddings of real tokens (one id per prompt vector)."""
@@ -251,12 +244,11 @@ class GPT(nn.Module):
             self.prompt.embedding.copy_(self.wte.weight[ids])
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, seq_len):
-        """Model flops utilisation: achieved flop/s over peak_flops (PaLM appendix B's count), for
-        fwdbwd_per_iter sequences of seq_len tokens (which may be shorter than block_size) in dt seconds."""
-        cfg = self.config
-        n_matmul = self.num_params() - self.wpe.weight.numel()  # lookups cost no flops; the tied LM head does
-        n_matmul -= sum(t.weight.numel() for t in (self.wle, self.wee) if t is not None)
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len
+        """Model flops utilisation: achieved flop/s over peak_flops (PaLM appendix B's count), for fwdbwd_per_iter
+        sequences of seq_len tokens (which may be shorter than block_size) in dt seconds."""
+        # lookups cost no flops: every weight but the position and tag tables (the tied LM head is a matmul)
+        n_matmul = self.num_params() - sum(t.weight.numel() for t in (self.wpe, self.wle, self.wee) if t is not None)
+        L, H, Q, T = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head, seq_len
         flops_per_token = 6 * n_matmul + 12 * L * H * Q * T
         return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
 
@@ -282,21 +274,16 @@ class GPT(nn.Module):
         return (e >= 0) & (e < self.config.n_prompt)
 
     def embed(self, idx, lexical=None, entity=None, prompt_pos=None, past_len=0):
-        """The block input E = wte(idx) + wpe(pos) + wle(lexical) + wee(entity), soft prompt inserted.
-
-        idx, lexical, entity: (B, T); prompt_pos: (B,) where the prompt goes, in token coordinates
-        (None: in front). past_len: positions already in the KV cache (the prompt is then in there).
-        Returns (B, T + P, C), P = n_prompt if the prompt is inserted now, else 0.
-        """
+        """The block input E = wte(idx) + wpe(pos) + wle(lexical) + wee(entity), soft prompt inserted. idx, lexical,
+        entity: (B, T); prompt_pos: (B,) where the prompt goes, in token coordinates (None: in front). past_len:
+        positions already in the KV cache (the prompt is then in there). Returns (B, T + P, C), P = n_prompt if the
+        prompt is inserted now, else 0."""
         return self._embed(idx, lexical, entity, self._prompt_span(prompt_pos, idx, past_len), past_len)
 
     def _embed(self, idx, lexical, entity, span, past_len):
         (B, T), P, C = idx.size(), self.config.n_prompt, self.config.n_embd
-        x = (
-            self.wte(idx)
-            + self._tag_embedding(self.wle, lexical, idx, 'lexical')
-            + self._tag_embedding(self.wee, entity, idx, 'entity')
-        )
+        x = self.wte(idx) + self._tag_embedding(self.wle, lexical, idx, 'lexical')
+        x = x + self._tag_embedding(self.wee, entity, idx, 'entity')
         if span is not None:
             # prompt positions carry lexical and entity id 0, like any untagged token
             zero_tags = sum(t.weight[0] for t in (self.wle, self.wee) if t is not None)
@@ -322,12 +309,11 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if span is None:
             return x
-        # The alignment rule: output t is the state that predicts token t+1. A token's own state does
-        # that, except for the token just before an infix prompt: the state that precedes token t+1
-        # there is the LAST prompt vector, which has read the whole prompt. So the readout is every
-        # token's position, with the token before the prompt swapped for the last prompt position
-        # (that one sits between the same neighbours, so the order is kept). A prefix prompt has no
-        # token before it: its states are simply not read.
+        # The alignment rule: output t is the state that predicts token t+1. A token's own state does that, except
+        # for the token just before an infix prompt: the state that precedes token t+1 there is the LAST prompt
+        # vector, which has read the whole prompt. So the readout is every token's position, with the token before
+        # the prompt swapped for the last prompt position (that one sits between the same neighbours, so the order
+        # is kept). A prefix prompt has no token before it: its states are simply not read.
         next_in_span = F.pad(span[:, 1:], (0, 1))  # (B, T + P): the next position holds the prompt
         before_prompt = ~span & next_in_span  # the token just before an infix prompt
         last_prompt = span & ~next_in_span & before_prompt.any(dim=1, keepdim=True)
@@ -339,9 +325,7 @@ class GPT(nn.Module):
         scored tokens, or with reduction='sum' their total)."""
         if targets is not None:
             logits = self.lm_head(h)  # (B, T, V)
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
-            )
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
             return logits, loss
         # generating: only the last position is needed, unless asked for all
         return self.lm_head(h if all_logits else h[:, [-1], :]), None
@@ -383,54 +367,41 @@ class GPT(nn.Module):
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
     ):
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new).
-
-        With use_cache, keys and values of the past stay in a KV cache (rebuilt after cropping, below):
-        each new token costs one position's compute; use_cache=False recomputes all and gives the same result.
-        temperature 0 is greedy; generated tokens get lexical and entity id 0. eos_id: one id or a list (e.g.
-        <eot> and the speaker pieces); a row that emits one keeps emitting it; all rows stopped: done.
-        on_token(ids (B, 1)) is called each step, e.g. to stream. repetition_penalty and no_repeat_ngram_size
-        work as in Hugging Face's generate, over context and reply alike: see penalize_repeats.
-        """
-        B = idx.size(0)
-        # tag ids for the whole generation, padded once: every generated token gets id 0
-        tags = {
-            name: None if table is None else F.pad(torch.zeros_like(idx) if ids is None else ids, (0, max_new_tokens))
-            for name, ids, table in (('lexical', lexical, self.wle), ('entity', entity, self.wee))
-        }
-
-        def tags_of(start, end):
-            return {name: None if t is None else t[:, start:end] for name, t in tags.items()}
-
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new). With use_cache, keys and values of
+        the past stay in a KV cache (rebuilt after cropping, below): each new token costs one position's compute;
+        use_cache=False recomputes all and gives the same result. temperature 0 is greedy; generated tokens get
+        lexical and entity id 0. eos_id: one id or a list (e.g. <eot> and the speaker pieces); a row that emits one
+        keeps emitting it; all rows stopped: done. on_token(ids (B, 1)) is called each step, e.g. to stream.
+        repetition_penalty and no_repeat_ngram_size work as in Hugging Face's generate, over context and reply
+        alike: see penalize_repeats."""
+        # the context's tag ids (none where the model has no such table); a restart pads them with 0 for new tokens
+        given = dict(lexical=lexical if self.wle is not None else None, entity=entity if self.wee is not None else None)
         room = self.config.block_size - self.config.n_prompt  # tokens that fit beside the prompt
         if room < 1:
             raise ValueError(f"n_prompt={self.config.n_prompt} leaves no room in block_size={self.config.block_size}")
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         stop_ids = None if eos_id is None else torch.as_tensor(eos_id, device=idx.device).flatten()
-        last_id = torch.zeros((B, 1), dtype=torch.long, device=idx.device)  # read only once a row finished
         cache = None
         for _ in range(max_new_tokens):
             T = idx.size(1)
             if cache is not None and cache[0].length < self.config.block_size:
-                logits, _ = self(idx[:, -1:], kv_cache=cache, **tags_of(T - 1, T))  # one new token
+                logits, _ = self(idx[:, -1:], kv_cache=cache)  # one new token, a generated one: tag ids 0
             else:
                 # (re)start: the whole context, cropped to the newest tokens that fit beside the prompt.
                 # Position embeddings are absolute, so once the oldest token is cropped every cached
                 # key has moved one position: the cache cannot slide and is rebuilt instead.
                 crop = max(0, T - room)
-                pos = (
-                    None
-                    if prompt_pos is None or self.prompt is None
-                    else (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
-                )
+                pos = None  # where the prompt goes in the cropped context
+                if prompt_pos is not None and self.prompt is not None:
+                    pos = (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
+                tags = {k: None if t is None else F.pad(t, (0, T - t.size(1)))[:, crop:] for k, t in given.items()}
                 cache = self.new_kv_cache() if use_cache else None
-                logits, _ = self(idx[:, crop:], prompt_pos=pos, kv_cache=cache, **tags_of(crop, T))
+                logits, _ = self(idx[:, crop:], prompt_pos=pos, kv_cache=cache, **tags)
             logits = penalize_repeats(logits[:, -1, :], idx, repetition_penalty, no_repeat_ngram_size)
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if stop_ids is not None:
-                next_id = torch.where(finished[:, None], last_id, next_id)  # a finished row repeats its stop id
+                next_id = torch.where(finished[:, None], idx[:, -1:], next_id)  # a finished row repeats its stop id
                 finished |= torch.isin(next_id[:, 0], stop_ids)
-                last_id = next_id
             idx = torch.cat([idx, next_id], dim=1)
             if on_token is not None:
                 on_token(next_id)
