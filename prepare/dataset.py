@@ -3,10 +3,13 @@
 On disk: {split}.bin uint16 ids; {split}.lex.bin, {split}.ent.bin uint8 tags of the same
 length; for example sets also {split}.mask.bin uint8 (1 on target tokens), {split}.offsets.npy int64 (N+1,)
 and {split}.labels.npy int64 (N,); tokenizer.model; meta.json. A folder is built under a temporary name and
-renamed into place at the end, so a failed build leaves the previous folder (or none), never half of one.
+renamed into place at the end, so a failed build leaves the previous folder (or none), never half of one; a build
+holds its folder (a lock file beside it), so two builds into one folder never run at once.
 """
 import argparse
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -53,20 +56,57 @@ def cut_examples(ids, lexical, entity, tok, label=-1):
 
 
 @contextlib.contextmanager
-def atomic_dir(final):
-    """Yield a fresh temporary folder; on success it replaces `final`, on failure it is removed."""
+def atomic_dir(final, kind_file='meta.json', option='--out'):
+    """Yield a fresh temporary folder; on success it replaces `final`, on failure it is removed.
+
+    The build holds `final` for its whole length as a run holds its out_dir: an exclusive lock on the file
+    .<name>.lock beside it, so a second build into the same folder is refused and never deletes the first
+    one's work. An existing `final` is replaced only if it is a folder of the kind being built (it holds
+    kind_file) or an empty one: an `option` that names any other folder is refused before the work starts."""
+    final = os.path.normpath(final)  # 'data/x/' is 'data/x': its temporary folder goes beside it, not into it
+    if os.path.basename(final) in ('', '.', '..'):
+        raise DataError(f'{option} {final} names no folder of its own: give a new folder, e.g. {option} data/NAME')
     tmp, old = final + '.tmp', final + '.old'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.makedirs(os.path.dirname(final) or '.', exist_ok=True)
+    with hold(os.path.join(os.path.dirname(final), f'.{os.path.basename(final)}.lock'), final, option):
+        if os.path.exists(final) and not (os.path.isdir(final) and (os.path.isfile(os.path.join(final, kind_file))
+                                                                     or not os.listdir(final))):
+            raise DataError(f'{final} is not a folder this command built (no {kind_file} in it), and the build '
+                            f'replaces {option} whole: give {option} a new folder')
+        if os.path.exists(old):  # left by a build killed while it renamed: it is the build before
+            raise DataError(f'{old} is left by an interrupted build and holds an earlier {final}: '
+                            + (f'delete it ({final} is the newer one)' if os.path.exists(final) else
+                               f'rename it back to {final}') + ', then build again')
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed build's (this process holds the lock now)
+        os.makedirs(tmp)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def hold(lock_path, final, option):
+    """An exclusive lock on lock_path, released by the system when the process ends in any way (a killed build
+    never leaves it stuck), as checkpoint.claim_out_dir holds a run's out_dir (that module loads torch, which
+    prepare/ does without). Returns the open lock file: keep it referenced, or close it to release."""
+    lock = open(lock_path, 'a+')
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or 'pid unknown'
+        lock.close()
+        raise DataError(f'{final} is being built by another process ({holder}): wait for it to finish or give '
+                        f'another {option}') from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}")
+    lock.flush()
+    return lock
 
 
 def write_tokens(folder, split, ids, lexical, entity):
@@ -150,8 +190,13 @@ def build_example_set(args, splits, label_names, skipped, source_paths, started,
 
 
 def exit_on_data_error(main):
-    """Run a script's main: bad input ends it with the message (file and line), not a traceback."""
+    """Run a script's main: bad input ends it with the message (file and line), and a file it cannot read or
+    write (a full or read-only disk, a folder it may not write to) with the system's, not a traceback."""
     try:
         main()
     except DataError as e:
         sys.exit(f'error: {e}')
+    except OSError as e:  # the build's temporary folder is already removed (atomic_dir)
+        hint = {errno.ENOSPC: ': free some space, or give --out on another disk',
+                errno.EROFS: ': give --out on a writable disk'}.get(e.errno, '')
+        sys.exit(f'error: {e}{hint}')

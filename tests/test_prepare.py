@@ -251,17 +251,20 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
     final = tmp_path / 'set'
     final.mkdir()
     (final / 'train.bin').write_bytes(b'old')
+    (final / 'meta.json').write_text('{}')  # a data folder, which a build may replace
     with pytest.raises(RuntimeError):
         with atomic_dir(str(final)) as folder:
             Path(folder, 'train.bin').write_bytes(b'new, half')
             raise RuntimeError('failed mid-build')
-    assert sorted(os.listdir(tmp_path)) == ['set'] and (final / 'train.bin').read_bytes() == b'old'
+    # (.set.lock: the lock file a build holds the folder by)
+    assert sorted(os.listdir(tmp_path)) == ['.set.lock', 'set'] and (final / 'train.bin').read_bytes() == b'old'
     with atomic_dir(str(final)) as folder:
         Path(folder, 'train.bin').write_bytes(b'new')
-    assert sorted(os.listdir(tmp_path)) == ['set'] and (final / 'train.bin').read_bytes() == b'new'
+        Path(folder, 'meta.json').write_text('{}')
+    assert sorted(os.listdir(tmp_path)) == ['.set.lock', 'set'] and (final / 'train.bin').read_bytes() == b'new'
     with pytest.raises(TypeError):
         atomic_write(str(final / 'train.bin'), 'not bytes')
-    assert os.listdir(final) == ['train.bin'] and (final / 'train.bin').read_bytes() == b'new'
+    assert sorted(os.listdir(final)) == ['meta.json', 'train.bin'] and (final / 'train.bin').read_bytes() == b'new'
 
 
 # --- sources -----------------------------------------------------------------------------------------------
