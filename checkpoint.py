@@ -69,18 +69,19 @@ def claim_out_dir(out_dir):
     return lock
 
 
-def refuse_previous_run(out_dir, overwrite):
+def refuse_previous_run(out_dir, overwrite, resumable=True):
     """A new run (not resumed) never replaces a previous run's files in out_dir unless --overwrite."""
     previous = [name for name in ('ckpt.pt', 'best.pt', 'log.jsonl')
                 if os.path.isfile(os.path.join(out_dir, name)) and os.path.getsize(os.path.join(out_dir, name))]
     if previous and not overwrite:
-        raise SystemExit(f"{out_dir} holds a previous run ({', '.join(previous)}): continue it with "
-                         f"--init_from=resume, use another --out_dir, or pass --overwrite to replace it")
+        resume = 'continue it with --init_from=resume, ' if resumable else ''
+        raise SystemExit(f"{out_dir} holds a previous run ({', '.join(previous)}): {resume}use another --out_dir, "
+                         f"or pass --overwrite to replace it")
 
 
-def start_fresh(out_dir, overwrite):
+def start_fresh(out_dir, overwrite, resumable=True):
     """Clear out_dir for a new run (held, and checked by refuse_previous_run): no old checkpoint, a new log."""
-    refuse_previous_run(out_dir, overwrite)  # again: out_dir may have changed before we held it
+    refuse_previous_run(out_dir, overwrite, resumable)  # again: out_dir may have changed before we held it
     for name in ('ckpt.pt', 'best.pt'):
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))

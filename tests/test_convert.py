@@ -1,6 +1,7 @@
 """convert.py and the BERT vocabulary against the real transformers library (installed, never downloading):
 imported GPT-2 computes transformers' logits, exported models load in transformers, the BERT tokenizer gives
 BertTokenizer's ids on the shared text, and what must be refused is refused."""
+import errno
 import json
 import os
 import random
@@ -16,12 +17,13 @@ os.environ['HF_HUB_OFFLINE'] = '1'  # nothing may download
 transformers = pytest.importorskip('transformers')
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from checkpoint import load_model, save_checkpoint  # noqa: E402
+import convert  # noqa: E402
+from checkpoint import claim_out_dir, load_checkpoint, load_model, save_checkpoint, tokenizer_record  # noqa: E402
 from convert import export_hf, import_hf  # noqa: E402
-from optim import configure_optimizers
 from model import GPT, GPTConfig  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
 from prepare.text import normalize  # noqa: E402
-from tokenizer import Tokenizer, import_bert_vocab  # noqa: E402
+from tokenizer import Tokenizer, import_bert_vocab, train_char  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()
@@ -272,3 +274,183 @@ def test_tagged_documents_start_with_cls_as_uer_trained(bert):
     ids, lexical, entity = Tagger(lexicon_dir(str(DATA))).encode(bert, '<patient>发烧咳嗽<doctor>多喝水')
     assert ids[0] == bert.bos_id and lexical[0] == 0 and entity[0] == 0
     assert ids[1:].tolist() == bert.encode('<patient>发烧咳嗽<doctor>多喝水') and entity[1:].any()
+
+
+# ----------------------------------------------------------------------------- nothing lost: import and export
+
+def run_convert(*args):
+    """convert.py as a user runs it: (exit code, stderr lines)."""
+    result = subprocess.run([sys.executable, 'convert.py', *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+def refused(argv, *words):
+    """convert.main refuses argv with one line (a SystemExit) that names each of words."""
+    with pytest.raises(SystemExit) as refusal:
+        convert.main([str(arg) for arg in argv])
+    line = refusal.value.code
+    assert isinstance(line, str) and '\n' not in line, line
+    for word in words:
+        assert word in line, line
+    return line
+
+
+def contents(folder):
+    """{name: bytes} of every file in folder (but the lock file a holder writes): compared before and after,
+    nothing may change."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != '.lock'}
+
+
+def bert_vocab(folder, size=97):
+    """A vocab.txt of `size` pieces with the specials this project needs (rows for TINY's token table)."""
+    pieces = ['[PAD]', '[unused1]', '[unused2]', '[unused3]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
+    pieces += [chr(0x4E00 + i) for i in range(size - len(pieces))]
+    (folder / 'vocab.txt').write_text(''.join(p + '\n' for p in pieces), encoding='utf-8')
+    return folder / 'vocab.txt'
+
+
+def finished_run(tmp_path):
+    """A folder holding a training run: best.pt, ckpt.pt and log.jsonl."""
+    _, run = trained_model(tmp_path, steps=1)
+    (run / 'ckpt.pt').write_bytes((run / 'best.pt').read_bytes())
+    (run / 'log.jsonl').write_text('{"iter": 0, "val_loss": 4.5}\n', encoding='utf-8')
+    return run
+
+
+def test_import_into_a_run_is_refused_held_or_not_and_replaces_it_only_with_overwrite(tmp_path):
+    hf = save_hf(random_hf_model(), tmp_path / 'hf', as_pickle=False)
+    run = finished_run(tmp_path)
+    before = contents(run)
+    code, stderr = run_convert(f'--hf_dir={hf}', f'--out_dir={run}')
+    assert code != 0 and len(stderr) == 1 and 'Traceback' not in stderr[0], stderr
+    assert f'{run} holds a previous run (ckpt.pt, best.pt, log.jsonl)' in stderr[0] and '--overwrite' in stderr[0]
+    assert 'resume' not in stderr[0]  # (train.py's advice: an import has nothing to resume)
+    assert contents(run) == before
+    with claim_out_dir(str(run)):  # a training run holds out_dir: even --overwrite must wait for it
+        refused([f'--hf_dir={hf}', f'--out_dir={run}', '--overwrite'], f'{run} is in use by another run',
+                f'pid {os.getpid()}')
+    assert contents(run) == before
+    convert.main([f'--hf_dir={hf}', f'--out_dir={run}', '--overwrite'])
+    assert not (run / 'ckpt.pt').exists() and (run / 'log.jsonl').read_bytes() == b''  # the old run is gone whole
+    assert load_model(str(run))[1]['config']['converted_by'] == 'convert.py'
+
+
+def test_nothing_is_written_until_every_file_of_the_import_is_checked(tmp_path):
+    hf = save_hf(random_hf_model(), tmp_path / 'hf', as_pickle=False)
+    config = json.loads((hf / 'config.json').read_text())
+    weights = (hf / 'model.safetensors').read_bytes()
+    out = tmp_path / 'out'
+    cases = [  # (what the folder holds, words the one line must say)
+        (dict(config='[1, 2]'), ['config.json holds a JSON list']),
+        (dict(config='{"n_embd": 32,'), ['config.json is not valid JSON']),
+        (dict(config=json.dumps({**config, 'n_positions': 10_000_000})),  # refused from shapes: nothing allocated
+         ['transformer.wpe.weight has shape (32, 32)', '(10000000, 32)']),
+        (dict(weights=b''), ['model.safetensors does not read', 'truncated or damaged']),
+        (dict(weights=weights[:len(weights) // 2]), ['model.safetensors does not read', 'truncated or damaged']),
+        (dict(vocab=lambda: bert_vocab(hf, size=96)), ['vocab.txt has 96 pieces', 'vocab_size', 'is 97']),
+        (dict(vocab=lambda: (hf / 'vocab.txt').write_bytes(b'')), ['vocab.txt is not a BERT vocabulary', 'no [UNK]']),
+        (dict(vocab=lambda: (hf / 'vocab.txt').write_bytes(bytes(range(256)) * 4)),
+         ['vocab.txt is not a BERT vocabulary', 'byte 128 is not UTF-8']),
+        (dict(vocab=lambda: (hf / 'vocab.txt').write_text('\n'.join(map(str, range(97))) + '\n')),
+         ['vocab.txt is not a BERT vocabulary', 'no [UNK], [CLS], [unused1]']),
+    ]
+    for case, words in cases:
+        (hf / 'config.json').write_text(case.get('config', json.dumps(config)))
+        (hf / 'model.safetensors').write_bytes(case.get('weights', weights))
+        (hf / 'vocab.txt').unlink(missing_ok=True)
+        case.get('vocab', lambda: None)()
+        refused([f'--hf_dir={hf}', f'--out_dir={out}'], *words)
+        assert not out.exists(), case  # no best.pt before the vocabulary (or anything else) is checked
+
+
+def test_a_truncated_pytorch_model_bin_is_one_line(tmp_path):
+    hf = save_hf(random_hf_model(), tmp_path / 'hf', as_pickle=True)
+    data = (hf / 'pytorch_model.bin').read_bytes()
+    (hf / 'pytorch_model.bin').write_bytes(data[:len(data) // 2])
+    refused([f'--hf_dir={hf}', f'--out_dir={tmp_path / "out"}'], 'pytorch_model.bin does not read', 'truncated')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_an_import_carries_its_vocabulary_as_every_checkpoint_carries_its_tokenizer(tmp_path):
+    hf = save_hf(random_hf_model(), tmp_path / 'hf', as_pickle=False)
+    bert_vocab(hf)
+    convert.main([f'--hf_dir={hf}', f'--out_dir={tmp_path / "out"}'])
+    saved = load_checkpoint(str(tmp_path / 'out' / 'best.pt'))
+    assert saved['tokenizer'] == tokenizer_record(tmp_path / 'out' / 'tokenizer.model')
+    assert Tokenizer.from_bytes(saved['tokenizer']['data']).pieces[:8] == ['[PAD]', '[unused1]', '[unused2]',
+                                                                           '[unused3]', '[UNK]', '[CLS]', '[SEP]',
+                                                                           '[MASK]']
+
+
+def run_with_tokenizer(tmp_path, name, tokenizer_file):
+    """A trained run whose checkpoint carries tokenizer_file, as train.py saves it, and names a data folder."""
+    (tmp_path / name).mkdir()
+    _, run = trained_model(tmp_path / name, steps=1)
+    saved = load_checkpoint(str(run / 'best.pt'))
+    save_checkpoint(dict(saved, tokenizer=tokenizer_record(tokenizer_file),
+                         config=dict(dataset=str(tmp_path / 'data'))), str(run / 'best.pt'))
+    return run
+
+
+def test_export_ships_the_tokenizer_the_checkpoint_carries_not_the_data_folders(tmp_path):
+    (tmp_path / 'data').mkdir()
+    train_char(['发烧咳嗽头痛' * 3, 'abcdefghijklmnopqrstuvwxyz'], str(tmp_path / 'carried.model'), 300)
+    train_char(['完全不同的字'], str(tmp_path / 'data' / 'tokenizer.model'), 300)  # the folder, rebuilt since
+    run = run_with_tokenizer(tmp_path, 'a', tmp_path / 'carried.model')
+    convert.main(['--export', f'--out_dir={run}', f'--hf_dir={tmp_path / "hf"}'])
+    assert (tmp_path / 'hf' / 'tokenizer.model').read_bytes() == (tmp_path / 'carried.model').read_bytes()
+    refused(['--export', f'--out_dir={run}', f'--hf_dir={tmp_path / "hf2"}',
+             f'--tokenizer={tmp_path / "data" / "tokenizer.model"}'], 'carries the tokenizer it was trained with',
+            'leave --tokenizer out')
+    assert not (tmp_path / 'hf2').exists()
+
+
+def test_export_of_a_checkpoint_without_a_tokenizer_refuses_one_of_another_size(tmp_path):
+    _, run = trained_model(tmp_path, steps=1)  # carries no tokenizer record
+    big = train_char(['发烧咳嗽头痛' * 50 + ''.join(chr(0x4E00 + i) for i in range(400))],
+                     str(tmp_path / 'big.model'), 600)
+    refused(['--export', f'--out_dir={run}', f'--hf_dir={tmp_path / "hf"}', f'--tokenizer={tmp_path / "big.model"}'],
+            f'big.model has {big.vocab_size} pieces', 'the model 97 rows')
+    assert not (tmp_path / 'hf').exists()
+
+
+def test_export_never_replaces_another_model_unasked_and_replaces_it_whole(tmp_path):
+    hf = tmp_path / 'hf'
+    imported = save_hf(random_hf_model(), tmp_path / 'gpt2', as_pickle=False)
+    bert_vocab(imported)
+    convert.main([f'--hf_dir={imported}', f'--out_dir={tmp_path / "bert_run"}'])
+    convert.main(['--export', f'--out_dir={tmp_path / "bert_run"}', f'--hf_dir={hf}'])  # ships vocab.txt
+    before = contents(hf)
+    assert 'vocab.txt' in before
+    (tmp_path / 'data').mkdir()
+    train_char(['发烧咳嗽头痛'], str(tmp_path / 'char.model'), 300)
+    other = run_with_tokenizer(tmp_path, 'other', tmp_path / 'char.model')
+    code, stderr = run_convert('--export', f'--out_dir={other}', f'--hf_dir={hf}')
+    assert code != 0 and len(stderr) == 1 and f'{hf} is not empty' in stderr[0] and '--overwrite' in stderr[0]
+    assert contents(hf) == before
+    convert.main(['--export', f'--out_dir={other}', f'--hf_dir={hf}', '--overwrite'])
+    after = contents(hf)
+    assert 'vocab.txt' not in after and after['tokenizer.model'] == (tmp_path / 'char.model').read_bytes()
+    assert not (tmp_path / 'hf.tmp').exists() and not (tmp_path / 'hf.old').exists()
+    # --overwrite replaces a model folder, never a folder of anything else
+    (tmp_path / 'notes').mkdir()
+    (tmp_path / 'notes' / 'todo.txt').write_text('mine')
+    refused(['--export', f'--out_dir={other}', f'--hf_dir={tmp_path / "notes"}', '--overwrite'],
+            f'{tmp_path / "notes"} is not a folder this command built (no config.json in it)')
+    assert contents(tmp_path / 'notes') == {'todo.txt': b'mine'}
+
+
+def test_an_export_cut_short_by_a_full_disk_leaves_the_previous_folder(tmp_path, monkeypatch):
+    _, run = trained_model(tmp_path, steps=1)
+    convert.main(['--export', f'--out_dir={run}', f'--hf_dir={tmp_path / "hf"}'])
+    before = contents(tmp_path / 'hf')
+    import safetensors.torch
+
+    def full_disk(state, path, metadata=None):
+        Path(path).write_bytes(b'half a file')
+        raise OSError(errno.ENOSPC, 'No space left on device', path)
+    monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
+    refused(['--export', f'--out_dir={run}', f'--hf_dir={tmp_path / "hf"}', '--overwrite'],
+            'No space left on device')
+    assert contents(tmp_path / 'hf') == before and not (tmp_path / 'hf.tmp').exists()
