@@ -152,6 +152,24 @@ def load_base(cfg, data_dir, meta):
     return path, base
 
 
+def refuse_out_dir_of_another_run(cfg, base_path):
+    """out_dir gets this run's ckpt.pt (full) or prompt.pt (p-tuning), replacing a previous fine-tuning's of
+    the same mode, and its results.jsonl line. Refused: the base's own folder (its ckpt.pt is the pretraining
+    run's resume point; sample.py --out_dir=BASE would load a prompt.pt put there), a folder holding a
+    pretraining run or an imported model (best.pt, log.jsonl), and one holding the other mode's result (sample.py
+    loads prompt.pt before ckpt.pt)."""
+    out_dir = cfg.out_dir
+    if os.path.realpath(out_dir) == os.path.realpath(os.path.dirname(os.path.abspath(base_path))):
+        raise SystemExit(f"--out_dir={out_dir} is the base model's own folder ({base_path}): give the fine-tuned "
+                         f"model another --out_dir")
+    other_mode = {'full': 'prompt.pt', 'ptune': 'ckpt.pt'}.get(cfg.mode)
+    theirs = [name for name in ('best.pt', 'log.jsonl', other_mode)
+              if name and os.path.isfile(os.path.join(out_dir, name))]
+    if theirs:
+        raise SystemExit(f"{out_dir} holds another run ({', '.join(theirs)}), which fine-tuning there would "
+                         f"replace or hide: give it another --out_dir")
+
+
 def check_task_data(cfg, task, task_data, data_dir):
     """Refuse what would fail only after training: the task's refusals (no labels to learn, no room for an
     answer), then no whole batch."""
@@ -234,12 +252,14 @@ def main(argv=None):
     device, dtype, dtype_reason = resolve_device_and_dtype(cfg.device, cfg.dtype)
     data_dir = data_dir_of(cfg.dataset)
     meta = load_meta(data_dir)
+    refuse_out_dir_of_another_run(cfg, os.path.join(cfg.init_from, cfg.init_checkpoint))
     base_path, base = load_base(cfg, data_dir, meta)
     model, model_args = build_model(cfg, base, meta)
     task = TASKS[cfg.task](cfg)
     task_data = load_task_data(task, model_args, meta, data_dir, device, dtype)
     check_task_data(cfg, task, task_data, data_dir)
     with claim_out_dir(cfg.out_dir):  # everything is checked: from here on this run owns out_dir
+        refuse_out_dir_of_another_run(cfg, base_path)  # again: out_dir may have changed before we held it
         train_tokens = np.concatenate([ex['tokens'] for ex in task_data.examples['train']])
         set_trainable(model, cfg, train_tokens, np.random.default_rng(cfg.seed))
         model.to(device)

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +24,7 @@ from prepare.text import normalize
 from tagging import LEXICAL_MAP, Tagger, entity_map, lexicon_dir
 from tokenizer import train_char
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
 DIALOGUES = [
     ([('patient', '孩子发烧三天了，咳嗽有痰。'), ('doctor', '体温多少度？有没有气喘？'),
@@ -393,3 +396,47 @@ def test_generating_replies_needs_a_dialogue_task(base_path, data_dir, tmp_path,
     with pytest.raises(SystemExit, match='--generate_examples generates doctor replies'):
         finetune.main(finetune_args(base_path, data_dir, tmp_path / 'out', '--generate_examples=2', *extra))
     assert not (tmp_path / 'out').exists()
+
+
+# ----- out_dir: never the base's folder or another run's ---------------------------------------------
+
+def pretraining_run(base_path, folder):
+    """A folder holding a pretraining run, as train.py leaves it: best.pt, ckpt.pt and log.jsonl."""
+    folder.mkdir()
+    for name in ('best.pt', 'ckpt.pt'):
+        shutil.copy(base_path, folder / name)
+    (folder / 'log.jsonl').write_text('{"iter": 0, "val_loss": 5.9}\n', encoding='utf-8')
+    return {name: (folder / name).read_bytes() for name in ('best.pt', 'ckpt.pt', 'log.jsonl')}
+
+
+@pytest.mark.parametrize('mode', [['--mode=full'], ['--mode=ptune', '--n_prompt=2']], ids=['full', 'ptune'])
+def test_finetuning_into_the_bases_own_folder_is_refused_and_loses_nothing(base_path, data_dir, tmp_path, mode):
+    base = tmp_path / 'base'
+    before = pretraining_run(base_path, base)
+    args = finetune_args(base_path, data_dir, base, *mode)
+    args[0] = f'--init_from={base}'
+    result = subprocess.run([sys.executable, 'finetune.py', *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    stderr = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(stderr) == 1 and 'Traceback' not in stderr[0], result.stderr
+    assert f"--out_dir={base} is the base model's own folder" in stderr[0] and 'another --out_dir' in stderr[0]
+    assert {name: (base / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(base)) == ['best.pt', 'ckpt.pt', 'log.jsonl']  # no prompt.pt for sample.py to load
+
+
+def test_finetuning_into_another_run_or_beside_the_other_modes_result_is_refused(base_path, data_dir, tmp_path):
+    other = tmp_path / 'pretrained'
+    before = pretraining_run(base_path, other)
+    with pytest.raises(SystemExit, match=rf'{other} holds another run \(best.pt, log.jsonl\).*another --out_dir'):
+        finetune.main(finetune_args(base_path, data_dir, other))
+    assert {name: (other / name).read_bytes() for name in before} == before
+    out = tmp_path / 'out'
+    finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--max_iters=1'))
+    prompt = (out / 'prompt.pt').read_bytes()
+    # a full run's ckpt.pt beside prompt.pt: sample.py --out_dir would still load the prompt
+    with pytest.raises(SystemExit, match=rf'{out} holds another run \(prompt.pt\)'):
+        finetune.main(finetune_args(base_path, data_dir, out, '--max_iters=1'))
+    assert (out / 'prompt.pt').read_bytes() == prompt and not (out / 'ckpt.pt').exists()
+    finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--max_iters=1',
+                                '--seed=2'))  # the same mode again: its own result is replaced
+    assert (out / 'prompt.pt').read_bytes() != prompt
