@@ -22,6 +22,7 @@ import fcntl
 import glob
 import hashlib
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -103,16 +104,39 @@ def load_checkpoint(path, device='cpu', required_keys=MODEL_KEYS):
     try:
         checkpoint = load_weights_only(path, device)
     except Exception as error:
+        if is_cut_off(path, error):
+            raise ValueError(f"{path} is truncated or damaged ({type(error).__name__}: "
+                             f"{str(error).split('.')[0] or 'no data'}): {fall_back(path)}") from None
         # torch's message advises loading with weights_only=False: never pass that on, it would run
         # whatever code the file holds; keep only what it says is wrong
         detail = [line.strip() for line in str(error).split('\n') if line.strip()]
-        reason = next((line for line in detail if line.startswith(('Unsupported', 'Trying to load'))), type(error).__name__)
+        reason = next((line for line in detail if line.startswith(('Unsupported', 'Trying to load'))),
+                      type(error).__name__)
         raise ValueError(f"{path} is not a checkpoint this project wrote: it does not load as plain tensors and "
-                         f"data ({reason}); if it is a Hugging Face model folder's file, import it with convert.py") from error
+                         f"data ({reason}); if it is a Hugging Face model folder's file, import it with convert.py"
+                         ) from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     require_keys(checkpoint, required_keys, path)
     return checkpoint
+
+
+def is_cut_off(path, error):
+    """Whether a file that failed to load is empty, or torch.save's zip archive that does not read (a copy or
+    download cut short, a damaged disk), rather than a file of another kind."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    return head == b'' or (head == b'PK\x03\x04' and not isinstance(error, pickle.UnpicklingError))
+
+
+def fall_back(path):
+    """What to use instead of a damaged checkpoint: the run's other one, where there is one."""
+    folder, name = os.path.split(path)
+    other = {'ckpt.pt': 'best.pt', 'best.pt': 'ckpt.pt'}.get(name)
+    if other and os.path.isfile(os.path.join(folder, other)):
+        which = 'lowest validation loss' if other == 'best.pt' else 'last evaluation'
+        return f"fall back to {os.path.join(folder, other)} (the same run's checkpoint at its {which})"
+    return "restore it from a copy"
 
 
 def require_keys(checkpoint, keys, path):

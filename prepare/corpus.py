@@ -105,14 +105,15 @@ def file_encoding(path, given=''):
                         f'mark; convert it to UTF-8, or give its encoding with --encoding')
     if _decode_head(head, 'utf-8-sig') is not None:
         return 'utf-8-sig'
+    not_utf8 = f'byte {_first_error(head, "utf-8")} is not UTF-8'
     text = _decode_head(head, 'gb18030')
     if text is None:
-        raise DataError(f'{path}: neither UTF-8 nor GB18030: convert it to UTF-8, or give its encoding with '
-                        f'--encoding (e.g. --encoding=latin-1)')
+        raise DataError(f'{path}: {not_utf8}, and the file is not GB18030 either: convert it to UTF-8, or give its '
+                        f'encoding with --encoding (e.g. --encoding=latin-1)')
     non_ascii = [ch for ch in text if ch > '\x7f']
     rare = sum(not _in_gb2312(ch) for ch in non_ascii)
     if rare > RARE_SHARE * len(non_ascii):
-        raise DataError(f'{path}: not UTF-8, and read as GB18030 {rare} of its first {len(non_ascii)} non-ASCII '
+        raise DataError(f'{path}: {not_utf8}, and read as GB18030 {rare} of its first {len(non_ascii)} non-ASCII '
                         f'characters are rare ones (another encoding?): give its encoding with --encoding '
                         f'(e.g. --encoding=latin-1), or convert it to UTF-8')
     return 'gb18030'
@@ -127,6 +128,13 @@ def _decode_head(head, encoding):
         if e.start >= len(head) - 3:
             return _decode_head(head[:e.start], encoding)
         return None
+
+
+def _first_error(data, encoding):
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        return e.start
 
 
 def _in_gb2312(ch):

@@ -148,7 +148,8 @@ def test_a_latin1_csv_is_refused_naming_encoding_and_read_when_given(tmp_path):
     # German Latin-1 bytes decode as GB18030 too, into rare characters (Fräulein -> Fr鋟lein): never silently
     path = tmp_path / 'qa.csv'
     path.write_bytes('ask,answer\nFräulein Müller hätte gern Bücher,Schön für Sie\n'.encode('latin-1') * 3)
-    with pytest.raises(DataError, match=rf'{path}: not UTF-8, and read as GB18030 .* rare .*--encoding=latin-1'):
+    with pytest.raises(DataError, match=rf'{path}: byte 13 is not UTF-8, and read as GB18030 .* rare .*'
+                                        rf'--encoding=latin-1'):
         read(path)
     documents, _, report = read(path, encoding='latin-1')
     assert report['encoding'] == 'iso8859-1' and documents[0].text == '<patient>Fräulein Müller hätte gern Bücher' \

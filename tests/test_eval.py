@@ -184,3 +184,52 @@ def test_entity_f1_reads_the_lexicon_the_set_was_tagged_with(tmp_path):
         path.write_text('发热\n', encoding='utf-8')
     meta = dict(sources={str(tmp_path / 'covid_dialog_zh' / 'train_data.json'): 'x', **{str(p): 'y' for p in files}})
     assert tagging_lexicon(meta) == str(folder)
+
+
+# ----- text files of any encoding and any line length ------------------------------------------------
+
+@pytest.mark.parametrize('encoding', ['gb18030', 'utf-16', 'utf-8-sig'])
+def test_a_text_file_in_another_encoding_scores_as_its_utf8_copy(run_dir, tmp_path, encoding):
+    (tmp_path / 'utf8.txt').write_text(TEXT, encoding='utf-8')
+    (tmp_path / 'other.txt').write_bytes(TEXT.encode(encoding))
+    utf8, other = (evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / name}', '--chunk_bytes=50'])
+                   for name in ('utf8.txt', 'other.txt'))
+    assert (other['tokens'], other['chars'], other['loss']) == (utf8['tokens'], utf8['chars'], utf8['loss'])
+
+
+@pytest.mark.parametrize('data, words', [
+    (b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR', 'byte 8 is NUL: a binary file'),
+    (TEXT.encode('utf-8') + '咳'.encode('utf-8')[:2], f'byte {len(TEXT.encode("utf-8"))} is not utf-8-sig'),
+    (TEXT.encode('utf-8') + b'\xff' + TEXT.encode('utf-8'), f'byte {len(TEXT.encode("utf-8"))} is not UTF-8'),
+])
+def test_a_binary_or_cut_text_file_is_one_line_naming_the_byte(run_dir, tmp_path, data, words):
+    (tmp_path / 'notes.txt').write_bytes(data)
+    with pytest.raises(SystemExit) as refused:
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "notes.txt"}', '--chunk_bytes=64'])
+    line = refused.value.code
+    assert isinstance(line, str) and '\n' not in line and str(tmp_path / 'notes.txt') in line, line
+    assert words in line and '--encoding' in line, line
+
+
+def test_a_file_of_one_long_line_is_read_in_bounded_pieces(tools, run_dir, tmp_path):
+    tok, _ = tools
+    line = TEXT.replace('\n', '') * 20  # no newline at all
+    (tmp_path / 'one_line.txt').write_text(line, encoding='utf-8')
+    pieces = list(evaluator.plain_text_tokens(tok, str(tmp_path / 'one_line.txt'), 300, ''))
+    assert len(pieces) > 10 and max(len(p) for p in pieces) <= 300  # (3 bytes a character: 100 tokens a piece)
+    assert np.concatenate(pieces).tolist() == tok.encode(line)  # one character a piece: cut anywhere, the same
+    result = evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "one_line.txt"}', '--chunk_bytes=300'])
+    assert result['tokens'] == len(tok.encode(line)) - 1
+
+
+def test_a_truncated_checkpoint_is_named_as_such_with_the_file_to_fall_back_to(run_dir, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    data = (run_dir / 'best.pt').read_bytes()
+    (run / 'best.pt').write_bytes(data)
+    (run / 'ckpt.pt').write_bytes(data[:len(data) // 2])  # a copy cut short
+    (tmp_path / 'notes.txt').write_text(TEXT, encoding='utf-8')
+    with pytest.raises(SystemExit) as refused:
+        evaluator.main([f'--checkpoint={run / "ckpt.pt"}', f'--text={tmp_path / "notes.txt"}'])
+    assert refused.value.code.startswith(f'{run / "ckpt.pt"} is truncated or damaged (')
+    assert f'fall back to {run / "best.pt"}' in refused.value.code and 'convert.py' not in refused.value.code
