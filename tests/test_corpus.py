@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -321,3 +322,26 @@ def test_a_corpus_too_small_for_a_validation_split_is_refused(tmp_path, monkeypa
     line = pretrain(monkeypatch, '--corpus', corpus, '--out', tmp_path / 'out')
     assert line == 'error: none of the 10 documents kept went to the val split (5% go to val): give a larger corpus'
     assert sorted(os.listdir(tmp_path)) == ['.out.lock', 'corpus']
+
+
+def test_a_build_killed_mid_way_leaves_the_previous_folder_and_the_next_build_runs(tmp_path, monkeypatch):
+    corpus, out = small_corpus(tmp_path, n=60), tmp_path / 'out'
+    (corpus / 'big.txt').write_text(''.join(f'第{i}例：孩子发烧三天了，咳嗽有痰。\n\n' for i in range(200_000)),
+                                    encoding='utf-8')  # minutes of work: killed long before it is done
+    out.mkdir()
+    (out / 'meta.json').write_text('{"the": "previous build"}')
+    build = subprocess.Popen([sys.executable, '-m', 'prepare.pretrain', '--corpus', str(corpus), '--out', str(out),
+                              '--src', str(DATA), '--tokenizer', 'char', '--workers', '1'], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spool = tmp_path / 'out.tmp' / 'documents.spool.jsonl'
+    for _ in range(1200):  # at most two minutes for the build to start spooling
+        if spool.exists() or build.poll() is not None:
+            break
+        time.sleep(0.1)
+    build.kill()
+    assert build.wait() == -9, 'the build ended before it could be killed'
+    assert files(out) == {'meta.json': b'{"the": "previous build"}'}
+    (corpus / 'big.txt').unlink()
+    assert pretrain(monkeypatch, '--corpus', corpus, '--out', out) is None  # the lock died with the process
+    assert json.loads((out / 'meta.json').read_text(encoding='utf-8'))['splits']['train']['records'] > 0
+    assert not (tmp_path / 'out.tmp').exists()  # the killed build's temporary folder is gone
