@@ -275,9 +275,10 @@ def export_hf(out_dir, hf_dir, drop_extras=False, tokenizer_path='', overwrite=F
 
     from prepare.dataset import atomic_dir
     from tokenizer import Tokenizer
-    if os.path.isdir(hf_dir) and os.listdir(hf_dir) and not overwrite:
-        raise ValueError(f"{hf_dir} is not empty ({', '.join(sorted(os.listdir(hf_dir))[:3])}...): give another "
-                         f"--hf_dir, or pass --overwrite to replace the model in it")
+    held = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else []
+    if held and not overwrite:
+        raise ValueError(f"{hf_dir} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): give "
+                         f"another --hf_dir, or pass --overwrite to replace the model in it")
     model, checkpoint = load_model(out_dir)
     state = hf_state(model, drop_extras)
     tokenizer_bytes, tokenizer_source = checkpoint_tokenizer(out_dir, checkpoint, tokenizer_path)
