@@ -112,15 +112,17 @@ def run_recipe(name, overrides, cfg):
     """Train one recipe until the time cap; returns its curve [(train seconds, tokens, val bits/char)]. Unless the
     recipe sets max_iters, its schedule is fitted to the cap (its speed measured first)."""
     out_dir = os.path.join(cfg.out, name)
+    log_path = os.path.join(out_dir, 'log.jsonl')
     print(f"\n== {name}", flush=True)
     if not any(o.startswith('--max_iters=') for o in overrides):
         iters = iterations_in(0.98 * cfg.time_cap, overrides, cfg, out_dir)
         overrides = overrides + [f'--max_iters={iters}', f'--lr_decay_iters={iters}']
+    if os.path.exists(log_path):  # the calibration's: the run below starts its own
+        os.remove(log_path)
     command = [sys.executable, 'train.py', 'config/tiny.py', f'--out_dir={out_dir}', '--overwrite',
                f'--eval_interval={cfg.eval_interval}', f'--eval_iters={cfg.eval_iters}', f'--dtype={cfg.dtype}',
                *overrides]
     print(' '.join(command[1:]), flush=True)
-    log_path = os.path.join(out_dir, 'log.jsonl')
     process = subprocess.Popen(command)
     curve, offset, pending = [], 0, ''
     while True:
@@ -131,7 +133,7 @@ def run_recipe(name, overrides, cfg):
                 pending += f.read()
                 offset = f.tell()
             *lines, pending = pending.split('\n')  # the last piece may be a line still being written
-            for line in lines:
+            for line in filter(None, lines):
                 record = json.loads(line)
                 if 'val_bpc' in record:
                     curve.append((record['train_s'], record['tokens'], record['val_bpc']))
