@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from configurator import configure
+from configurator import config_file_values, configure
 
 DEFAULTS = dict(
     recipes='',          # comma-separated names from RECIPES ('' = all, in order)
@@ -55,7 +55,7 @@ RECIPES = {  # each changes one lever of the reference, or adds one to the best 
     'muon+6x256': REFERENCE + MUON + ['--n_layer=6', '--n_head=4', '--n_embd=256'],
     'muon+compile': REFERENCE + MUON + ['--compile'],
     'muon+bf16': REFERENCE + MUON + ['--dtype=bfloat16'],
-    'tiny': [],  # config/tiny.py as it stands: what make demo trains
+    'tiny': [f"--max_iters={config_file_values('config/tiny.py')['max_iters']}"],  # what make demo trains, as is
 }
 CALIBRATION_ITERS = 30  # a short run first measures each recipe's speed, so that its schedule ends at the cap
 
