@@ -4,6 +4,7 @@ device and precision, autocast, the learning-rate schedule, one optimiser step, 
 that MFU divides by, data folders and their meta.json, characters per token (for bits per
 character), and random training windows from the memmapped token files.
 """
+
 import contextlib
 import json
 import math
@@ -16,14 +17,20 @@ import torch
 # dense bf16/fp16 tensor-core peaks from the datasheets (no sparsity); other GPUs are measured
 GPU_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 # what builds each data set the scripts read: named in the error when data/<name>/ is missing
-PREPARE_COMMANDS = {'pretrain': 'python -m prepare.pretrain', 'covid': 'python -m prepare.covid',
-                    'dxy': 'python -m prepare.dxy', 'department': 'python -m prepare.department',
-                    'imcs': 'python -m prepare.imcs', 'general': 'make data/general/meta.json',
-                    'medical_equal': 'make data/medical_equal/meta.json',
-                    'imcs_lexicon': 'python -m prepare.imcs --lexicon_entities --out data/imcs_lexicon'}
+PREPARE_COMMANDS = {
+    'pretrain': 'python -m prepare.pretrain',
+    'covid': 'python -m prepare.covid',
+    'dxy': 'python -m prepare.dxy',
+    'department': 'python -m prepare.department',
+    'imcs': 'python -m prepare.imcs',
+    'general': 'make data/general/meta.json',
+    'medical_equal': 'make data/medical_equal/meta.json',
+    'imcs_lexicon': 'python -m prepare.imcs --lexicon_entities --out data/imcs_lexicon',
+}
 
 
 # ----------------------------------------------------------------------------- device and precision
+
 
 def device_type(device):
     """'cuda' or 'cpu': what torch.autocast and the GradScaler want."""
@@ -85,8 +92,12 @@ def busy_note(device):
     if device.startswith('cuda'):
         return ''
     load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
-    return f"; the machine looked busy (load average {load:.1f} on {cores} cores): the peak is measured again at " \
-        "every evaluation" if load > cores / 2 else ''
+    return (
+        f"; the machine looked busy (load average {load:.1f} on {cores} cores): the peak is measured again at "
+        "every evaluation"
+        if load > cores / 2
+        else ''
+    )
 
 
 def measure_matmul_flops(device, dtype, n, tries=5):
@@ -101,7 +112,7 @@ def measure_matmul_flops(device, dtype, n, tries=5):
         start = time.perf_counter()
         a @ b
         synchronize(device)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
 
 
@@ -112,8 +123,8 @@ def synchronize(device):
 
 # ----------------------------------------------------------------------------- schedule and step
 
-def learning_rate_at(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, schedule='cosine',
-                     warmdown_fraction=0.2):
+
+def learning_rate_at(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, schedule='cosine', warmdown_fraction=0.2):
     """Linear warm-up to learning_rate, then down to min_lr at lr_decay_iters (held there after).
 
     'cosine' (nanoGPT's and the papers'): a cosine from the end of warm-up. 'wsd' (warm-up, stable, decay):
@@ -140,12 +151,13 @@ def optimizer_step(optimizer, scaler, parameters, grad_clip, learning_rate):
         group['lr'] = learning_rate * group.get('lr_scale', 1.0)
     scale_before = scaler.get_scale()
     scaler.step(optimizer)  # with fp16, skips the step when a gradient is inf/nan
-    scaler.update()         # ... and then lowers the scale: that is how we see the skip
+    scaler.update()  # ... and then lowers the scale: that is how we see the skip
     optimizer.zero_grad(set_to_none=True)
     return scaler.get_scale() < scale_before
 
 
 # ----------------------------------------------------------------------------- data folders
+
 
 def data_dir_of(dataset):
     """data/<dataset>/, or the path itself when it is absolute; a clear error naming the command
@@ -168,11 +180,18 @@ def tag_table_size(tag_map):
 
 def new_model_args(cfg, meta):
     """GPTConfig fields for a fresh model: sizes from the config, vocabulary and tag sets from meta.json."""
-    return dict(block_size=cfg.block_size, vocab_size=meta['vocab_size'], n_layer=cfg.n_layer,
-                n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                n_lexical=tag_table_size(meta['lexical_map']) if cfg.lexical else 0,
-                n_entity=tag_table_size(meta['entity_map']) if cfg.entity else 0,
-                attention=cfg.attention)
+    return dict(
+        block_size=cfg.block_size,
+        vocab_size=meta['vocab_size'],
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        dropout=cfg.dropout,
+        bias=cfg.bias,
+        n_lexical=tag_table_size(meta['lexical_map']) if cfg.lexical else 0,
+        n_entity=tag_table_size(meta['entity_map']) if cfg.entity else 0,
+        attention=cfg.attention,
+    )
 
 
 def load_char_counts(data_dir):
@@ -181,6 +200,7 @@ def load_char_counts(data_dir):
     if not os.path.exists(path):
         return None
     from tokenizer import Tokenizer  # here, not at the top: training itself needs no tokenizer
+
     return Tokenizer.load(path).char_counts()
 
 
@@ -195,8 +215,10 @@ def check_token_files(data_dir, block_size):
             raise SystemExit(f"{path} {problem}: it must hold uint16 token ids; rebuild the data set (prepare/)")
         n_tokens[split] = size // 2
         if n_tokens[split] <= block_size:
-            raise SystemExit(f"{path} has {n_tokens[split]:,} tokens, fewer than one window of block_size+1 = "
-                             f"{block_size + 1:,}: lower --block_size or add data")
+            raise SystemExit(
+                f"{path} has {n_tokens[split]:,} tokens, fewer than one window of block_size+1 = "
+                f"{block_size + 1:,}: lower --block_size or add data"
+            )
     return n_tokens['train']
 
 
@@ -205,12 +227,17 @@ def check_attention_memory(block_size, batch_size, n_layer, n_head, device):
     (block_size, block_size) causal mask, and a step holds (batch, heads, T, T) scores per layer."""
     T = block_size
     needed = n_layer * T * T + n_layer * batch_size * n_head * T * T * 4 * 2  # mask bytes + scores, fwd and bwd
-    available = torch.cuda.mem_get_info(device)[1] if device.startswith('cuda') else \
-        os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    available = (
+        torch.cuda.mem_get_info(device)[1]
+        if device.startswith('cuda')
+        else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    )
     if needed > available:
-        raise SystemExit(f"block_size={T:,} needs about {needed / 2**30:,.1f} GiB for attention alone ({n_layer} layers "
-                         f"x batch {batch_size} x {n_head} heads x {T:,}^2), more than the {available / 2**30:,.1f} "
-                         f"GiB here: lower --block_size (the paper uses 512) or --batch_size")
+        raise SystemExit(
+            f"block_size={T:,} needs about {needed / 2**30:,.1f} GiB for attention alone ({n_layer} layers "
+            f"x batch {batch_size} x {n_head} heads x {T:,}^2), more than the {available / 2**30:,.1f} "
+            f"GiB here: lower --block_size (the paper uses 512) or --batch_size"
+        )
 
 
 TAG_FILES = {'lexical': 'lex', 'entity': 'ent'}  # model input -> {split}.<suffix>.bin
@@ -235,14 +262,14 @@ class Windows:
         """Model inputs for batch_size windows whose start positions are drawn from rng."""
         tokens = self.memmap(split, 'bin', np.uint16)
         starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
-        windows = self.read(tokens, starts)          # (B, T+1)
+        windows = self.read(tokens, starts)  # (B, T+1)
         inputs = {'idx': windows[:, :-1], 'targets': windows[:, 1:]}
-        for name in self.tag_inputs:                 # a token's tags go in with the token
+        for name in self.tag_inputs:  # a token's tags go in with the token
             inputs[name] = self.read(self.memmap(split, f"{TAG_FILES[name]}.bin", np.uint8), starts)[:, :-1]
         return {name: self.to_device(tensor) for name, tensor in inputs.items()}
 
     def read(self, data, starts):
-        rows = np.stack([data[start:start + self.block_size + 1] for start in starts])
+        rows = np.stack([data[start : start + self.block_size + 1] for start in starts])
         return torch.from_numpy(rows.astype(np.int64))
 
     def to_device(self, tensor):

@@ -12,6 +12,7 @@ Every value given as text is converted to the type of its default, so `--max_ite
 and `--compile` is True. A key that no default has is an error naming the closest known key:
 typos must not silently train with the wrong setting.
 """
+
 import ast
 import difflib
 import os
@@ -58,8 +59,11 @@ def config_file_values(path):
     namespace = {'__file__': path}
     with open(path, encoding='utf-8') as f:
         exec(compile(f.read(), path, 'exec'), namespace)
-    return {key: value for key, value in namespace.items()
-            if not key.startswith('_') and not isinstance(value, types.ModuleType)}
+    return {
+        key: value
+        for key, value in namespace.items()
+        if not key.startswith('_') and not isinstance(value, types.ModuleType)
+    }
 
 
 def read_config_file(path, config, file_keys_elsewhere=False):
@@ -81,8 +85,9 @@ def split_overrides(args, config):
     while i < len(args):
         arg = args[i]
         if not arg.startswith('--'):
-            raise SystemExit(f"unexpected argument {arg!r}: overrides look like --key=value "
-                             f"(a config file may only come first)")
+            raise SystemExit(
+                f"unexpected argument {arg!r}: overrides look like --key=value (a config file may only come first)"
+            )
         key, has_value, text = arg[2:].partition('=')
         check_known(key, config, where='the command line')
         i += 1

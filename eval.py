@@ -2,15 +2,17 @@
 Score any model a user has (a pretraining run, a fine-tuned run, a p-tuned prompt.pt with its base) on text:
 loss, perplexity per token and bits per character.
 
-    python eval.py --out_dir=out/tiny --text=notes.txt                  # any UTF-8 text file, streamed
+    python eval.py --out_dir=out/tiny --text=notes.txt                  # any text file, streamed
     python eval.py --out_dir=out/tiny --text=dialogues.jsonl            # any corpus file prepare/ reads
     python eval.py --out_dir=out/finetune --dataset=covid --split=test  # the doctor replies of an example set
     python eval.py --out_dir=out/finetune --dataset=imcs --generate     # + replies generated and scored
 
---text: a .txt file is read in chunks of lines as it is; a .jsonl, .json or .csv file (or a .txt file with
+--text: a .txt file is read as it is, in pieces of at most chunk_bytes bytes (each cut after its last newline,
+if it has one) whatever its line lengths, with a progress bar; a .jsonl, .json or .csv file (or a .txt file with
 --documents=block|line|file) is read by prepare/corpus.py's readers, each document written as pretraining
-writes it (dialogues with speaker pieces, cleaned text) and followed by <eot>. Either way the tokens come from
-the model's own tokenizer (the one its checkpoint carries); windows of block_size tokens slide by `stride`,
+writes it (dialogues with speaker pieces, cleaned text) and followed by <eot>. The encoding is detected as the
+corpus readers detect it (UTF-8, UTF-16 with a BOM, or GB18030), or given with --encoding. Either way the tokens
+come from the model's own tokenizer (the one its checkpoint carries); windows of block_size tokens slide by `stride`,
 and each window scores only the tokens the previous one did not, so every token after the first is scored
 exactly once, each after the first window with at least block_size - stride tokens of context. Memory holds
 one chunk and one window.
@@ -20,6 +22,8 @@ the reference by BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metric
 total nats / ln 2 / characters of the scored tokens, which compares models with different tokenizers. Prints
 one JSON line.
 """
+
+import codecs
 import json
 import math
 import os
@@ -27,6 +31,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from checkpoint import check_tokenizer, load_model
 from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
@@ -35,22 +40,24 @@ from prepare.sources import DataError
 from tasks import Dialogue, load_task_data
 
 DEFAULTS = dict(
-    out_dir='out/tiny',     # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
-    checkpoint='',          # ... or this checkpoint / p-tuning file
-    base='',                # a p-tuning file's base checkpoint ('' = the path the file recorded)
-    text='',                # score this UTF-8 text file ...
-    dataset='',             # ... or the reply tokens of data/<dataset>/ (covid, imcs, dxy, department)
+    out_dir='out/tiny',  # a run directory (prompt.pt, best.pt or ckpt.pt in it) ...
+    checkpoint='',  # ... or this checkpoint / p-tuning file
+    base='',  # a p-tuning file's base checkpoint ('' = the path the file recorded)
+    text='',  # score this text file ...
+    dataset='',  # ... or the reply tokens of data/<dataset>/ (covid, imcs, dxy, department)
     split='test',
-    stride=0,               # tokens a window moves on; 0 = half the block (each token sees half a block or more)
-    chunk_lines=2000,       # lines (or documents) of the text file tokenized at a time
-    documents='',           # .txt only: '' = plain text; 'block', 'line' or 'file' = read as a corpus (see above)
-    batch_size=8,           # --dataset: examples per batch
-    generate=False,         # --dataset: also generate a reply for each example and score it
-    max_examples=0,         # --generate: at most this many examples (0 = all)
+    stride=0,  # tokens a window moves on; 0 = half the block (each token sees half a block or more)
+    chunk_bytes=1 << 20,  # bytes of a plain text file tokenized at a time (at most)
+    chunk_lines=2000,  # documents of a corpus file tokenized at a time
+    documents='',  # .txt only: '' = plain text; 'block', 'line' or 'file' = read as a corpus (see above)
+    encoding='',  # the text file's encoding, e.g. latin-1 ('' = detect UTF-8, UTF-16 or GB18030)
+    batch_size=8,  # --dataset: examples per batch
+    generate=False,  # --dataset: also generate a reply for each example and score it
+    max_examples=0,  # --generate: at most this many examples (0 = all)
     max_new_tokens=64,
-    temperature=0.0,        # 0 = greedy
-    top_k=0,                # 0 = off
-    top_p=1.0,              # 1.0 = off
+    temperature=0.0,  # 0 = greedy
+    top_k=0,  # 0 = off
+    top_p=1.0,  # 1.0 = off
     repetition_penalty=1.0,  # > 1 lowers every token already in the source or reply (1.0 = off), as Hugging Face's
     no_repeat_ngram_size=0,  # > 0: no n-gram of this size appears twice in source + reply (0 = off)
     seed=1337,
@@ -75,7 +82,7 @@ def score_text(model, tokens_of_file, tokenizer, stride, autocast):
     for ids in tokens_of_file:
         pending = np.concatenate([pending, ids])
         while len(pending) > T:  # a full window: T inputs, T targets
-            window_nats, n, c = _score_window(model, pending[:T + 1], context, char_counts, device, autocast)
+            window_nats, n, c = _score_window(model, pending[: T + 1], context, char_counts, device, autocast)
             nats, tokens, chars = nats + window_nats, tokens + n, chars + c
             pending, context = pending[stride:], T - stride  # what this window scored becomes context
     if len(pending) > context + 1:  # the tail: its unscored tokens, with the context before them
@@ -84,25 +91,46 @@ def score_text(model, tokens_of_file, tokenizer, stride, autocast):
     return nats, tokens, chars
 
 
-def plain_text_tokens(tokenizer, path, chunk_lines):
-    """Token chunks of a UTF-8 text file as it is, chunk_lines lines at a time."""
-    with open(path, encoding='utf-8') as f:
-        lines = []
-        for line in f:
-            lines.append(line)
-            if len(lines) == chunk_lines:
-                yield np.array(tokenizer.encode(''.join(lines)), dtype=np.int64)
-                lines = []
-        if lines:
-            yield np.array(tokenizer.encode(''.join(lines)), dtype=np.int64)
+def plain_text_tokens(tokenizer, path, chunk_bytes, encoding):
+    """Token chunks of a text file as it is, read in pieces of at most chunk_bytes bytes, so memory is bounded
+    on a file of one long line too. A piece is cut after its last newline: only a line longer than a piece is
+    ever cut inside (where a token may be split in two). Bytes that are not the encoding are refused by offset."""
+    from prepare.corpus import file_encoding
+
+    encoding = file_encoding(path, encoding)
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with (
+        open(path, 'rb') as f,
+        tqdm(total=os.path.getsize(path), unit='B', unit_scale=True, desc='score', mininterval=1, disable=None) as bar,
+    ):
+        carry, offset = '', 0  # text read but not yet tokenized; bytes decoded
+        while True:
+            data = f.read(chunk_bytes)
+            held = len(decoder.getstate()[0])  # bytes of a character the previous piece cut, decoded now
+            try:
+                text = carry + decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: byte {offset - held + e.start} is not {encoding} ({e.reason}): a "
+                    f"damaged or cut file, or give its encoding with --encoding"
+                ) from None
+            offset += len(data)
+            cut = text.rfind('\n') + 1 if data else len(text)  # the end of the file ends the last line
+            text, carry = (text[:cut], text[cut:]) if cut else (text, '')
+            if text:
+                yield np.array(tokenizer.encode(text), dtype=np.int64)
+            bar.update(len(data))
+            if not data:
+                return
 
 
-def corpus_tokens(tokenizer, path, documents, chunk_docs):
+def corpus_tokens(tokenizer, path, documents, chunk_docs, encoding):
     """Token chunks of a corpus file read as pretraining reads it: each document, then <eot>."""
     from prepare.corpus import read_corpus_file
     from prepare.sources import Skipped
+
     chunk, n_docs = [], 0
-    for document in read_corpus_file(path, Skipped(), {}, documents or 'block'):
+    for document in read_corpus_file(path, Skipped(), {}, documents or 'block', encoding):
         chunk += tokenizer.encode(document.text) + [tokenizer.eot_id]
         n_docs += 1
         if n_docs % chunk_docs == 0:
@@ -134,13 +162,16 @@ def main(argv=None):
     if cfg.text and not os.path.isfile(cfg.text):
         raise SystemExit(f"no text file at {cfg.text}")
     if cfg.text and not cfg.text.endswith(('.txt', '.jsonl', '.json', '.csv')):
-        raise SystemExit(f"{cfg.text}: give a .txt, .jsonl, .json or .csv file "
-                         f"(prepare/corpus.py lists the shapes it reads)")
+        raise SystemExit(
+            f"{cfg.text}: give a .txt, .jsonl, .json or .csv file (prepare/corpus.py lists the shapes it reads)"
+        )
     if cfg.documents not in ('', 'block', 'line', 'file'):
         raise SystemExit(f"--documents must be '', 'block', 'line' or 'file', not {cfg.documents!r}")
     if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0) or cfg.no_repeat_ngram_size < 0:
-        raise SystemExit("--repetition_penalty must be a number > 0 (1 = off) and --no_repeat_ngram_size >= 0 "
-                         f"(0 = off), not {cfg.repetition_penalty} and {cfg.no_repeat_ngram_size}")
+        raise SystemExit(
+            "--repetition_penalty must be a number > 0 (1 = off) and --no_repeat_ngram_size >= 0 "
+            f"(0 = off), not {cfg.repetition_penalty} and {cfg.no_repeat_ngram_size}"
+        )
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     try:
         model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
@@ -151,6 +182,7 @@ def main(argv=None):
     result = dict(model=cfg.checkpoint or cfg.out_dir)
     if cfg.text:
         from tokenizer import Tokenizer
+
         if not checkpoint.get('tokenizer'):
             raise SystemExit(f"{result['model']} carries no tokenizer (an older checkpoint): score it with --dataset")
         T = model.config.block_size - model.config.n_prompt
@@ -159,39 +191,75 @@ def main(argv=None):
             raise SystemExit(f"--stride must be in [1, {T}] (the tokens of one window), not {cfg.stride}")
         tokenizer = Tokenizer.from_bytes(checkpoint['tokenizer']['data'])
         plain = cfg.text.endswith('.txt') and not cfg.documents
-        tokens_of_file = plain_text_tokens(tokenizer, cfg.text, cfg.chunk_lines) if plain else \
-            corpus_tokens(tokenizer, cfg.text, cfg.documents, cfg.chunk_lines)
+        tokens_of_file = (
+            plain_text_tokens(tokenizer, cfg.text, cfg.chunk_bytes, cfg.encoding)
+            if plain
+            else corpus_tokens(tokenizer, cfg.text, cfg.documents, cfg.chunk_lines, cfg.encoding)
+        )
         try:
             nats, tokens, chars = score_text(model, tokens_of_file, tokenizer, stride, autocast)
         except DataError as error:
             raise SystemExit(str(error)) from None
         if not tokens:
             raise SystemExit(f"{cfg.text} has fewer than two tokens: nothing to score")
-        result.update(text=cfg.text, tokens=int(tokens), chars=int(chars), stride=stride, loss=nats / tokens,
-                      ppl=math.exp(min(nats / tokens, 700)), bpc=nats / math.log(2) / max(chars, 1))
+        result.update(
+            text=cfg.text,
+            tokens=int(tokens),
+            chars=int(chars),
+            stride=stride,
+            loss=nats / tokens,
+            ppl=math.exp(min(nats / tokens, 700)),
+            bpc=nats / math.log(2) / max(chars, 1),
+        )
     else:
         data_dir = data_dir_of(cfg.dataset)
         if checkpoint.get('tokenizer'):
             check_tokenizer(checkpoint['tokenizer'], data_dir, result['model'])
         config = checkpoint.get('config', {})
         # the doctor replies, with the inputs the model was trained on (its tag tables, its prompt's place)
-        task = Dialogue(SimpleNamespace(entity_splice=False, n_prompt=model.config.n_prompt,
-                                        prompt_position=config.get('prompt_position', 'prefix'), label_template='',
-                                        lexical=bool(model.config.n_lexical), entity=bool(model.config.n_entity),
-                                        batch_size=cfg.batch_size))
+        task = Dialogue(
+            SimpleNamespace(
+                entity_splice=False,
+                n_prompt=model.config.n_prompt,
+                prompt_position=config.get('prompt_position', 'prefix'),
+                label_template='',
+                lexical=bool(model.config.n_lexical),
+                entity=bool(model.config.n_entity),
+                batch_size=cfg.batch_size,
+            )
+        )
         task_data = load_task_data(task, vars(model.config), load_meta(data_dir), data_dir, device, dtype)
         if not task_data.inputs[cfg.split]:
             raise SystemExit(f"{data_dir} has no {cfg.split} examples")
-        result.update(dataset=cfg.dataset, split=cfg.split, examples=len(task_data.inputs[cfg.split]),
-                      **task.evaluate(model, task_data.inputs[cfg.split], task_data))
+        result.update(
+            dataset=cfg.dataset,
+            split=cfg.split,
+            examples=len(task_data.inputs[cfg.split]),
+            **task.evaluate(model, task_data.inputs[cfg.split], task_data),
+        )
         if cfg.generate:
-            examples = task_data.examples[cfg.split][:cfg.max_examples or None]
-            result.update(task.reply_scores(model, task_data, examples, cfg.max_new_tokens, cfg.temperature,
-                                            cfg.top_k, cfg.top_p, cfg.seed, cfg.repetition_penalty,
-                                            cfg.no_repeat_ngram_size))
+            examples = task_data.examples[cfg.split][: cfg.max_examples or None]
+            result.update(
+                task.reply_scores(
+                    model,
+                    task_data,
+                    examples,
+                    cfg.max_new_tokens,
+                    cfg.temperature,
+                    cfg.top_k,
+                    cfg.top_p,
+                    cfg.seed,
+                    cfg.repetition_penalty,
+                    cfg.no_repeat_ngram_size,
+                )
+            )
     print(json.dumps(result, ensure_ascii=False))
-    print('\n'.join(f"{key:>18}  {value:.4f}" if isinstance(value, float) else f"{key:>18}  {value}"
-                    for key, value in result.items()))
+    print(
+        '\n'.join(
+            f"{key:>18}  {value:.4f}" if isinstance(value, float) else f"{key:>18}  {value}"
+            for key, value in result.items()
+        )
+    )
     return result
 
 

@@ -178,18 +178,31 @@ _CJK = (
 
 def import_bert_vocab(vocab_path, path):
     """Store a BERT vocab.txt (one piece per line, line number = id) as tokenizer.model; returns the tokenizer."""
+    atomic_write(path, bert_vocab_model(vocab_path))
+    return Tokenizer.load(path)
+
+
+def bert_vocab_model(vocab_path):
+    """The bytes of tokenizer.model for a BERT vocab.txt, refused (naming the file) unless it can be one."""
     if not os.path.isfile(vocab_path):
         raise DataError(f"no tokenizer {vocab_path!r}: give 'bpe', 'char' or the path of a BERT vocab.txt")
-    with open(vocab_path, encoding='utf-8') as f:
-        pieces = [line.rstrip('\n') for line in f]
+    with open(vocab_path, 'rb') as f:
+        data = f.read()
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f'{vocab_path} is not a BERT vocabulary: byte {e.start} is not UTF-8 text (a binary or '
+            f'damaged file?); give the vocab.txt the model was trained with'
+        ) from None
+    pieces = [line.rstrip('\n') for line in io.StringIO(text, newline=None)]  # as open() reads it: \r\n is \n
     missing = [p for p in ['[UNK]', '[CLS]', *BERT_SPECIALS.values()] if p not in pieces]
     if missing or len(pieces) >= MAX_VOCAB:
         raise DataError(
             f'{vocab_path} is not a BERT vocabulary this project can use: '
             + (f'no {", ".join(missing)}' if missing else f'{len(pieces)} pieces, ids must fit uint16')
         )
-    atomic_write(path, json.dumps({'kind': 'bert', 'pieces': pieces}, ensure_ascii=False).encode())
-    return Tokenizer.load(path)
+    return json.dumps({'kind': 'bert', 'pieces': pieces}, ensure_ascii=False).encode()
 
 
 class BertVocab:

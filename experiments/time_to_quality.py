@@ -27,21 +27,19 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from configurator import configure
+from configurator import config_file_values, configure
 
-# fmt: off
 DEFAULTS = dict(
-    recipes='',          # comma-separated names from RECIPES ('' = all, in order)
-    target=0.0,          # bits/char to reach; 0 = the n-gram's
-    time_cap=600,        # seconds of training per recipe at most
-    eval_interval=50,    # iterations between two points of a curve
-    eval_iters=40,       # 40 x 16 windows of 128 tokens: about the size of the validation split
+    recipes='',  # comma-separated names from RECIPES ('' = all, in order)
+    target=0.0,  # bits/char to reach; 0 = the n-gram's
+    time_cap=600,  # seconds of training per recipe at most
+    eval_interval=50,  # iterations between two points of a curve
+    eval_iters=40,  # 40 x 16 windows of 128 tokens: about the size of the validation split
     out='out/ttq',
     ngram_orders='3,4,5,6,7,8',
-    dtype='float32',     # every recipe in float32, as on a CPU without bf16 matmul units (a recipe may differ)
-    extra='',            # train.py overrides added to every recipe, space-separated (e.g. '--device=cuda')
+    dtype='float32',  # every recipe in float32, as on a CPU without bf16 matmul units (a recipe may differ)
+    extra='',  # train.py overrides added to every recipe, space-separated (e.g. '--device=cuda')
 )
-# fmt: on
 
 # nanoGPT's recipe for small models (its shakespeare_char config): AdamW, lr 1e-3, beta2 0.99, warm-up then
 # cosine to a tenth of the peak, no dropout; on config/tiny.py's model and data/pretrain.
@@ -68,7 +66,7 @@ RECIPES = {  # each changes one lever of the reference, or adds one to the best 
     'muon+6x256': REFERENCE + MUON + ['--n_layer=6', '--n_head=4', '--n_embd=256'],
     'muon+compile': REFERENCE + MUON + ['--compile'],
     'muon+bf16': REFERENCE + MUON + ['--dtype=bfloat16'],
-    'tiny': [],  # config/tiny.py as it stands: what make demo trains
+    'tiny': [f"--max_iters={config_file_values('config/tiny.py')['max_iters']}"],  # what make demo trains, as is
 }
 CALIBRATION_ITERS = 30  # a short run first measures each recipe's speed, so that its schedule ends at the cap
 
@@ -140,10 +138,13 @@ def run_recipe(name, overrides, cfg):
     """Train one recipe until the time cap; returns its curve [(train seconds, tokens, val bits/char)]. Unless the
     recipe sets max_iters, its schedule is fitted to the cap (its speed measured first)."""
     out_dir = os.path.join(cfg.out, name)
+    log_path = os.path.join(out_dir, 'log.jsonl')
     print(f"\n== {name}", flush=True)
     if not any(o.startswith('--max_iters=') for o in overrides):
         iters = iterations_in(0.98 * cfg.time_cap, overrides, cfg, out_dir)
         overrides = overrides + [f'--max_iters={iters}', f'--lr_decay_iters={iters}']
+    if os.path.exists(log_path):  # the calibration's: the run below starts its own
+        os.remove(log_path)
     command = [
         sys.executable,
         'train.py',
@@ -156,7 +157,6 @@ def run_recipe(name, overrides, cfg):
         *overrides,
     ]
     print(' '.join(command[1:]), flush=True)
-    log_path = os.path.join(out_dir, 'log.jsonl')
     process = subprocess.Popen(command)
     curve, offset, pending = [], 0, ''
     while True:
@@ -167,7 +167,7 @@ def run_recipe(name, overrides, cfg):
                 pending += f.read()
                 offset = f.tell()
             *lines, pending = pending.split('\n')  # the last piece may be a line still being written
-            for line in lines:
+            for line in filter(None, lines):
                 record = json.loads(line)
                 if 'val_bpc' in record:
                     curve.append((record['train_s'], record['tokens'], record['val_bpc']))

@@ -9,13 +9,16 @@ Recognised, by extension and shape:
           records: {"text"} | ShareGPT {"conversations": [{"from", "value"}]} | {"instruction", "input", "output"}
           | {"questions", "answers"} | ["病人：…", "医生：…"] | CHIP-MDCFNPC {"dialog_info": [{"sender", "text",
           "ner": [{"range": [start, end)}]}]} | IMCS-21 {"dialogue": [{"speaker", "sentence", "BIO_label"}]}
-  .csv    question-answer tables with `ask` and `answer` columns (and optional `title`, `department`);
-          UTF-8 (with or without BOM) or GB18030, detected
+  .csv    question-answer tables with `ask` and `answer` columns (and optional `title`, `department`)
+Every file is UTF-8 (with or without BOM), UTF-16 with a BOM, or GB18030, detected (file_encoding); a file that is
+none of them with confidence is refused, and --encoding names its encoding.
 Dialogues become '<patient>…<doctor>…' text; a QA pair is a one-turn dialogue. The data set's own entity
 annotations (CHIP `ner` ranges, IMCS `BIO_label`) become per-character entity ids that replace lexicon
-matching. A malformed record is skipped and counted with file:line; a record of an unknown shape stops the
-build with the file, the line and the shapes above.
+matching. A malformed record (one of a shape above with a field missing or of the wrong type) is skipped and
+counted with file:line; a record of an unknown shape stops the build with the file, the line and the shapes above.
 """
+
+import codecs
 import csv
 import json
 import os
@@ -27,18 +30,29 @@ from prepare.sources import DataError
 from prepare.text import clean, dialogue_text, normalize
 
 EXTENSIONS = ('.txt', '.jsonl', '.json', '.csv')
-SHAPES = ('{"text"}', 'ShareGPT {"conversations"}', '{"instruction", "output"}', '{"questions", "answers"}',
-          '["病人：…", "医生：…"]', 'CHIP-MDCFNPC {"dialog_info"}', 'IMCS-21 {"dialogue"}')
+SHAPES = (
+    '{"text"}',
+    'ShareGPT {"conversations"}',
+    '{"instruction", "output"}',
+    '{"questions", "answers"}',
+    '["病人：…", "医生：…"]',
+    'CHIP-MDCFNPC {"dialog_info"}',
+    'IMCS-21 {"dialogue"}',
+)
 SPEAKERS = {'病人': 'patient', '患者': 'patient', '医生': 'doctor'}
 SHAREGPT_SPEAKERS = {'human': 'patient', 'user': 'patient', 'gpt': 'doctor', 'assistant': 'doctor'}
 # MedDialog-CN sections: the description is the patient's opening turn, the diagnosis a closing doctor turn
-SECTION_SPEAKER = {'Description': 'patient', 'Dialogue': None, 'Diagnosis and suggestions': 'doctor',
-                   'Doctor faculty': None}
+SECTION_SPEAKER = {
+    'Description': 'patient',
+    'Dialogue': None,
+    'Diagnosis and suggestions': 'doctor',
+    'Doctor faculty': None,
+}
 
 
 class Document(NamedTuple):
-    text: str                                  # cleaned; dialogues as '<patient>…<doctor>…'
-    entity_terms: tuple = ()                   # extra entity strings, marked wherever they occur
+    text: str  # cleaned; dialogues as '<patient>…<doctor>…'
+    entity_terms: tuple = ()  # extra entity strings, marked wherever they occur
     entity_chars: Optional[np.ndarray] = None  # the data set's own entity id per character of text
     source: str = ''
     line: int = 0
@@ -55,14 +69,17 @@ def corpus_files(paths):
         else:
             raise DataError(f'{path}: no such file or folder')
     for path in files:
+        if not os.path.isfile(path):  # os.walk lists a dangling or self-looping symbolic link as a file
+            raise DataError(f'{path}: a symbolic link to no file ({os.readlink(path)}): fix or remove it')
         if not path.endswith(EXTENSIONS):
             raise DataError(f'{path}: not a corpus file this project reads (recognised: {", ".join(EXTENSIONS)})')
     return files
 
 
-def read_corpus_file(path, skipped, report, txt_document='block'):
-    """The documents of one file; report gets its shape, encoding, records and documents."""
-    report.update(records=0, documents=0)
+def read_corpus_file(path, skipped, report, txt_document='block', encoding=''):
+    """The documents of one file; report gets its shape, encoding, records and documents.
+    encoding: the user's --encoding, '' = detect (file_encoding)."""
+    report.update(records=0, documents=0, encoding=file_encoding(path, encoding))
     if path.endswith('.txt'):
         documents = _txt(path, skipped, report, txt_document)
     else:
@@ -76,7 +93,78 @@ def read_corpus_file(path, skipped, report, txt_document='block'):
 
 # ----------------------------------------------------------------------------- text files
 
-def _lines(path, encoding='utf-8'):
+HEAD = 1 << 16  # bytes an encoding is detected from
+RARE_SHARE = 0.05  # GB18030 only if at most this share of the non-ASCII characters are outside GB2312
+
+
+def file_encoding(path, given=''):
+    """The encoding to read a file with: `given` (--encoding), else detected from its first 64 KiB: UTF-16 by its
+    byte-order mark, UTF-8 (with or without BOM), else GB18030 when it reads as Chinese, nearly every non-ASCII
+    character one of GB2312's common ones. Bytes of another encoding (Latin-1...) often decode as GB18030 too,
+    into rare characters: those are refused, naming --encoding, never read as mojibake."""
+    if given:
+        try:
+            return codecs.lookup(given).name
+        except LookupError:
+            raise DataError(
+                f'--encoding={given}: not an encoding Python knows (e.g. utf-8, gb18030, latin-1)'
+            ) from None
+    with open(path, 'rb') as f:
+        head = f.read(HEAD)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return 'utf-16'
+    if b'\x00' in head:
+        raise DataError(
+            f'{path}: byte {head.index(0)} is NUL: a binary file, or UTF-16/32 text without a byte-order '
+            f'mark; convert it to UTF-8, or give its encoding with --encoding'
+        )
+    if _decode_head(head, 'utf-8-sig') is not None:
+        return 'utf-8-sig'
+    not_utf8 = f'byte {_first_error(head, "utf-8")} is not UTF-8'
+    text = _decode_head(head, 'gb18030')
+    if text is None:
+        raise DataError(
+            f'{path}: {not_utf8}, and the file is not GB18030 either: convert it to UTF-8, or give its '
+            f'encoding with --encoding (e.g. --encoding=latin-1)'
+        )
+    non_ascii = [ch for ch in text if ch > '\x7f']
+    rare = sum(not _in_gb2312(ch) for ch in non_ascii)
+    if rare > RARE_SHARE * len(non_ascii):
+        raise DataError(
+            f'{path}: {not_utf8}, and read as GB18030 {rare} of its first {len(non_ascii)} non-ASCII '
+            f'characters are rare ones (another encoding?): give its encoding with --encoding '
+            f'(e.g. --encoding=latin-1), or convert it to UTF-8'
+        )
+    return 'gb18030'
+
+
+def _decode_head(head, encoding):
+    """head decoded, or None if it is not `encoding`. A character cut at its end is allowed: the head ends
+    inside one, or the file does (then reading it names the line)."""
+    try:
+        return head.decode(encoding)
+    except UnicodeDecodeError as e:
+        if e.start >= len(head) - 3:
+            return _decode_head(head[: e.start], encoding)
+        return None
+
+
+def _first_error(data, encoding):
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as e:
+        return e.start
+
+
+def _in_gb2312(ch):
+    try:
+        ch.encode('gb2312')
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _lines(path, encoding):
     """(line number, line) of a text file, read lazily; a decoding error names the line."""
     with open(path, encoding=encoding) as f:
         line_no = 0
@@ -84,11 +172,14 @@ def _lines(path, encoding='utf-8'):
             for line_no, line in enumerate(f, start=1):
                 yield line_no, line.rstrip('\n')
         except UnicodeDecodeError as e:
-            raise DataError(f'{path}:{line_no + 1}: not valid {encoding} ({e.reason})') from e
+            raise DataError(
+                f'{path}:{line_no + 1}: not valid {encoding} ({e.reason}): a damaged file, or give its '
+                f'encoding with --encoding'
+            ) from e
 
 
 def _txt(path, skipped, report, unit):
-    lines = _lines(path)
+    lines = _lines(path, report['encoding'])
     first = next(((n, line) for n, line in lines if line.strip()), None)
     if first is None:
         return
@@ -154,8 +245,9 @@ def meddialog_turns(block):
 
 # ----------------------------------------------------------------------------- JSON records
 
+
 def _jsonl(path, skipped, report):
-    for line_no, line in _lines(path):
+    for line_no, line in _lines(path, report['encoding']):
         if not line.strip():
             continue
         report['records'] += 1
@@ -164,38 +256,59 @@ def _jsonl(path, skipped, report):
         except json.JSONDecodeError as e:
             skipped.add(path, line_no, f'not valid JSON ({e.msg})')
             continue
-        document = record_document(record, path, line_no, report)
+        document = record_document(record, path, line_no, report, skipped)
         if document is not None:
             yield line_no, document
 
 
 def _json(path, skipped, report):
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding=report['encoding']) as f:
         try:
             value = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from e
-    records = value.values() if isinstance(value, dict) and 'text' not in value else \
-        value if isinstance(value, list) else [value]
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f'{path}: not valid {report["encoding"]} ({e.reason}): a damaged file, or give its '
+                f'encoding with --encoding'
+            ) from e
+    records = (
+        value.values()
+        if isinstance(value, dict) and 'text' not in value
+        else value
+        if isinstance(value, list)
+        else [value]
+    )
     for n, record in enumerate(records, start=1):
         report['records'] += 1
-        document = record_document(record, path, f'record {n}', report)
+        document = record_document(record, path, f'record {n}', report, skipped)
         if document is not None:
             yield n, document
 
 
-def record_document(record, path, where, report):
-    """A Document from one JSON record of a recognised shape; a clear error for any other shape."""
-    shape, turns = record_turns(record)
-    if shape is None:
-        preview = json.dumps(record, ensure_ascii=False)[:80]
-        raise DataError(f'{path}:{where}: a record of an unknown shape ({preview}); recognised: {"; ".join(SHAPES)}')
-    report['shape'] = shape
-    if shape == 'text':
-        return Document(clean(record['text']))
-    if not turns:
+def record_document(record, path, where, report, skipped):
+    """A Document from one JSON record of a recognised shape (None for a record skipped and counted in
+    `skipped`); a clear error for any other shape."""
+    try:
+        shape, turns = record_turns(record)
+        if shape is None:
+            preview = json.dumps(record, ensure_ascii=False)[:80]
+            raise DataError(
+                f'{path}:{where}: a record of an unknown shape ({preview}); recognised: {"; ".join(SHAPES)}'
+            )
+        if shape == 'text':
+            report['shape'] = shape
+            return Document(clean(record['text']))
+        cleaned, entity_chars = tagged_dialogue(turns) if turns else ([], None)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # e.g. a ShareGPT turn without "value"
+        skipped.add(path, where, f'a record with a field missing or of the wrong type ({type(e).__name__}: {e})')
         return None
-    cleaned, entity_chars = tagged_dialogue(turns)
+    report['shape'] = shape
+    if shape in ('instruction', 'questions and answers') and {s for s, _ in cleaned} != {'patient', 'doctor'}:
+        skipped.add(path, where, 'a record without a question or an answer')
+        return None
+    if not cleaned:
+        return None
     return Document(dialogue_text(cleaned), entity_chars=entity_chars)
 
 
@@ -238,29 +351,36 @@ def record_turns(record):
     if isinstance(record.get('text'), str):
         return 'text', None
     if isinstance(record.get('conversations'), list):
-        return 'ShareGPT', [(SHAREGPT_SPEAKERS[t['from']], t['value'], None) for t in record['conversations']
-                            if t.get('from') in SHAREGPT_SPEAKERS]
+        return 'ShareGPT', [
+            (SHAREGPT_SPEAKERS[t['from']], t['value'], None)
+            for t in record['conversations']
+            if t.get('from') in SHAREGPT_SPEAKERS
+        ]
     if 'instruction' in record and 'output' in record:
         ask = '\n'.join(filter(None, [record['instruction'], record.get('input') or '']))
         return 'instruction', [('patient', ask, None), ('doctor', record['output'], None)]
     if 'questions' in record and 'answers' in record:
         questions, answers = ([x] if isinstance(x, str) else x for x in (record['questions'], record['answers']))
-        return 'questions and answers', [turn for q, a in zip(questions, answers)
-                                         for turn in (('patient', q, None), ('doctor', a, None))]
+        return 'questions and answers', [
+            turn for q, a in zip(questions, answers) for turn in (('patient', q, None), ('doctor', a, None))
+        ]
     if isinstance(record.get('dialog_info'), list):  # CHIP-MDCFNPC: ner mentions by [start, end) in the text
         turns = []
         for u in record['dialog_info']:
             gold = np.zeros(len(u['text']), dtype=np.uint8)
             for entity in u.get('ner', []):
-                gold[entity['range'][0]:entity['range'][1]] = 1
+                gold[entity['range'][0] : entity['range'][1]] = 1
             turns.append((SPEAKERS.get(u['sender'], 'patient'), u['text'], gold))
         return 'CHIP-MDCFNPC', turns
     if isinstance(record.get('dialogue'), list):  # IMCS-21: one B-/I-/O tag per character, where labelled
         turns = [('patient', record['self_report'], None)] if record.get('self_report') else []
         for u in record['dialogue']:
             labels = u.get('BIO_label', '').split()
-            gold = np.array([label[0] in 'BI' for label in labels], dtype=np.uint8) \
-                if len(labels) == len(u['sentence']) else None
+            gold = (
+                np.array([label[0] in 'BI' for label in labels], dtype=np.uint8)
+                if len(labels) == len(u['sentence'])
+                else None
+            )
             turns.append((SPEAKERS.get(u['speaker'], 'patient'), u['sentence'], gold))
         return 'IMCS-21', turns
     return None, None
@@ -268,16 +388,17 @@ def record_turns(record):
 
 # ----------------------------------------------------------------------------- CSV
 
+
 def _csv(path, skipped, report):
-    with open(path, 'rb') as f:
-        report['encoding'] = _encoding(f.read(1 << 16), path)
     with open(path, encoding=report['encoding'], newline='') as f:  # csv reads quoted newlines itself
         reader = csv.DictReader(f)
         try:
             missing = {'ask', 'answer'} - set(reader.fieldnames or ())
             if missing:
-                raise DataError(f'{path}:1: a question-answer table needs the columns ask and answer (title and '
-                                f'department optional), got {reader.fieldnames}')
+                raise DataError(
+                    f'{path}:1: a question-answer table needs the columns ask and answer (title and '
+                    f'department optional), got {reader.fieldnames}'
+                )
             report['shape'] = 'question-answer table'
             for row in reader:
                 report['records'] += 1
@@ -288,16 +409,7 @@ def _csv(path, skipped, report):
                 question = f'{title}<sep>{ask}' if title and ask else title or ask
                 yield reader.line_num, Document(f'<patient>{question}<doctor>{answer}')
         except UnicodeDecodeError as e:
-            raise DataError(f'{path}:{reader.line_num + 1}: not valid {report["encoding"]} ({e.reason})') from e
-
-
-def _encoding(head, path):
-    """'utf-8-sig' or 'gb18030' from a file's first bytes (a cut multibyte character at the end is allowed)."""
-    for encoding in ('utf-8-sig', 'gb18030'):
-        try:
-            head.decode(encoding)
-            return encoding
-        except UnicodeDecodeError as e:
-            if e.start >= len(head) - 3:  # only the last, cut character failed
-                return encoding
-    raise DataError(f'{path}: neither UTF-8 nor GB18030: convert it to UTF-8')
+            raise DataError(
+                f'{path}:{reader.line_num + 1}: not valid {report["encoding"]} ({e.reason}): a damaged '
+                f'file, or give its encoding with --encoding'
+            ) from e

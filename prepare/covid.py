@@ -6,6 +6,7 @@ Examples: one per doctor turn of each split dialogue (source = the dialogue so f
 utterance); no labels. The raw dump's consultations that are validation/test dialogues are removed from the
 pretraining text (readers.covid_pretraining_consultations), so test perplexity is measured on unseen dialogues.
 """
+
 import time
 
 from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
@@ -18,8 +19,10 @@ def main():
     args = arg_parser(__doc__, 'covid').parse_args()
     skipped = Skipped()
     paths = {split: source_file(rel, args.src) for split, rel in COVID_SPLIT_FILES.items()}
-    splits = {split: [{'turns': turns, 'entities': (), 'label': -1} for turns in read_covid_split(path, skipped)]
-              for split, path in paths.items()}
+    splits = {
+        split: [{'turns': turns, 'entities': (), 'label': -1} for turns in read_covid_split(path, skipped)]
+        for split, path in paths.items()
+    }
     build_example_set(args, splits, [], skipped, list(paths.values()), started)
 
 

@@ -6,6 +6,7 @@ the answering department (11 departments, 3,121 ... 18 questions each).
 One example per row: source = <patient> title <sep> ask <doctor>, target = answer <eot>, label = department
 id. Split: seeded and stratified by department, 80/10/10, so that even the rare departments are in val/test.
 """
+
 import time
 
 from prepare.dataset import arg_parser, build_example_set, exit_on_data_error

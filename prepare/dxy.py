@@ -8,6 +8,7 @@ slots (origin, explicit and implicit, present or not: a denied symptom is still 
 record's own entity annotation. Validation: a seeded, disease-stratified 10% of the official train split.
 Examples as for COVID; the first example of a consultation carries its disease id as label.
 """
+
 import time
 
 from prepare.dataset import arg_parser, build_example_set, exit_on_data_error

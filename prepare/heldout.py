@@ -7,6 +7,7 @@ windows, wherever the sampling started, so a document is held out when it holds 
 dialogue's shingles (half, not all: a corpus may cut or re-word the opening description, as COVID's raw dump
 does). Short template phrases that many dialogues share cannot reach half of any one dialogue's shingles.
 """
+
 import re
 
 WIDTH, STRIDE, SHARE = 20, 10, 0.5
@@ -19,16 +20,15 @@ def letters(text):
 
 
 class HeldOut:
-
     def __init__(self):
-        self.owner = {}       # shingle -> index of the (first) held-out dialogue it came from
+        self.owner = {}  # shingle -> index of the (first) held-out dialogue it came from
         self.n_shingles = []  # per held-out dialogue
-        self.names = []       # which set each came from, for the report
+        self.names = []  # which set each came from, for the report
 
     def add(self, text, name):
         """One held-out dialogue (its text, in any form: speaker pieces and punctuation are ignored)."""
         content = letters(text)
-        shingles = {content[i:i + WIDTH] for i in range(0, max(len(content) - WIDTH + 1, 1), STRIDE)}
+        shingles = {content[i : i + WIDTH] for i in range(0, max(len(content) - WIDTH + 1, 1), STRIDE)}
         index = len(self.n_shingles)
         for shingle in shingles:
             self.owner.setdefault(shingle, index)
@@ -39,7 +39,7 @@ class HeldOut:
         """The name of the held-out set whose dialogue `text` contains, else None."""
         content = letters(text)
         hits = {}
-        for shingle in {content[i:i + WIDTH] for i in range(max(len(content) - WIDTH + 1, 1))}:
+        for shingle in {content[i : i + WIDTH] for i in range(max(len(content) - WIDTH + 1, 1))}:
             index = self.owner.get(shingle)
             if index is not None:
                 hits[index] = hits.get(index, 0) + 1

@@ -10,6 +10,7 @@ dialogues); --lexicon_entities uses lexicon matching everywhere (to compare the 
 dialogues, stratified by disease, 70/15/15 into train/val/test, so val and test hold labelled dialogues only;
 the unlabelled ones go to train for dialogue generation, with label -1 (never classification examples).
 """
+
 import time
 
 from prepare.dataset import arg_parser, build_example_set, exit_on_data_error

@@ -16,10 +16,12 @@ fine-tuning set (COVID-DDC, DXY, department QA, IMCS-21) gets in, and 5% of the 
 are the validation split; prepare/stream.py does the work in two streaming passes on every core.
 Dialogues are written with speaker pieces ('<patient>…<doctor>…'), each document followed by <eot>.
 """
+
 import os
 import shutil
 import time
 
+from prepare.corpus import corpus_files, file_encoding, read_corpus_file
 from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_meta
 from prepare.heldout import HeldOut
 from prepare.readers import (
@@ -32,7 +34,7 @@ from prepare.readers import (
     read_covid_split,
 )
 from prepare.sources import DataError, Skipped, source_file
-from prepare.stream import spool, tag_and_write, thin_spool, tokenizer_sample
+from prepare.stream import SPLITS, spool, tag_and_write, thin_spool, tokenizer_sample
 from prepare.text import dialogue_text
 from tagging import lexicon_dir, lexicon_files, read_lexicon
 from tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
@@ -53,14 +55,40 @@ def default_documents(src, skipped, paths, report):
     yield from (('book', text, (), None) for text in chapters)
 
 
-def corpus_documents(corpus_paths, txt_document, skipped, paths, report):
+def corpus_documents(corpus_paths, txt_document, encoding, skipped, paths, report):
     """(source file, text, entity terms, entity ids) of every file a user gave, file by file, streamed."""
-    from prepare.corpus import corpus_files, read_corpus_file
     for path in corpus_files(corpus_paths):
         paths.append(path)
         report[path] = {}
-        for document in read_corpus_file(path, skipped, report[path], txt_document):
+        for document in read_corpus_file(path, skipped, report[path], txt_document, encoding):
             yield path, document.text, tuple(document.entity_terms), document.entity_chars
+
+
+def check_corpus_and_out(corpus_paths, out):
+    """Before any work: --out is replaced whole, so it must neither be nor hold nor lie in a corpus path (the
+    build would delete the corpus, or read its own output), and its disk must have room for the spool and the
+    token files (together about twice the corpus)."""
+    out_real = os.path.realpath(out)
+    for path in corpus_paths:
+        real = os.path.realpath(path)
+        if os.path.commonpath([out_real, real]) in (out_real, real):
+            raise DataError(
+                f'--out {out} and --corpus {path} overlap, and the build replaces --out whole: '
+                f'give an --out outside every corpus path'
+            )
+    needed = 2 * sum(os.path.getsize(p) for p in corpus_files(corpus_paths))
+    free = shutil.disk_usage(existing_parent(out_real)).free
+    if free < needed:
+        raise DataError(
+            f'{out} is on a disk with {free / 1e9:.2f} GB free; building from this corpus needs about '
+            f'{needed / 1e9:.2f} GB: free some space, or give --out on another disk'
+        )
+
+
+def existing_parent(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def held_out_dialogues(src, skipped):
@@ -72,8 +100,11 @@ def held_out_dialogues(src, skipped):
     _, dxy_val, dxy_test, _ = dxy_splits(src, Skipped())  # (its skipped records count once, when read for text)
     qa_splits, _, _ = department_splits(src, Skipped())
     imcs_parts, _, _ = imcs_splits(src, Skipped())
-    for name, records in (('dxy', dxy_val + dxy_test), ('department', qa_splits['val'] + qa_splits['test']),
-                          ('imcs', imcs_parts['val'] + imcs_parts['test'])):
+    for name, records in (
+        ('dxy', dxy_val + dxy_test),
+        ('department', qa_splits['val'] + qa_splits['test']),
+        ('imcs', imcs_parts['val'] + imcs_parts['test']),
+    ):
         for r in records:
             held_out.add(dialogue_text(r['turns']), name)
     return held_out
@@ -97,10 +128,12 @@ def make_tokenizer(args, sample_lines, path):
 def print_summary(counts, timings, skipped):
     for split, c in counts.items():
         lexical = ', '.join(f'{name} {100 * n / max(c["tokens"], 1):.1f}%' for name, n in c['lexical_tokens'].items())
-        print(f'{split}: {c.get("records", 0):,} documents, {c.get("tokens", 0):,} tokens, '
-              f'{c.get("chars", 0) / max(c.get("tokens", 0), 1):.2f} chars/token, '
-              f'entity {100 * c.get("entity_tokens", 0) / max(c.get("tokens", 0), 1):.1f}% of tokens; '
-              f'lexical: {lexical}')
+        print(
+            f'{split}: {c.get("records", 0):,} documents, {c.get("tokens", 0):,} tokens, '
+            f'{c.get("chars", 0) / max(c.get("tokens", 0), 1):.2f} chars/token, '
+            f'entity {100 * c.get("entity_tokens", 0) / max(c.get("tokens", 0), 1):.1f}% of tokens; '
+            f'lexical: {lexical}'
+        )
     skipped.report()
     print('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in timings.items()))
 
@@ -109,18 +142,42 @@ def main():
     started = time.time()
     parser = arg_parser(__doc__, 'pretrain', example_set=False)
     parser.add_argument('--corpus', nargs='+', help='files or folders of your own corpus (default: the shared sources)')
-    parser.add_argument('--txt_document', choices=['block', 'line', 'file'], default='block',
-                        help='what one document of a .txt file is: a blank-line-separated block, a line, or the file')
-    parser.add_argument('--tokenizer', default='bpe',
-                        help="'bpe' (SentencePiece), 'char', a BERT vocab.txt (GPT2-Chinese's, for continued "
-                             "pretraining), or another data set's tokenizer.model (reused as it is)")
+    parser.add_argument(
+        '--txt_document',
+        choices=['block', 'line', 'file'],
+        default='block',
+        help='what one document of a .txt file is: a blank-line-separated block, a line, or the file',
+    )
+    parser.add_argument(
+        '--encoding',
+        default='',
+        help="the corpus files' encoding, e.g. latin-1 (default: detect UTF-8, UTF-16 or GB18030)",
+    )
+    parser.add_argument(
+        '--tokenizer',
+        default='bpe',
+        help="'bpe' (SentencePiece), 'char', a BERT vocab.txt (GPT2-Chinese's, for continued "
+        "pretraining), or another data set's tokenizer.model (reused as it is)",
+    )
     parser.add_argument('--vocab_size', type=int, default=8000, help='must be < 65536 (ids are uint16)')
-    parser.add_argument('--char_coverage', type=float, default=0.9995,
-                        help='BPE: share of characters that get a piece; the rarest fall back to bytes')
-    parser.add_argument('--tokenizer_chars', type=int, default=4_000_000,
-                        help='the tokenizer trains on a seeded sample of about this many characters of training text')
-    parser.add_argument('--train_chars', type=int, default=0,
-                        help='keep an even, hash-chosen sample of about this many training characters (0 = all)')
+    parser.add_argument(
+        '--char_coverage',
+        type=float,
+        default=0.9995,
+        help='BPE: share of characters that get a piece; the rarest fall back to bytes',
+    )
+    parser.add_argument(
+        '--tokenizer_chars',
+        type=int,
+        default=4_000_000,
+        help='the tokenizer trains on a seeded sample of about this many characters of training text',
+    )
+    parser.add_argument(
+        '--train_chars',
+        type=int,
+        default=0,
+        help='keep an even, hash-chosen sample of about this many training characters (0 = all)',
+    )
     parser.add_argument('--chunk_docs', type=int, default=256, help='documents tagged per chunk (bounds memory)')
     args = parser.parse_args()
     try:
@@ -129,36 +186,72 @@ def main():
         parser.error(str(e))
     if args.train_chars < 0:
         parser.error(f'--train_chars must be >= 0 (0 = all), not {args.train_chars}')
+    if args.corpus:
+        if args.encoding:  # an unknown name is refused before the work, not at the first file
+            file_encoding(None, args.encoding)
+        check_corpus_and_out(args.corpus, args.out)
     skipped, paths, report = Skipped(), [], {}
     lexicon = lexicon_dir(args.src)
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out
     held_out = held_out_dialogues(args.src, skipped)
-    documents = corpus_documents(args.corpus, args.txt_document, skipped, paths, report) if args.corpus else \
-        default_documents(args.src, skipped, paths, report)
+    if args.corpus:
+        documents = corpus_documents(args.corpus, args.txt_document, args.encoding, skipped, paths, report)
+    else:
+        documents = default_documents(args.src, skipped, paths, report)
     timings = {}
     with atomic_dir(args.out) as folder:
         spool_path = os.path.join(folder, 'documents.spool.jsonl')
         per_source, n_documents, train_chars = spool(documents, spool_path, held_out, VAL_FRACTION)
         print('documents per source:', per_source)
+        for split in SPLITS:  # train.py needs windows of both (a split is chosen by a hash of the text)
+            if not any(count.get(split) for count in per_source.values()):
+                raise DataError(
+                    f'none of the {n_documents} documents kept went to the {split} split '
+                    f'({VAL_FRACTION:.0%} go to val): give a larger corpus'
+                )
         if args.train_chars:
             n_documents, train_chars = thin_spool(spool_path, train_chars, args.train_chars)
-            print(f'kept {n_documents:,} documents, {train_chars:,} training characters '
-                  f'(--train_chars={args.train_chars:,})')
+            print(
+                f'kept {n_documents:,} documents, {train_chars:,} training characters '
+                f'(--train_chars={args.train_chars:,})'
+            )
         timings['read'] = time.time() - started
         tokenizer_path = os.path.join(folder, 'tokenizer.model')
-        sample_lines = tokenizer_sample(spool_path, train_chars, args.tokenizer_chars, SEED) \
-            if args.tokenizer in ('bpe', 'char') else []
+        sample_lines = (
+            tokenizer_sample(spool_path, train_chars, args.tokenizer_chars, SEED)
+            if args.tokenizer in ('bpe', 'char')
+            else []
+        )
         tok = make_tokenizer(args, sample_lines, tokenizer_path)
         del sample_lines
         timings['tokenizer'] = time.time() - started - sum(timings.values())
-        counts, chars_per_s = tag_and_write(spool_path, n_documents, folder, tok,
-                                            (tokenizer_path, lexicon, args.entity_types), args.workers, args.chunk_docs)
+        counts, chars_per_s = tag_and_write(
+            spool_path,
+            n_documents,
+            folder,
+            tok,
+            (tokenizer_path, lexicon, args.entity_types),
+            args.workers,
+            args.chunk_docs,
+        )
         os.remove(spool_path)
         timings['tag'] = time.time() - started - sum(timings.values())
         timings['total'] = time.time() - started
-        write_meta(folder, tok, args.entity_types, counts, skipped, paths + lexicon_files(lexicon), timings,
-                   documents=per_source, held_out_dialogues=len(held_out), files=report,
-                   chars_per_s=round(chars_per_s), workers=args.workers, train_chars_wanted=args.train_chars)
+        write_meta(
+            folder,
+            tok,
+            args.entity_types,
+            counts,
+            skipped,
+            paths + lexicon_files(lexicon),
+            timings,
+            documents=per_source,
+            held_out_dialogues=len(held_out),
+            files=report,
+            chars_per_s=round(chars_per_s),
+            workers=args.workers,
+            train_chars_wanted=args.train_chars,
+        )
     print_summary(counts, timings, skipped)
     print(f'wrote {args.out}: tagged at {chars_per_s:,.0f} chars/s on {args.workers} worker(s)')
 

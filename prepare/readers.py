@@ -3,6 +3,7 @@
 [(speaker, text)], speaker 'patient' or 'doctor', text cleaned; a malformed record is counted in `skipped` with
 its file and line, bad input that stops a build raises DataError naming the file.
 """
+
 import ast
 import csv
 import io
@@ -21,8 +22,11 @@ SPLIT_SEED = 1337  # every seeded split below
 # ----------------------------------------------------------------------------- COVID-DDC (covid_dialog_zh/)
 
 COVID_RAW = 'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt'
-COVID_SPLIT_FILES = {'train': 'covid_dialog_zh/train_data.json', 'val': 'covid_dialog_zh/validate_data.json',
-                     'test': 'covid_dialog_zh/test_data.json'}
+COVID_SPLIT_FILES = {
+    'train': 'covid_dialog_zh/train_data.json',
+    'val': 'covid_dialog_zh/validate_data.json',
+    'test': 'covid_dialog_zh/test_data.json',
+}
 
 
 def read_covid_raw(path, skipped):
@@ -36,10 +40,14 @@ def read_covid_raw(path, skipped):
         elif not turns:
             skipped.add(path, line_no, 'consultation without any text')
         else:
-            consultations.append({
-                'line': line_no, 'turns': [(speaker, text) for speaker, text, _ in turns],
-                'description': _content(text for _, text, section in turns if section == 'Description'),
-                'dialogue': _content(text for _, text, section in turns if section == 'Dialogue')})
+            consultations.append(
+                {
+                    'line': line_no,
+                    'turns': [(speaker, text) for speaker, text, _ in turns],
+                    'description': _content(text for _, text, section in turns if section == 'Description'),
+                    'dialogue': _content(text for _, text, section in turns if section == 'Dialogue'),
+                }
+            )
     return consultations
 
 
@@ -85,8 +93,11 @@ def covid_pretraining_consultations(src, skipped):
     # re-worded), then the dialogue, merged and re-punctuated. A consultation is held out when it has the same
     # description (first 20 letters: a follow-up consultation repeats it), or the same dialogue and a
     # description starting alike (the dialogue alone is not enough: doctors' template replies recur).
-    held_out = [(_content(turns[0][1]), _content(text for _, text in turns[1:]))
-                for p in held_out_paths for turns in read_covid_split(p, skipped)]
+    held_out = [
+        (_content(turns[0][1]), _content(text for _, text in turns[1:]))
+        for p in held_out_paths
+        for turns in read_covid_split(p, skipped)
+    ]
     kept, seen, duplicates, removed = [], set(), 0, 0
     for consultation in read_covid_raw(raw_path, skipped):
         text = dialogue_text(consultation['turns'])
@@ -98,8 +109,10 @@ def covid_pretraining_consultations(src, skipped):
             kept.append(consultation['turns'])
         seen.add(text)
     report = {'consultations_kept': len(kept), 'duplicates_removed': duplicates, 'val_test_removed': removed}
-    print(f'COVID raw: kept {len(kept)} consultations, removed {duplicates} duplicates and {removed} '
-          f'holding one of the {len(held_out)} validation/test dialogues')
+    print(
+        f'COVID raw: kept {len(kept)} consultations, removed {duplicates} duplicates and {removed} '
+        f'holding one of the {len(held_out)} validation/test dialogues'
+    )
     return kept, report, [raw_path] + held_out_paths
 
 
@@ -136,13 +149,15 @@ def read_dxy(path, skipped):
 def _dxy_record(path, line_no, n, record, skipped):
     try:
         report, dialog, goal = clean(record['self_repo']), record['dialog'], record['goal']
-        symptoms = list(goal.get('origin_inform_slots', [])) + [s for key in ('explicit_inform_slots',
-                    'implicit_inform_slots') for s in goal.get(key, {})]
+        symptoms = list(goal.get('origin_inform_slots', [])) + [
+            s for key in ('explicit_inform_slots', 'implicit_inform_slots') for s in goal.get(key, {})
+        ]
         disease = record['disease_tag']
         # the dialog repeats the self report as its first utterance
         utterances = dialog[1:] if dialog and clean(dialog[0]) == report else dialog
-        turns = [('patient', report)] + [('doctor' if k % 2 == 0 else 'patient', clean(u))
-                                         for k, u in enumerate(utterances)]
+        turns = [('patient', report)] + [
+            ('doctor' if k % 2 == 0 else 'patient', clean(u)) for k, u in enumerate(utterances)
+        ]
     except (KeyError, TypeError, AttributeError) as e:
         skipped.add(path, f'{line_no} record {n}', f'malformed DXY record ({type(e).__name__}: {e})')
         return None
@@ -171,18 +186,21 @@ def read_department(path, skipped):
     reader = csv.reader(io.StringIO(read_text(path, DEPARTMENT_ENCODING), newline=''))
     header = next(reader)
     if header != DEPARTMENT_COLUMNS:
-        raise DataError(f'{path}:1: expected the columns {",".join(DEPARTMENT_COLUMNS)}, '
-                        f'got {",".join(header)[:80]}')
+        raise DataError(f'{path}:1: expected the columns {",".join(DEPARTMENT_COLUMNS)}, got {",".join(header)[:80]}')
     rows = []
     for row in reader:
         fields = [clean(x) for x in row]
         if len(fields) != len(DEPARTMENT_COLUMNS) or not all(fields):
-            skipped.add(path, reader.line_num,
-                        f'expected {len(DEPARTMENT_COLUMNS)} non-empty fields, got {row!r:.60}')
+            skipped.add(path, reader.line_num, f'expected {len(DEPARTMENT_COLUMNS)} non-empty fields, got {row!r:.60}')
             continue
         department, title, ask, answer = fields
-        rows.append({'line': reader.line_num, 'department': department,
-                     'turns': [('patient', f'{title}<sep>{ask}'), ('doctor', answer)]})
+        rows.append(
+            {
+                'line': reader.line_num,
+                'department': department,
+                'turns': [('patient', f'{title}<sep>{ask}'), ('doctor', answer)],
+            }
+        )
     return rows
 
 
@@ -198,8 +216,10 @@ def department_splits(src, skipped):
         if text not in seen:
             seen.add(text)
             rows.append(row)
-    print(f'department QA: {len(rows):,} distinct question-answer pairs of {read:,} rows '
-          f'({read - len(rows)} repeats removed)')
+    print(
+        f'department QA: {len(rows):,} distinct question-answer pairs of {read:,} rows '
+        f'({read - len(rows)} repeats removed)'
+    )
     parts = stratified_split([r['department'] for r in rows], DEPARTMENT_FRACTIONS, SPLIT_SEED)
     splits = {split: [rows[i] for i in idx] for split, idx in parts.items()}
     return splits, sorted({r['department'] for r in rows}), path
@@ -239,8 +259,10 @@ def imcs_splits(src, skipped, gold=True, entity_types=False):
     unlabelled = read_imcs(paths[1], skipped, gold, entity_types)
     diseases = sorted({r['diagnosis'] for r in labelled})
     parts = stratified_split([r['diagnosis'] for r in labelled], IMCS_FRACTIONS, SPLIT_SEED)
-    splits = {split: [dict(labelled[i], label=diseases.index(labelled[i]['diagnosis'])) for i in idx]
-              for split, idx in parts.items()}
+    splits = {
+        split: [dict(labelled[i], label=diseases.index(labelled[i]['diagnosis'])) for i in idx]
+        for split, idx in parts.items()
+    }
     splits['train'] += [dict(r, label=-1) for r in unlabelled]
     return splits, diseases, paths
 

@@ -4,6 +4,7 @@ A source file is looked up in the source folder (--src, else $CMED_DATA), then i
 neither it is downloaded from its public URL into data/raw/ ($CMED_DATA_URL replaces the public URLs with
 one mirror base URL, which is also how the tests exercise the download path without a network).
 """
+
 import hashlib
 import os
 import tempfile
@@ -11,24 +12,22 @@ import urllib.request
 
 RAW_DIR = os.path.join('data', 'raw')
 PUBLIC_URLS = {
-    'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt':
-        'https://raw.githubusercontent.com/UCSD-AI4H/COVID-Dialogue/master/COVID-Dialogue-Dataset-Chinese.txt',
+    'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt': 'https://raw.githubusercontent.com/UCSD-AI4H/COVID-Dialogue/master/COVID-Dialogue-Dataset-Chinese.txt',
     'covid_dialog_zh/train_data.json': 'https://raw.githubusercontent.com/UCSD-AI4H/COVID-Dialogue/master/train_data.json',
     'covid_dialog_zh/validate_data.json': 'https://raw.githubusercontent.com/UCSD-AI4H/COVID-Dialogue/master/validate_data.json',
     'covid_dialog_zh/test_data.json': 'https://raw.githubusercontent.com/UCSD-AI4H/COVID-Dialogue/master/test_data.json',
-    'dxy_dialog/dxy_dialog_data_dialog_v2.txt':
-        'https://raw.githubusercontent.com/lemuria-wchen/imcs21/main/task/DDP/KRDS/dxy_dialog_data_dialog_v2.txt',
+    'dxy_dialog/dxy_dialog_data_dialog_v2.txt': 'https://raw.githubusercontent.com/lemuria-wchen/imcs21/main/task/DDP/KRDS/dxy_dialog_data_dialog_v2.txt',
     # the mirror holds a GB18030 sample of this file; the public one is the full internal-medicine part
-    'department_qa/im_sample_gb18030.csv':
-        'https://raw.githubusercontent.com/Toyhom/Chinese-medical-dialogue-data/master/Data_数据/IM_内科/内科5000-33000.csv',
+    'department_qa/im_sample_gb18030.csv': 'https://raw.githubusercontent.com/Toyhom/Chinese-medical-dialogue-data/master/Data_数据/IM_内科/内科5000-33000.csv',
     'medical_book/fever.txt': 'https://raw.githubusercontent.com/shibing624/MedicalGPT/main/data/pretrain/fever.txt',
     # IMCS-21 as one public repository's first commit published it (the full set comes with CBLUE)
     'imcs21/attr_dev.json': 'https://raw.githubusercontent.com/zhaoxiongjun/DSD/bb69b37/dataset/attr_dev.json',
     'imcs21/test.json': 'https://raw.githubusercontent.com/zhaoxiongjun/DSD/bb69b37/dataset/test.json',
 }
 for _name in ('disease', 'symptom', 'drug', 'check', 'department'):
-    PUBLIC_URLS[f'medical_lexicon/{_name}.txt'] = \
+    PUBLIC_URLS[f'medical_lexicon/{_name}.txt'] = (
         f'https://raw.githubusercontent.com/liuhuanyong/QASystemOnMedicalKG/master/dict/{_name}.txt'
+    )
 
 
 class DataError(Exception):
@@ -123,4 +122,3 @@ class Skipped:
 
     def to_json(self):
         return {'count': len(self.where), 'where': self.where}
-

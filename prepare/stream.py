@@ -15,6 +15,7 @@ Pass 2, tag and write: the spool is read back in chunks of chunk_docs documents;
 process pool (map returns results in input order) and appended to its split's token and tag files. Memory
 holds one chunk, the duplicate hashes (8 bytes of digest each, in a Python set) and the tokenizer sample.
 """
+
 import hashlib
 import json
 import multiprocessing
@@ -81,7 +82,7 @@ def thin_spool(spool_path, train_chars, wanted_chars):
             record = json.loads(line)
             if record['split'] == 'train':
                 digest = hashlib.blake2b(record['text'].encode('utf-8'), digest_size=8, person=b'thin').digest()
-                if int.from_bytes(digest, 'little') / 2 ** 64 >= keep:
+                if int.from_bytes(digest, 'little') / 2**64 >= keep:
                     continue
                 kept_chars += len(record['text'])
             out.write(line)
@@ -95,8 +96,13 @@ def tokenizer_sample(spool_path, train_chars, budget, seed):
     them when the training text is smaller than the budget)."""
     keep = min(1.0, budget / max(train_chars, 1))
     rng = np.random.default_rng(seed)
-    return [line for split, (text, _, _) in read_spool(spool_path) if split == 'train'
-            for line in training_lines(text) if keep == 1.0 or rng.random() < keep]
+    return [
+        line
+        for split, (text, _, _) in read_spool(spool_path)
+        if split == 'train'
+        for line in training_lines(text)
+        if keep == 1.0 or rng.random() < keep
+    ]
 
 
 def read_spool(spool_path):
@@ -134,9 +140,15 @@ class SplitFiles:
         self.files['ids'].write(ids.astype(np.uint16).tobytes())
         self.files['lexical'].write(lexical.astype(np.uint8).tobytes())
         self.files['entity'].write(entity.astype(np.uint8).tobytes())
-        self.counts.update(tokens=len(ids), chars=int(self.char_counts[ids].sum()), records=1, input_chars=len(text),
-                           entity_tokens=int((entity > 0).sum()), unk_tokens=int((ids == self.unk_id).sum()))
-        self.lexical += np.bincount(lexical, minlength=len(LEXICAL_MAP))[:len(LEXICAL_MAP)]
+        self.counts.update(
+            tokens=len(ids),
+            chars=int(self.char_counts[ids].sum()),
+            records=1,
+            input_chars=len(text),
+            entity_tokens=int((entity > 0).sum()),
+            unk_tokens=int((ids == self.unk_id).sum()),
+        )
+        self.lexical += np.bincount(lexical, minlength=len(LEXICAL_MAP))[: len(LEXICAL_MAP)]
 
     def close(self):
         for f in self.files.values():

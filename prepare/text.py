@@ -4,6 +4,7 @@ normalize: the one normalisation of the pipeline (the tokenizer, the lexicon and
 same), so that character offsets agree everywhere. clean: one field of a raw record made into text.
 dialogue_text: turns into the '<patient>…<doctor>…' form that the tokenizer's speaker pieces encode.
 """
+
 import re
 import unicodedata
 

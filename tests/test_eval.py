@@ -1,5 +1,6 @@
 """eval.py: a text scored in sliding windows gives every token after the first exactly one score, equal to
 the model's own loss on the same windows; an example set is scored as finetune.py scores it."""
+
 import json
 import math
 import sys
@@ -26,11 +27,27 @@ def run_dir(tools, tmp_path_factory):
     """A tiny model that carries its tokenizer, as train.py writes it."""
     tok, _ = tools
     torch.manual_seed(0)
-    model_args = dict(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, dropout=0.0,
-                      bias=False, n_lexical=0, n_entity=0)
+    model_args = dict(
+        block_size=16,
+        vocab_size=tok.vocab_size,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        dropout=0.0,
+        bias=False,
+        n_lexical=0,
+        n_entity=0,
+    )
     folder = tmp_path_factory.mktemp('run')
-    save_checkpoint(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args, config={},
-                         tokenizer=tokenizer_record(str(tok.file))), str(folder / 'best.pt'))
+    save_checkpoint(
+        dict(
+            model=GPT(GPTConfig(**model_args)).state_dict(),
+            model_args=model_args,
+            config={},
+            tokenizer=tokenizer_record(str(tok.file)),
+        ),
+        str(folder / 'best.pt'),
+    )
     return folder
 
 
@@ -48,7 +65,7 @@ def check_scores(result, ids, tok, run_dir):
     model, _ = load_model(str(run_dir))
     nats = 0.0
     for start in range(0, len(ids) - 1, 16):  # stride = block: windows side by side
-        window = torch.from_numpy(ids[start:start + 17])[None]
+        window = torch.from_numpy(ids[start : start + 17])[None]
         _, loss = model.eval()(window[:, :-1], window[:, 1:])
         nats += loss.item() * (window.size(1) - 1)
     assert result['loss'] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
@@ -83,12 +100,19 @@ def test_overlapping_windows_score_each_token_once_after_the_windows_context(too
 
 def test_a_corpus_file_is_scored_as_pretraining_writes_it(tools, run_dir, tmp_path):
     from prepare.text import dialogue_text, normalize
+
     tok, _ = tools
-    dialogues = [[('病人', '孩子发烧三天了，咳嗽有痰。'), ('医生', '体温多少度？')],
-                 [('病人', '有没有气喘？'), ('医生', '注意补液，可以吃蒙脱石散。')]] * 3
+    dialogues = [
+        [('病人', '孩子发烧三天了，咳嗽有痰。'), ('医生', '体温多少度？')],
+        [('病人', '有没有气喘？'), ('医生', '注意补液，可以吃蒙脱石散。')],
+    ] * 3
     path = tmp_path / 'dialogues.jsonl'
-    path.write_text(''.join(json.dumps([f'{who}：{text}' for who, text in turns], ensure_ascii=False)
-                            + '\n' for turns in dialogues), encoding='utf-8')
+    path.write_text(
+        ''.join(
+            json.dumps([f'{who}：{text}' for who, text in turns], ensure_ascii=False) + '\n' for turns in dialogues
+        ),
+        encoding='utf-8',
+    )
     result = evaluator.main([f'--out_dir={run_dir}', f'--text={path}', '--stride=16', '--chunk_lines=1'])
     # the reader's text: speaker pieces, the text normalised as prepare/ normalises it (full-width comma -> ',')
     speaker = {'病人': 'patient', '医生': 'doctor'}
@@ -139,24 +163,30 @@ def test_bad_options_are_one_line_errors(run_dir, tmp_path):
 
 # ----- generated replies ----------------------------------------------------------------------------
 
+
 def test_bleu_is_sacrebleus():
     import sacrebleu
+
     from metrics import bleu
+
     generated, references = ['孩子发烧要多喝水', '建议查血常规'], ['孩子发烧多喝水', '建议去医院查血常规']
     assert bleu(generated, references, 4) == pytest.approx(
-        sacrebleu.corpus_bleu(generated, [references], tokenize='zh').score)
+        sacrebleu.corpus_bleu(generated, [references], tokenize='zh').score
+    )
     assert bleu(['多喝水'], ['多喝水'], 2) == pytest.approx(100.0)
 
 
 def test_distinct_by_hand():
     from metrics import distinct
-    assert distinct(['发烧发烧', '发烧'], 1) == pytest.approx(2 / 6)   # 发 烧 among 6 characters
-    assert distinct(['发烧发烧', '发烧'], 2) == pytest.approx(2 / 4)   # 发烧 烧发 among 发烧 烧发 发烧 发烧
+
+    assert distinct(['发烧发烧', '发烧'], 1) == pytest.approx(2 / 6)  # 发 烧 among 6 characters
+    assert distinct(['发烧发烧', '发烧'], 2) == pytest.approx(2 / 4)  # 发烧 烧发 among 发烧 烧发 发烧 发烧
 
 
 def test_entity_scores_by_hand(tmp_path):
     from metrics import entities_in, entity_scores
     from tagging import Tagger, lexicon_dir
+
     tagger = Tagger(lexicon_dir(str(ROOT.parent / 'shared' / 'data')))
     assert entities_in('孩子发烧咳嗽,吃了布洛芬凝胶,发烧', tagger) == {'发烧', '咳嗽', '布洛芬凝胶'}
     generated, reference = [{'发烧', '咳嗽'}, {'腹泻'}], [{'发烧'}, {'腹泻', '呕吐'}]
@@ -177,6 +207,7 @@ def test_generated_replies_are_scored_and_seeded(base_path, data_dir):
 
 def test_entity_f1_reads_the_lexicon_the_set_was_tagged_with(tmp_path):
     from tasks import tagging_lexicon
+
     folder = tmp_path / 'elsewhere' / 'medical_lexicon'
     folder.mkdir(parents=True)
     files = [folder / f'{name}.txt' for name in ('symptom', 'disease')]
@@ -184,3 +215,58 @@ def test_entity_f1_reads_the_lexicon_the_set_was_tagged_with(tmp_path):
         path.write_text('发热\n', encoding='utf-8')
     meta = dict(sources={str(tmp_path / 'covid_dialog_zh' / 'train_data.json'): 'x', **{str(p): 'y' for p in files}})
     assert tagging_lexicon(meta) == str(folder)
+
+
+# ----- text files of any encoding and any line length ------------------------------------------------
+
+
+@pytest.mark.parametrize('encoding', ['gb18030', 'utf-16', 'utf-8-sig'])
+def test_a_text_file_in_another_encoding_scores_as_its_utf8_copy(run_dir, tmp_path, encoding):
+    (tmp_path / 'utf8.txt').write_text(TEXT, encoding='utf-8')
+    (tmp_path / 'other.txt').write_bytes(TEXT.encode(encoding))
+    utf8, other = (
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / name}', '--chunk_bytes=50'])
+        for name in ('utf8.txt', 'other.txt')
+    )
+    assert (other['tokens'], other['chars'], other['loss']) == (utf8['tokens'], utf8['chars'], utf8['loss'])
+
+
+@pytest.mark.parametrize(
+    'data, words',
+    [
+        (b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR', 'byte 8 is NUL: a binary file'),
+        (TEXT.encode('utf-8') + '咳'.encode('utf-8')[:2], f'byte {len(TEXT.encode("utf-8"))} is not utf-8-sig'),
+        (TEXT.encode('utf-8') + b'\xff' + TEXT.encode('utf-8'), f'byte {len(TEXT.encode("utf-8"))} is not UTF-8'),
+    ],
+)
+def test_a_binary_or_cut_text_file_is_one_line_naming_the_byte(run_dir, tmp_path, data, words):
+    (tmp_path / 'notes.txt').write_bytes(data)
+    with pytest.raises(SystemExit) as refused:
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "notes.txt"}', '--chunk_bytes=64'])
+    line = refused.value.code
+    assert isinstance(line, str) and '\n' not in line and str(tmp_path / 'notes.txt') in line, line
+    assert words in line and '--encoding' in line, line
+
+
+def test_a_file_of_one_long_line_is_read_in_bounded_pieces(tools, run_dir, tmp_path):
+    tok, _ = tools
+    line = TEXT.replace('\n', '') * 20  # no newline at all
+    (tmp_path / 'one_line.txt').write_text(line, encoding='utf-8')
+    pieces = list(evaluator.plain_text_tokens(tok, str(tmp_path / 'one_line.txt'), 300, ''))
+    assert len(pieces) > 10 and max(len(p) for p in pieces) <= 300  # (3 bytes a character: 100 tokens a piece)
+    assert np.concatenate(pieces).tolist() == tok.encode(line)  # one character a piece: cut anywhere, the same
+    result = evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "one_line.txt"}', '--chunk_bytes=300'])
+    assert result['tokens'] == len(tok.encode(line)) - 1
+
+
+def test_a_truncated_checkpoint_is_named_as_such_with_the_file_to_fall_back_to(run_dir, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    data = (run_dir / 'best.pt').read_bytes()
+    (run / 'best.pt').write_bytes(data)
+    (run / 'ckpt.pt').write_bytes(data[: len(data) // 2])  # a copy cut short
+    (tmp_path / 'notes.txt').write_text(TEXT, encoding='utf-8')
+    with pytest.raises(SystemExit) as refused:
+        evaluator.main([f'--checkpoint={run / "ckpt.pt"}', f'--text={tmp_path / "notes.txt"}'])
+    assert refused.value.code.startswith(f'{run / "ckpt.pt"} is truncated or damaged (')
+    assert f'fall back to {run / "best.pt"}' in refused.value.code and 'convert.py' not in refused.value.code

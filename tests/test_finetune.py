@@ -5,6 +5,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,16 +24,45 @@ from prepare.text import normalize
 from tagging import LEXICAL_MAP, Tagger, entity_map, lexicon_dir
 from tokenizer import train_char
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
 DIALOGUES = [
-    ([('patient', '孩子发烧三天了，咳嗽有痰。'), ('doctor', '体温多少度？有没有气喘？'),
-      ('patient', '三十八度五，没有气喘。'), ('doctor', '可能是上呼吸道感染，多喝水，观察体温。')], 0),
-    ([('patient', '最近总是头痛，晚上睡不好。'), ('doctor', '头痛多久了？血压高吗？'),
-      ('patient', '两周了，血压正常。'), ('doctor', '建议做头颅检查，注意休息。')], 1),
-    ([('patient', '腹泻两天，一天五六次。'), ('doctor', '有没有发烧？大便什么样？'),
-      ('patient', '不发烧，稀水样。'), ('doctor', '注意补液，可以吃蒙脱石散。')], 2),
-    ([('patient', '皮肤起了很多红疹，很痒。'), ('doctor', '吃过什么特别的东西吗？'),
-      ('patient', '昨天吃了海鲜。'), ('doctor', '可能是过敏，可以吃氯雷他定。')], 0),
+    (
+        [
+            ('patient', '孩子发烧三天了，咳嗽有痰。'),
+            ('doctor', '体温多少度？有没有气喘？'),
+            ('patient', '三十八度五，没有气喘。'),
+            ('doctor', '可能是上呼吸道感染，多喝水，观察体温。'),
+        ],
+        0,
+    ),
+    (
+        [
+            ('patient', '最近总是头痛，晚上睡不好。'),
+            ('doctor', '头痛多久了？血压高吗？'),
+            ('patient', '两周了，血压正常。'),
+            ('doctor', '建议做头颅检查，注意休息。'),
+        ],
+        1,
+    ),
+    (
+        [
+            ('patient', '腹泻两天，一天五六次。'),
+            ('doctor', '有没有发烧？大便什么样？'),
+            ('patient', '不发烧，稀水样。'),
+            ('doctor', '注意补液，可以吃蒙脱石散。'),
+        ],
+        2,
+    ),
+    (
+        [
+            ('patient', '皮肤起了很多红疹，很痒。'),
+            ('doctor', '吃过什么特别的东西吗？'),
+            ('patient', '昨天吃了海鲜。'),
+            ('doctor', '可能是过敏，可以吃氯雷他定。'),
+        ],
+        0,
+    ),
 ]
 LABELS = ['呼吸科', '神经科', '消化科']
 
@@ -58,13 +89,17 @@ def data_dir(tools, tmp_path_factory):
     for split in ('train', 'val', 'test'):
         examples = []
         for turns, label in DIALOGUES:
-            ids, lexical, entity = tagger.encode(tok, dialogue(turns)[:-len('<eot>')])
+            ids, lexical, entity = tagger.encode(tok, dialogue(turns)[: -len('<eot>')])
             examples += cut_examples(ids, lexical, entity, tok, label)
         write_examples(str(folder), split, examples)
     shutil.copy(tok.file, folder / 'tokenizer.model')
-    meta = dict(vocab_size=tok.vocab_size, special_ids=dict(patient=tok.patient_id, doctor=tok.doctor_id,
-                sep=tok.sep_id, eot=tok.eot_id), lexical_map=LEXICAL_MAP, entity_map=entity_map(),
-                label_names=LABELS)
+    meta = dict(
+        vocab_size=tok.vocab_size,
+        special_ids=dict(patient=tok.patient_id, doctor=tok.doctor_id, sep=tok.sep_id, eot=tok.eot_id),
+        lexical_map=LEXICAL_MAP,
+        entity_map=entity_map(),
+        label_names=LABELS,
+    )
     (folder / 'meta.json').write_text(json.dumps(meta, ensure_ascii=False), encoding='utf-8')
     return folder
 
@@ -73,11 +108,27 @@ def data_dir(tools, tmp_path_factory):
 def base_path(tools, data_dir, tmp_path_factory):
     tok, _ = tools
     torch.manual_seed(0)
-    model_args = dict(block_size=96, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32,
-                      dropout=0.0, bias=False, n_lexical=0, n_entity=0)
+    model_args = dict(
+        block_size=96,
+        vocab_size=tok.vocab_size,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        dropout=0.0,
+        bias=False,
+        n_lexical=0,
+        n_entity=0,
+    )
     path = tmp_path_factory.mktemp('base') / 'best.pt'
-    save_checkpoint(dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
-                         config=dict(dataset=str(data_dir)), tokenizer=tokenizer_record(tok.file)), str(path))
+    save_checkpoint(
+        dict(
+            model=GPT(GPTConfig(**model_args)).state_dict(),
+            model_args=model_args,
+            config=dict(dataset=str(data_dir)),
+            tokenizer=tokenizer_record(tok.file),
+        ),
+        str(path),
+    )
     return path
 
 
@@ -92,11 +143,21 @@ def task_of(**overrides):
 
 
 def finetune_args(base_path, data_dir, out_dir, *extra):
-    return [f'--init_from={base_path.parent}', f'--dataset={data_dir}', f'--out_dir={out_dir}', '--max_iters=4',
-            '--batch_size=2', '--eval_interval=2', '--warmup_iters=1', '--seed=1', *extra]
+    return [
+        f'--init_from={base_path.parent}',
+        f'--dataset={data_dir}',
+        f'--out_dir={out_dir}',
+        '--max_iters=4',
+        '--batch_size=2',
+        '--eval_interval=2',
+        '--warmup_iters=1',
+        '--seed=1',
+        *extra,
+    ]
 
 
 # ----- building inputs -------------------------------------------------------------------------------
+
 
 def test_loss_mask_covers_exactly_the_reply(tools, data_dir):
     tok, _ = tools
@@ -108,14 +169,15 @@ def test_loss_mask_covers_exactly_the_reply(tools, data_dir):
     assert tok.decode(scored.tolist()) == normalize('可能是上呼吸道感染，多喝水，观察体温。<eot>')
     first_scored = np.flatnonzero(x['targets'] != -1)[0]
     assert x['idx'][first_scored] == tok.doctor_id  # the reply is predicted from the doctor's speaker piece on
-    assert tok.decode(x['idx'][:first_scored + 1].tolist()) == \
-        normalize('<patient>孩子发烧三天了，咳嗽有痰。<doctor>体温多少度？有没有气喘？<patient>三十八度五，没有气喘。<doctor>')
+    assert tok.decode(x['idx'][: first_scored + 1].tolist()) == normalize(
+        '<patient>孩子发烧三天了，咳嗽有痰。<doctor>体温多少度？有没有气喘？<patient>三十八度五，没有气喘。<doctor>'
+    )
     assert x['prompt_pos'] == first_scored + 1 and x['class_pos'] == first_scored
 
 
 def test_crop_keeps_the_target_and_the_newest_source():
     assert tasks.crop_window(50, 30, 60) == (0, 50)
-    assert tasks.crop_window(50, 30, 40) == (10, 50)   # 10 oldest source tokens go
+    assert tasks.crop_window(50, 30, 40) == (10, 50)  # 10 oldest source tokens go
     assert tasks.crop_window(100, 30, 40) == (10, 50)  # a long target: source keeps half the window
     assert tasks.crop_window(100, 5, 40) == (0, 40)
 
@@ -146,7 +208,7 @@ def test_entity_splice_appends_entity_words_before_the_doctor_piece(tools, data_
     tok, _ = tools
     ex = tasks.load_split(str(data_dir), 'train')[0]
     x = task_of(entity_splice=True).inputs(ex, 200, dict(sep=tok.sep_id, eot=tok.eot_id))
-    source = tok.decode(x['idx'][:x['prompt_pos']].tolist())
+    source = tok.decode(x['idx'][: x['prompt_pos']].tolist())
     # the lexicon's symptoms in the question (the reply's 气喘 is not the source's to use)
     assert source == normalize('<patient>孩子发烧三天了，咳嗽有痰。<sep>发烧<sep>咳嗽<doctor>')
     assert tok.decode(x['targets'][x['targets'] != -1].tolist()) == normalize('体温多少度？有没有气喘？<eot>')
@@ -167,6 +229,7 @@ def test_macro_f1_by_hand():
 
 
 # ----- model building and losses ------------------------------------------------------------------------
+
 
 def test_new_zero_tables_leave_the_base_unchanged(tools, data_dir, base_path):
     tok, _ = tools
@@ -231,15 +294,32 @@ def test_an_infix_prompt_sits_after_each_source_and_a_prefix_prompt_needs_no_pos
 
 # ----- whole runs -------------------------------------------------------------------------------------
 
+
 def test_ptuning_run_trains_only_the_prompt_and_round_trips(base_path, data_dir, tmp_path):
     out = tmp_path / 'pt'
-    result = finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=3',
-                                         '--prompt_position=infix', '--lexical', '--prompt_reparam=mlp'))
+    result = finetune.main(
+        finetune_args(
+            base_path,
+            data_dir,
+            out,
+            '--mode=ptune',
+            '--n_prompt=3',
+            '--prompt_position=infix',
+            '--lexical',
+            '--prompt_reparam=mlp',
+        )
+    )
     assert result['trainable_params'] < result['total_params']
     assert np.isfinite([result['test_loss'], result['test_ppl'], result['test_bpc']]).all()
     saved = load_checkpoint(str(out / 'prompt.pt'), required_keys=('trained',))
-    assert set(saved['trained']) == {'prompt.embedding', 'prompt.mlp.0.weight', 'prompt.mlp.0.bias',
-                                     'prompt.mlp.2.weight', 'prompt.mlp.2.bias', 'wle.weight'}
+    assert set(saved['trained']) == {
+        'prompt.embedding',
+        'prompt.mlp.0.weight',
+        'prompt.mlp.0.bias',
+        'prompt.mlp.2.weight',
+        'prompt.mlp.2.bias',
+        'wle.weight',
+    }
     model, _ = load_model(str(out))
     base = load_checkpoint(str(base_path))
     state = model.state_dict()
@@ -276,10 +356,10 @@ def test_classification_runs_report_accuracy(tools, base_path, data_dir, tmp_pat
     for ex in tasks.load_split(str(data_dir), 'test'):
         if ex['label'] < 0:
             continue
-        question = torch.from_numpy(ex['tokens'][:int(np.argmax(ex['mask']))])[None]  # (1, T): up to <doctor>
+        question = torch.from_numpy(ex['tokens'][: int(np.argmax(ex['mask']))])[None]  # (1, T): up to <doctor>
         if task == 'label_text':
             out = model.generate(question, 8, temperature=0, eos_id=tok.eot_id)
-            text = tok.decode([t for t in out[0, question.size(1):].tolist() if t != tok.eot_id])
+            text = tok.decode([t for t in out[0, question.size(1) :].tolist() if t != tok.eot_id])
             predictions.append(sentences.index(text) if text in sentences else -1)
         else:
             class_logits, _ = model.classify(model.encode(question), torch.tensor([question.size(1) - 1]))
@@ -309,28 +389,38 @@ def test_bad_finetune_configs_are_refused(base_path, data_dir, tmp_path):
 
 # ----- sample.py -------------------------------------------------------------------------------------
 
+
 def test_sample_continues_a_prompt(tools, base_path, data_dir):
     tok, _ = tools
     greedy = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5', '--temperature=0'])
     model, _ = load_model(str(base_path))
     prompt = torch.tensor([tok.encode('孩子发烧')])
-    expected = model.eval().generate(prompt, 5, temperature=0, eos_id=[tok.eot_id])[0, prompt.size(1):].tolist()
+    expected = model.eval().generate(prompt, 5, temperature=0, eos_id=[tok.eot_id])[0, prompt.size(1) :].tolist()
     assert greedy == [sample.render(tok, [t for t in expected if t != tok.eot_id])]
-    texts = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5',
-                         '--num_samples=2', '--seed=3'])
+    texts = sample.main(
+        [f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5', '--num_samples=2', '--seed=3']
+    )
     assert len(texts) == 2 and all(texts)
-    again = sample.main([f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5',
-                         '--num_samples=2', '--seed=3'])
+    again = sample.main(
+        [f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=5', '--num_samples=2', '--seed=3']
+    )
     assert again == texts  # seeded
 
 
 def test_sample_dialogue_with_a_ptuned_entity_aware_model(base_path, data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'pt'
-    finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--entity',
-                                '--max_iters=1'))
+    finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--entity', '--max_iters=1'))
     monkeypatch.setattr('sys.stdin', io.StringIO('两周了，血压正常。\n\n'))
-    replies = sample.main([f'--out_dir={out}', '--dialogue', '--interactive', '--prompt=最近总是头痛。',
-                           '--max_new_tokens=4', '--temperature=0'])
+    replies = sample.main(
+        [
+            f'--out_dir={out}',
+            '--dialogue',
+            '--interactive',
+            '--prompt=最近总是头痛。',
+            '--max_new_tokens=4',
+            '--temperature=0',
+        ]
+    )
     assert len(replies) == 2  # the prompt's turn and one from stdin; the blank line is skipped
     assert not any(piece in reply for reply in replies for piece in ('<patient>', '<doctor>', '<eot>'))
     shown = capsys.readouterr().out
@@ -377,11 +467,30 @@ def test_sample_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prompt(base_path, data_dir, tmp_path):
     import eval as evaluator
+
     out = tmp_path / 'ptuned'
-    result = finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=3', '--lexical=True',
-                                         '--entity=True', '--generate_examples=3', '--max_new_tokens=5'))
-    scored = evaluator.main([f'--checkpoint={out}/prompt.pt', f'--dataset={data_dir}', '--generate', '--max_examples=3',
-                             '--max_new_tokens=5'])
+    result = finetune.main(
+        finetune_args(
+            base_path,
+            data_dir,
+            out,
+            '--mode=ptune',
+            '--n_prompt=3',
+            '--lexical=True',
+            '--entity=True',
+            '--generate_examples=3',
+            '--max_new_tokens=5',
+        )
+    )
+    scored = evaluator.main(
+        [
+            f'--checkpoint={out}/prompt.pt',
+            f'--dataset={data_dir}',
+            '--generate',
+            '--max_examples=3',
+            '--max_new_tokens=5',
+        ]
+    )
     assert scored['generated'] == result['test_generated'] == 3
     for key in ('bleu1', 'bleu4', 'distinct1', 'distinct2', 'entity_f1'):
         assert result[f'test_{key}'] == pytest.approx(scored[key]), key
@@ -393,3 +502,50 @@ def test_generating_replies_needs_a_dialogue_task(base_path, data_dir, tmp_path,
     with pytest.raises(SystemExit, match='--generate_examples generates doctor replies'):
         finetune.main(finetune_args(base_path, data_dir, tmp_path / 'out', '--generate_examples=2', *extra))
     assert not (tmp_path / 'out').exists()
+
+
+# ----- out_dir: never the base's folder or another run's ---------------------------------------------
+
+
+def pretraining_run(base_path, folder):
+    """A folder holding a pretraining run, as train.py leaves it: best.pt, ckpt.pt and log.jsonl."""
+    folder.mkdir()
+    for name in ('best.pt', 'ckpt.pt'):
+        shutil.copy(base_path, folder / name)
+    (folder / 'log.jsonl').write_text('{"iter": 0, "val_loss": 5.9}\n', encoding='utf-8')
+    return {name: (folder / name).read_bytes() for name in ('best.pt', 'ckpt.pt', 'log.jsonl')}
+
+
+@pytest.mark.parametrize('mode', [['--mode=full'], ['--mode=ptune', '--n_prompt=2']], ids=['full', 'ptune'])
+def test_finetuning_into_the_bases_own_folder_is_refused_and_loses_nothing(base_path, data_dir, tmp_path, mode):
+    base = tmp_path / 'base'
+    before = pretraining_run(base_path, base)
+    args = finetune_args(base_path, data_dir, base, *mode)
+    args[0] = f'--init_from={base}'
+    result = subprocess.run(
+        [sys.executable, 'finetune.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    stderr = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(stderr) == 1 and 'Traceback' not in stderr[0], result.stderr
+    assert f"--out_dir={base} is the base model's own folder" in stderr[0] and 'another --out_dir' in stderr[0]
+    assert {name: (base / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(base)) == ['best.pt', 'ckpt.pt', 'log.jsonl']  # no prompt.pt for sample.py to load
+
+
+def test_finetuning_into_another_run_or_beside_the_other_modes_result_is_refused(base_path, data_dir, tmp_path):
+    other = tmp_path / 'pretrained'
+    before = pretraining_run(base_path, other)
+    with pytest.raises(SystemExit, match=rf'{other} holds another run \(best.pt, log.jsonl\).*another --out_dir'):
+        finetune.main(finetune_args(base_path, data_dir, other))
+    assert {name: (other / name).read_bytes() for name in before} == before
+    out = tmp_path / 'out'
+    finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--max_iters=1'))
+    prompt = (out / 'prompt.pt').read_bytes()
+    # a full run's ckpt.pt beside prompt.pt: sample.py --out_dir would still load the prompt
+    with pytest.raises(SystemExit, match=rf'{out} holds another run \(prompt.pt\)'):
+        finetune.main(finetune_args(base_path, data_dir, out, '--max_iters=1'))
+    assert (out / 'prompt.pt').read_bytes() == prompt and not (out / 'ckpt.pt').exists()
+    finetune.main(
+        finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--max_iters=1', '--seed=2')
+    )  # the same mode again: its own result is replaced
+    assert (out / 'prompt.pt').read_bytes() != prompt

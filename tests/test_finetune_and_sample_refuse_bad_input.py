@@ -6,6 +6,7 @@ what the user sees: a non-zero exit code and exactly one line on stderr, no trac
 call main() and check the same message in-process (starting Python with torch costs seconds on a busy
 machine). The fixtures are test_finetune.py's: a char tokenizer, hand-made dialogues, a 1-layer base.
 """
+
 import io
 import json
 import os
@@ -19,15 +20,20 @@ import torch
 import finetune
 import sample
 from checkpoint import claim_out_dir, fingerprint, load_checkpoint, load_model, save_checkpoint, tokenizer_record
-from tokenizer import Tokenizer, train_char
 from test_finetune import DIALOGUES, LABELS, base_path, data_dir, finetune_args, tools  # noqa: F401 (fixtures)
+from tokenizer import Tokenizer, train_char
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(script, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def cli_refusal(result, *words):
@@ -84,13 +90,18 @@ def without_tokenizer(path, tmp_path):
 
 # ----- sample.py: options -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('option, message', [
-    ('--temperature=-1', '--temperature must be a number >= 0 (0 = greedy), not -1.0'),  # sampled the least likely
-    ('--temperature=nan', '--temperature must be a number >= 0 (0 = greedy), not nan'),
-    ('--top_k=-1', '--top_k must be >= 0 (0 = off), not -1'),
-    ('--top_p=1.5', '--top_p must be in (0, 1] (1 = off), not 1.5'),
-    ('--num_samples=0', '--num_samples must be >= 1, not 0'),
-    ('--max_new_tokens=-1', '--max_new_tokens must be >= 0, not -1')])
+
+@pytest.mark.parametrize(
+    'option, message',
+    [
+        ('--temperature=-1', '--temperature must be a number >= 0 (0 = greedy), not -1.0'),  # sampled the least likely
+        ('--temperature=nan', '--temperature must be a number >= 0 (0 = greedy), not nan'),
+        ('--top_k=-1', '--top_k must be >= 0 (0 = off), not -1'),
+        ('--top_p=1.5', '--top_p must be in (0, 1] (1 = off), not 1.5'),
+        ('--num_samples=0', '--num_samples must be >= 1, not 0'),
+        ('--max_new_tokens=-1', '--max_new_tokens must be >= 0, not -1'),
+    ],
+)
 def test_sample_option_out_of_range_is_refused_before_loading(option, message, tmp_path):
     # the checkpoint does not exist: the option is refused before anything loads
     assert refusal(sample.main, [f'--checkpoint={tmp_path}/none.pt', option]) == message
@@ -113,12 +124,21 @@ def test_empty_prompt_generates_from_the_start_of_a_text(tools, base_path):
 def test_empty_dialogue_turn_is_refused_unless_turns_come_from_stdin(base_path, monkeypatch):
     refusal(sample.main, [f'--checkpoint={base_path}', '--dialogue', '--prompt='], '--prompt', '--interactive')
     monkeypatch.setattr('sys.stdin', io.StringIO('两周了，血压正常。\n'))
-    replies = sample.main([f'--checkpoint={base_path}', '--dialogue', '--interactive', '--prompt=',
-                           '--max_new_tokens=3', '--temperature=0'])
+    replies = sample.main(
+        [
+            f'--checkpoint={base_path}',
+            '--dialogue',
+            '--interactive',
+            '--prompt=',
+            '--max_new_tokens=3',
+            '--temperature=0',
+        ]
+    )
     assert len(replies) == 1  # the stdin turn alone
 
 
 # ----- sample.py: the tokenizer and the base travel with the checkpoint --------------------------------
+
 
 def test_sample_reads_the_checkpoint_tokenizer_not_a_rebuilt_data_folder(tools, base_path, data_dir, tmp_path):
     rebuilt = rebuilt_data_dir(data_dir, other_tokenizer(tmp_path, tools), tmp_path)
@@ -126,8 +146,9 @@ def test_sample_reads_the_checkpoint_tokenizer_not_a_rebuilt_data_folder(tools, 
     assert sample.main(args + [f'--data_dir={rebuilt}']) == sample.main(args + [f'--data_dir={data_dir}'])
 
 
-def test_checkpoint_without_tokenizer_reads_data_dir_and_refuses_another_vocabulary(tools, base_path, data_dir,
-                                                                                     tmp_path):
+def test_checkpoint_without_tokenizer_reads_data_dir_and_refuses_another_vocabulary(
+    tools, base_path, data_dir, tmp_path
+):
     old_path = without_tokenizer(base_path, tmp_path)
     args = [f'--checkpoint={old_path}', '--prompt=孩子发烧', '--max_new_tokens=6', '--temperature=0']
     assert sample.main(args + [f'--data_dir={data_dir}']) == sample.main([f'--checkpoint={base_path}'] + args[1:])
@@ -136,8 +157,7 @@ def test_checkpoint_without_tokenizer_reads_data_dir_and_refuses_another_vocabul
     assert f'has {tools[0].vocab_size + 8} tokens but the model has {tools[0].vocab_size}' in line
 
 
-def test_ptuned_run_samples_from_another_folder_and_names_a_missing_base(base_path, data_dir, tmp_path,
-                                                                         monkeypatch):
+def test_ptuned_run_samples_from_another_folder_and_names_a_missing_base(base_path, data_dir, tmp_path, monkeypatch):
     out = tmp_path / 'pt'
     finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--max_iters=1'))
     saved = load_checkpoint(str(out / 'prompt.pt'), required_keys=())
@@ -161,8 +181,10 @@ def test_ptuned_run_samples_from_another_folder_and_names_a_missing_base(base_pa
 
 # bytes that are no checkpoint: seeded noise, and noise behind a pickle header of an unknown protocol
 # (torch warns about such a header before it refuses the file; the user still sees one line)
-NOT_CHECKPOINTS = [bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8).tolist())
-                   for seed in range(3)] + [b'\x80\x8a' + bytes(range(256)) * 16]
+NOT_CHECKPOINTS = [
+    bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8).tolist())
+    for seed in range(3)
+] + [b'\x80\x8a' + bytes(range(256)) * 16]
 
 
 @pytest.mark.parametrize('junk', NOT_CHECKPOINTS)
@@ -174,10 +196,22 @@ def test_sample_unloadable_checkpoint_is_one_line(tmp_path, junk):
 
 # ----- finetune.py: options, inputs and out_dir checked before anything is written ----------------------
 
-@pytest.mark.parametrize('option', ['--batch_size=0', '--eval_interval=0', '--epochs=0', '--max_iters=-1',
-                                    '--learning_rate=nan', '--n_prompt=-1', '--dropout=1.0', '--log_interval=0'])
+
+@pytest.mark.parametrize(
+    'option',
+    [
+        '--batch_size=0',
+        '--eval_interval=0',
+        '--epochs=0',
+        '--max_iters=-1',
+        '--learning_rate=nan',
+        '--n_prompt=-1',
+        '--dropout=1.0',
+        '--log_interval=0',
+    ],
+)
 def test_finetune_option_out_of_range_is_refused(option, base_path, data_dir, tmp_path):
-    key = option[2:option.index('=')]
+    key = option[2 : option.index('=')]
     refusal(finetune.main, finetune_args(base_path, data_dir, tmp_path / 'out', option), f'--{key} must be')
     assert not (tmp_path / 'out').exists()
 
@@ -190,27 +224,38 @@ def test_prompt_that_leaves_no_room_is_refused(n_prompt, base_path, data_dir, tm
 
 
 def test_prompt_that_fills_the_context_at_the_command_line(base_path, data_dir, tmp_path):
-    result = run_cli('finetune.py', *finetune_args(base_path, data_dir, tmp_path / 'out', '--mode=ptune',
-                                                   '--n_prompt=96'))
+    result = run_cli(
+        'finetune.py', *finetune_args(base_path, data_dir, tmp_path / 'out', '--mode=ptune', '--n_prompt=96')
+    )
     cli_refusal(result, '--n_prompt=96', 'leaves no room', 'block_size=96')
     assert not (tmp_path / 'out').exists()
 
 
 def test_batch_larger_than_the_training_set_is_refused(base_path, data_dir, tmp_path):
-    refusal(finetune.main, finetune_args(base_path, data_dir, tmp_path / 'out', '--batch_size=1000'),
-            '--batch_size=1000', 'training examples', str(data_dir))
+    refusal(
+        finetune.main,
+        finetune_args(base_path, data_dir, tmp_path / 'out', '--batch_size=1000'),
+        '--batch_size=1000',
+        'training examples',
+        str(data_dir),
+    )
 
 
 def test_missing_data_set_names_its_prepare_command(base_path, tmp_path):
-    result = run_cli('finetune.py', f'--init_from={base_path.parent}', '--dataset=covid', f'--out_dir={tmp_path}/out',
-                     cwd=tmp_path)  # no data/covid here
+    result = run_cli(
+        'finetune.py', f'--init_from={base_path.parent}', '--dataset=covid', f'--out_dir={tmp_path}/out', cwd=tmp_path
+    )  # no data/covid here
     line = cli_refusal(result, 'data/covid', 'python -m prepare.covid')
     assert not (tmp_path / 'out').exists(), line
 
 
 def test_missing_base_names_the_file_and_init_from(data_dir, tmp_path):
-    refusal(finetune.main, [f'--init_from={tmp_path}', f'--dataset={data_dir}', f'--out_dir={tmp_path}/out'],
-            f'{tmp_path}/best.pt', '--init_from')
+    refusal(
+        finetune.main,
+        [f'--init_from={tmp_path}', f'--dataset={data_dir}', f'--out_dir={tmp_path}/out'],
+        f'{tmp_path}/best.pt',
+        '--init_from',
+    )
 
 
 @pytest.mark.parametrize('junk', NOT_CHECKPOINTS[-2:])
@@ -271,5 +316,10 @@ def test_labelled_task_on_a_data_set_without_labels_is_refused(base_path, data_d
     shutil.copytree(data_dir, unlabelled)
     meta = json.loads((unlabelled / 'meta.json').read_text(encoding='utf-8'))
     (unlabelled / 'meta.json').write_text(json.dumps(dict(meta, label_names=[])), encoding='utf-8')
-    refusal(finetune.main, finetune_args(base_path, unlabelled, tmp_path / 'out', '--task=classify'),
-            '--task=classify', 'no labels', str(unlabelled))
+    refusal(
+        finetune.main,
+        finetune_args(base_path, unlabelled, tmp_path / 'out', '--task=classify'),
+        '--task=classify',
+        'no labels',
+        str(unlabelled),
+    )

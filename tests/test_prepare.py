@@ -1,4 +1,5 @@
 """Tests for prepare/: readers, tokenizer, tags, bins. Real data slices from ../shared/data (or $CMED_DATA)."""
+
 import ast
 import csv
 import functools
@@ -25,11 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()
 LEXICON = DATA / 'medical_lexicon'
 SHARED_FILES = {  # every shared source file and its encoding
-    'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt': 'utf-8', 'covid_dialog_zh/train_data.json': 'utf-8',
-    'covid_dialog_zh/validate_data.json': 'utf-8', 'covid_dialog_zh/test_data.json': 'utf-8',
-    'dxy_dialog/dxy_dialog_data_dialog_v2.txt': 'utf-8', 'department_qa/im_sample_gb18030.csv': 'gb18030',
-    'medical_book/fever.txt': 'utf-8', **{f'medical_lexicon/{n}.txt': 'utf-8'
-                                          for n in ('disease', 'symptom', 'drug', 'check', 'department')}}
+    'covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt': 'utf-8',
+    'covid_dialog_zh/train_data.json': 'utf-8',
+    'covid_dialog_zh/validate_data.json': 'utf-8',
+    'covid_dialog_zh/test_data.json': 'utf-8',
+    'dxy_dialog/dxy_dialog_data_dialog_v2.txt': 'utf-8',
+    'department_qa/im_sample_gb18030.csv': 'gb18030',
+    'medical_book/fever.txt': 'utf-8',
+    **{f'medical_lexicon/{n}.txt': 'utf-8' for n in ('disease', 'symptom', 'drug', 'check', 'department')},
+}
 
 
 def shared_text(rel):
@@ -118,7 +123,7 @@ def _proto_field(data, i):
         value, i = _varint(data, i)
         return key >> 3, 0, value, i
     length, i = _varint(data, i)
-    return key >> 3, 2, data[i:i + length], i + length
+    return key >> 3, 2, data[i : i + length], i + length
 
 
 def _varint(data, i):
@@ -144,6 +149,7 @@ def test_bpe_tags_follow_first_character(bpe, tagger):
 
 # --- tokenizer ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('rel', sorted(SHARED_FILES))
 def test_no_unk_and_text_round_trip_on_shared_data(rel, bpe, char_tok):
     text = shared_text(rel)
@@ -162,13 +168,15 @@ def test_vocab_of_65536_or_more_refused(tmp_path, training_lines):
             check_vocab_size(size)
         with pytest.raises(ValueError, match='uint16'):
             train_bpe(training_lines, str(tmp_path / 'x.model'), size)
-    result = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--vocab_size', '65536'], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, '-m', 'prepare.pretrain', '--vocab_size', '65536'], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode != 0 and 'uint16' in result.stderr
     assert not (tmp_path / 'x.model').exists()
 
 
 # --- bins ----------------------------------------------------------------------------------------------------
+
 
 def test_bins_round_trip_and_parallel_order(bpe, bpe_path, tmp_path):
     consultations = readers.read_dxy(str(DATA / 'dxy_dialog/dxy_dialog_data_dialog_v2.txt'), Skipped())['test'][:12]
@@ -200,8 +208,9 @@ def test_bins_round_trip_and_parallel_order(bpe, bpe_path, tmp_path):
 
 # --- bad input ---------------------------------------------------------------------------------------------
 
+
 def qa_rows(count):
-    return shared_text('department_qa/im_sample_gb18030.csv').split('\n')[:count + 1]
+    return shared_text('department_qa/im_sample_gb18030.csv').split('\n')[: count + 1]
 
 
 def test_gb18030_read_and_wrong_encoding_named(tmp_path):
@@ -231,8 +240,9 @@ def test_malformed_records_skipped_and_counted_with_file_and_line(tmp_path):
     del records[1]['dialog']
     (tmp_path / 'dxy.txt').write_text(f'test {records!r}\n')
     assert len(readers.read_dxy(str(tmp_path / 'dxy.txt'), skipped)['test']) == 2
-    (tmp_path / 'raw.txt').write_text('id=1\nurl\n\nDialogue\n病人：\n头疼\n医生：\n多休息\n\n'
-                                      'id=x\nurl\n\nDialogue\n病人：\n咳\n')
+    (tmp_path / 'raw.txt').write_text(
+        'id=1\nurl\n\nDialogue\n病人：\n头疼\n医生：\n多休息\n\nid=x\nurl\n\nDialogue\n病人：\n咳\n'
+    )
     assert len(readers.read_covid_raw(str(tmp_path / 'raw.txt'), skipped)) == 1
     assert len(skipped) == 4 and skipped.to_json()['count'] == 4
     assert skipped.where[1].startswith(f'{tmp_path / "split.json"}:record 2:')
@@ -251,20 +261,24 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
     final = tmp_path / 'set'
     final.mkdir()
     (final / 'train.bin').write_bytes(b'old')
+    (final / 'meta.json').write_text('{}')  # a data folder, which a build may replace
     with pytest.raises(RuntimeError):
         with atomic_dir(str(final)) as folder:
             Path(folder, 'train.bin').write_bytes(b'new, half')
             raise RuntimeError('failed mid-build')
-    assert sorted(os.listdir(tmp_path)) == ['set'] and (final / 'train.bin').read_bytes() == b'old'
+    # (.set.lock: the lock file a build holds the folder by)
+    assert sorted(os.listdir(tmp_path)) == ['.set.lock', 'set'] and (final / 'train.bin').read_bytes() == b'old'
     with atomic_dir(str(final)) as folder:
         Path(folder, 'train.bin').write_bytes(b'new')
-    assert sorted(os.listdir(tmp_path)) == ['set'] and (final / 'train.bin').read_bytes() == b'new'
+        Path(folder, 'meta.json').write_text('{}')
+    assert sorted(os.listdir(tmp_path)) == ['.set.lock', 'set'] and (final / 'train.bin').read_bytes() == b'new'
     with pytest.raises(TypeError):
         atomic_write(str(final / 'train.bin'), 'not bytes')
-    assert os.listdir(final) == ['train.bin'] and (final / 'train.bin').read_bytes() == b'new'
+    assert sorted(os.listdir(final)) == ['meta.json', 'train.bin'] and (final / 'train.bin').read_bytes() == b'new'
 
 
 # --- sources -----------------------------------------------------------------------------------------------
+
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
@@ -297,6 +311,7 @@ def test_download_from_loopback_server_and_file_url(tmp_path, monkeypatch):
 
 # --- splits ------------------------------------------------------------------------------------------------
 
+
 def test_stratified_split_deterministic_and_proportional():
     rows = readers.read_department(str(DATA / 'department_qa/im_sample_gb18030.csv'), Skipped())
     labels = [r['department'] for r in rows]
@@ -317,6 +332,7 @@ def test_no_covid_val_test_dialogue_in_pretraining_text():
     def descriptions(split):
         dialogues = readers.read_covid_split(str(DATA / readers.COVID_SPLIT_FILES[split]), skipped)
         return [readers._content(turns[0][1])[:20] for turns in dialogues if len(readers._content(turns[0][1])) >= 20]
+
     held_out = descriptions('val') + descriptions('test')
     assert len(held_out) > 200 and not [d for d in held_out if d in kept_text]
     train = descriptions('train')
@@ -326,6 +342,7 @@ def test_no_covid_val_test_dialogue_in_pretraining_text():
 
 # --- the scripts, end to end on a small source folder --------------------------------------------------------
 
+
 @pytest.fixture
 def small_src(tmp_path):
     src = tmp_path / 'src'
@@ -334,12 +351,15 @@ def small_src(tmp_path):
     (src / 'medical_lexicon').symlink_to(LEXICON)
     (src / 'imcs21').symlink_to(DATA / 'imcs21')  # read whole: its val/test dialogues are held out of pretraining
     raw = shared_text('covid_dialog_zh/COVID-Dialogue-Dataset-Chinese.txt')
-    (src / readers.COVID_RAW).write_text(raw[:raw.index('id=16\n')])
+    (src / readers.COVID_RAW).write_text(raw[: raw.index('id=16\n')])
     for split, rel in readers.COVID_SPLIT_FILES.items():
         (src / rel).write_text(json.dumps(json.loads(shared_text(rel))[:6], ensure_ascii=False))
     lines = shared_text(readers.DXY_FILE).split('\n')
-    (src / readers.DXY_FILE).write_text(''.join(
-        f'{line.partition(" ")[0]} {ast.literal_eval(line.partition(" ")[2])[:30]!r}\n' for line in lines if line))
+    (src / readers.DXY_FILE).write_text(
+        ''.join(
+            f'{line.partition(" ")[0]} {ast.literal_eval(line.partition(" ")[2])[:30]!r}\n' for line in lines if line
+        )
+    )
     rows = qa_rows(150)
     rows.insert(7, '消化科,,没有标题,回答')  # line 8: an empty title
     (src / readers.DEPARTMENT_FILE).write_bytes('\n'.join(rows).encode('gb18030'))
@@ -355,8 +375,9 @@ def run_script(name, *args):
 
 def test_scripts_build_every_set(small_src, tmp_path):
     out = tmp_path / 'data'
-    stdout = run_script('pretrain', '--src', str(small_src), '--out', str(out / 'pretrain'), '--tokenizer', 'char',
-                        '--workers', '1')
+    stdout = run_script(
+        'pretrain', '--src', str(small_src), '--out', str(out / 'pretrain'), '--tokenizer', 'char', '--workers', '1'
+    )
     assert 'chars/s' in stdout
     tok = Tokenizer.load(str(out / 'pretrain' / 'tokenizer.model'))
     meta = json.loads((out / 'pretrain' / 'meta.json').read_text())

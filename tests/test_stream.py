@@ -1,6 +1,7 @@
 """The streaming pretraining build (prepare/stream.py, prepare/heldout.py, prepare/pretrain.py): the same bytes
 for any worker count and chunk size, duplicates and held-out dialogues dropped and counted, a split that a new
 source cannot reshuffle."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,13 @@ OUTPUTS = ('train.bin', 'train.lex.bin', 'train.ent.bin', 'val.bin', 'val.lex.bi
 
 
 def build(src, out, *args):
-    result = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--src', str(src), '--out', str(out),
-                             '--tokenizer', 'char', *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, '-m', 'prepare.pretrain', '--src', str(src), '--out', str(out), '--tokenizer', 'char', *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads((out / 'meta.json').read_text(encoding='utf-8'))
 
@@ -44,12 +50,16 @@ def documents(texts, source='s'):
 
 def test_spool_drops_duplicates_and_held_out_dialogues_and_counts_them(tmp_path):
     held_out = HeldOut()
-    test_dialogue = ('<patient>孩子发烧三天了，体温三十九度，咳嗽有痰，精神不太好。'
-                     '<doctor>有没有气喘？血常规查了吗？建议先去医院查血常规和胸片。')
+    test_dialogue = (
+        '<patient>孩子发烧三天了，体温三十九度，咳嗽有痰，精神不太好。'
+        '<doctor>有没有气喘？血常规查了吗？建议先去医院查血常规和胸片。'
+    )
     held_out.add(test_dialogue, 'covid')
     # the same dialogue re-punctuated and inside a longer consultation: held out
-    leaked = ('病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n'
-              '医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水')
+    leaked = (
+        '病人：孩子发烧三天了 体温三十九度 咳嗽有痰 精神不太好\n'
+        '医生：有没有气喘 血常规查了吗 建议先去医院查血常规和胸片 多喝水'
+    )
     headache = '头痛两周了，晚上睡不好，血压正常。'
     texts = [headache, '腹泻两天，一天五六次，稀水样。', headache, leaked]
     counts, n, train_chars = spool(documents(texts), str(tmp_path / 'spool'), held_out, 0.0)
@@ -84,7 +94,7 @@ def test_every_covid_test_dialogue_is_held_out_and_unrelated_text_is_not():
         held_out.add(dialogue_text(turns), 'covid')
     assert all(held_out.holds(dialogue_text(turns)) == 'covid' for turns in test_dialogues)
     book = (DATA / 'medical_book' / 'fever.txt').read_text(encoding='utf-8')
-    assert all(held_out.holds(book[i:i + 2000]) is None for i in range(0, len(book) - 2000, 20000))
+    assert all(held_out.holds(book[i : i + 2000]) is None for i in range(0, len(book) - 2000, 20000))
 
 
 def test_gold_entity_ids_replace_lexicon_matching():
@@ -92,6 +102,7 @@ def test_gold_entity_ids_replace_lexicon_matching():
 
     from tagging import Tagger, lexicon_dir
     from tokenizer import train_char
+
     with tempfile.TemporaryDirectory() as folder:
         tok = train_char(['孩子发烧咳嗽'], os.path.join(folder, 'tok'), vocab_size=300)
         tagger = Tagger(lexicon_dir(str(DATA)))
@@ -104,6 +115,7 @@ def test_gold_entity_ids_replace_lexicon_matching():
 
 def test_thinning_keeps_an_even_sample_of_the_training_text(tmp_path):
     from prepare.stream import thin_spool
+
     texts = [f"第{i}篇：发热咳嗽，多喝水。" * (1 + i % 5) for i in range(400)]
     _, n, train_chars = spool(documents(texts), str(tmp_path / 'spool'), HeldOut(), 0.1)
     n_val = sum(split == 'val' for split, _ in read_spool(str(tmp_path / 'spool')))
@@ -115,18 +127,38 @@ def test_thinning_keeps_an_even_sample_of_the_training_text(tmp_path):
     assert [job[0] for _, job in after] == [t for t in texts if t in {job[0] for _, job in after}]  # order kept
     spool(documents(texts), str(tmp_path / 'again'), HeldOut(), 0.1)
     assert thin_spool(str(tmp_path / 'again'), train_chars, train_chars // 3) == (kept, kept_chars)  # deterministic
-    assert thin_spool(str(tmp_path / 'again'), kept_chars, 10 ** 9) == (kept, kept_chars)  # more than there is: all
+    assert thin_spool(str(tmp_path / 'again'), kept_chars, 10**9) == (kept, kept_chars)  # more than there is: all
 
 
 def test_a_set_built_with_another_sets_tokenizer_and_a_character_budget(small_src, tmp_path):
     full = build(small_src, tmp_path / 'full')
-    small = build(small_src, tmp_path / 'small', '--tokenizer', str(tmp_path / 'full' / 'tokenizer.model'),
-                  '--train_chars', str(full['splits']['train']['input_chars'] // 2))
+    small = build(
+        small_src,
+        tmp_path / 'small',
+        '--tokenizer',
+        str(tmp_path / 'full' / 'tokenizer.model'),
+        '--train_chars',
+        str(full['splits']['train']['input_chars'] // 2),
+    )
     assert (tmp_path / 'small' / 'tokenizer.model').read_bytes() == (tmp_path / 'full' / 'tokenizer.model').read_bytes()
     assert 0.35 < small['splits']['train']['input_chars'] / full['splits']['train']['input_chars'] < 0.65
     assert small['splits']['val'] == full['splits']['val'] and small['train_chars_wanted'] > 0
-    missing = subprocess.run([sys.executable, '-m', 'prepare.pretrain', '--src', str(small_src), '--out',
-                              str(tmp_path / 'none'), '--tokenizer', str(tmp_path / 'nowhere' / 'tokenizer.model')],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'prepare.pretrain',
+            '--src',
+            str(small_src),
+            '--out',
+            str(tmp_path / 'none'),
+            '--tokenizer',
+            str(tmp_path / 'nowhere' / 'tokenizer.model'),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode != 0 and 'Traceback' not in missing.stderr and 'nowhere' in missing.stderr
     assert not (tmp_path / 'none').exists()

@@ -250,3 +250,13 @@ def test_ddp_on_two_cpu_processes_learns_and_keeps_ranks_in_step(data_dir, tmp_p
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.3
     checksums = [r['param_checksums'] for r in records if 'param_checksums' in r]
     assert len(checksums) == 1 and len(checksums[0]) == 2 and checksums[0][0] == checksums[0][1]
+
+
+def test_resuming_from_a_truncated_ckpt_names_it_and_the_best_checkpoint_to_fall_back_to(data_dir, tmp_path):
+    train.main(tiny_args(data_dir, tmp_path, max_iters=4))
+    data = (tmp_path / 'ckpt.pt').read_bytes()
+    (tmp_path / 'ckpt.pt').write_bytes(data[: len(data) // 3])  # a copy cut short
+    with pytest.raises(SystemExit) as refused:
+        train.main(tiny_args(data_dir, tmp_path, init_from='resume', max_iters=8))
+    assert refused.value.code.startswith(f'cannot resume: {tmp_path / "ckpt.pt"} is truncated or damaged')
+    assert f'fall back to {tmp_path / "best.pt"}' in refused.value.code and 'convert.py' not in refused.value.code
