@@ -1,5 +1,5 @@
 # A small GPT that learns in about ten minutes on 2 CPU cores:  python train.py config/tiny.py
-# ~3.3M parameters (half of them the 8,000 x 192 token table); 1,700 steps of 2,048 tokens are about 3 passes
+# ~3.3M parameters (half of them the 8,000 x 192 token table); 1,600 steps of 2,048 tokens are about 2.9 passes
 # over data/pretrain's 1.13M training tokens. The recipe is the one experiments/time_to_quality.py measured
 # fastest to a given val bits/char (docs/training.md#time-to-quality): Muon for the blocks' matrices.
 out_dir = 'out/tiny'
@@ -23,8 +23,8 @@ min_lr = 3e-4
 beta2 = 0.99
 weight_decay = 0.1
 warmup_iters = 100
-max_iters = 1700
-lr_decay_iters = 1700
+max_iters = 1600
+lr_decay_iters = 1600
 grad_clip = 1.0
 
 eval_interval = 100
