@@ -11,7 +11,7 @@ reference, or combines the ones that helped). A run is stopped at the time cap; 
 benchmark adds. Val bits/char is train.py's estimate on eval_iters fixed windows of the validation split; bits
 per character, not per token, so recipes with different tokenizers compare honestly.
 
-The n-gram line is ngram.py's character Kneser-Ney model, best of orders 3 to 6, trained on data/pretrain's
+The n-gram line is ngram.py's character Kneser-Ney model, best of --ngram_orders (3 to 8), trained on data/pretrain's
 training text and scored on its validation text (both decoded from the bins and cut at every special piece).
 Writes out/ttq/results.json (the curves) and out/ttq/curves.png. Run it on an otherwise idle machine: the
 seconds are wall-clock seconds.
