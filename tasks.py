@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import autocast_context, load_char_counts
+from common import autocast_context, load_char_counts, until_stop
 from example_sets import crop_window, entity_runs, load_split, splice_entities, with_label_target
 from metrics import macro_f1, score_replies
 
@@ -147,8 +147,7 @@ class Task:
                 with task_data.autocast:
                     out = model.generate(batch['idx'], max_new_tokens, eos_id=stop_ids, **inputs, **sampling)
                 for i, reply in zip(rows, out[:, batch['idx'].size(1) :].tolist()):
-                    ends = [n for n, t in enumerate(reply) if t in stop_ids]  # a finished row repeats its stop id
-                    replies[i] = reply[: ends[0] + 1] if ends else reply
+                    replies[i] = until_stop(reply, stop_ids)
                 progress.update(len(rows))
         return replies
 

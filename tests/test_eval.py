@@ -160,6 +160,8 @@ def test_bad_options_are_one_line_errors(run_dir, tmp_path):
     (tmp_path / 'a.txt').write_text(TEXT, encoding='utf-8')
     with pytest.raises(SystemExit, match=r'--stride must be in \[1, 16\]'):
         evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--stride=99'])
+    with pytest.raises(SystemExit, match='--batch_size must be >= 1, not 0'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--batch_size=0'])
 
 
 # ----- generated replies ----------------------------------------------------------------------------
