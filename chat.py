@@ -16,7 +16,7 @@ import sys
 import torch
 
 from checkpoint import load_model
-from common import autocast_context, resolve_device_and_dtype
+from common import autocast_context, resolve_device_and_dtype, until_stop
 
 # decoding options beside max_new_tokens: (allowed, as said in an error) for each; model.generate reads them
 DECODING_RULES = {
@@ -50,11 +50,12 @@ class ChatModel:
     def encode(self, text):
         return encode_context(text, self.tokenizer, self.tagger, self.model)
 
-    def generate(self, context, max_new_tokens, stop_ids, decoding, generator=None, on_token=None):
-        """The ids generated after context ((idx, lexical, entity), as encode gives them), as a list: the stop id
-        that ended them (one of stop_ids) is the last, if one did. decoding: values for DECODING_RULES' options
-        (top_k 0 and top_p 1 are off; an option not given is model.generate's default)."""
-        idx, lexical, entity = context
+    def generate(self, context, max_new_tokens, stop_ids, decoding, generator=None, on_token=None, samples=1):
+        """The ids of `samples` continuations of context ((idx, lexical, entity), as encode gives them), generated
+        at once, each a list: the stop id that ended it (one of stop_ids) is its last, if one did. decoding: values
+        for DECODING_RULES' options (top_k 0 and top_p 1 are off; an option not given is model.generate's default).
+        on_token: see model.generate (ids (samples, 1))."""
+        idx, lexical, entity = (None if x is None else x.expand(samples, -1) for x in context)  # (samples, T) each
         prompt_pos = torch.tensor([idx.size(1)]) if self.infix else None
         top_p = decoding.get('top_p', 1.0)
         options = dict(decoding, top_k=decoding.get('top_k') or None, top_p=top_p if top_p < 1.0 else None)
@@ -67,7 +68,7 @@ class ChatModel:
             out = self.model.generate(
                 to(idx), max_new_tokens, eos_id=stop_ids, generator=generator, on_token=on_token, **tags, **options
             )
-        return out[0, idx.size(1) :].tolist()
+        return [until_stop(row, stop_ids) for row in out[:, idx.size(1) :].tolist()]
 
     def encode_consultation(self, turns, max_new_tokens):
         """The model's input for turns [(speaker, text)], (idx, lexical, entity): <patient>…<doctor>…<doctor>, the

@@ -2,7 +2,7 @@
 What several scripts share, in one small module (no script imports another script):
 device and precision, autocast, the learning-rate schedule, one optimiser step, the peak FLOP/s
 that MFU divides by, data folders and their meta.json, characters per token (for bits per
-character), and random training windows from the memmapped token files.
+character), random training windows from the memmapped token files, and a generated reply's end.
 """
 
 import contextlib
@@ -119,6 +119,13 @@ def measure_matmul_flops(device, dtype, n, tries=5):
 def synchronize(device):
     if device.startswith('cuda'):
         torch.cuda.synchronize(device)
+
+
+def until_stop(ids, stop_ids):
+    """A row of model.generate's new ids up to and with the first of stop_ids (in a batch, a row that has
+    stopped repeats its stop id until every row has)."""
+    ends = [i for i, t in enumerate(ids) if t in stop_ids]
+    return ids[: ends[0] + 1] if ends else ids
 
 
 # ----------------------------------------------------------------------------- schedule and step

@@ -17,10 +17,11 @@ and each window scores only the tokens the previous one did not, so every token 
 exactly once, each after the first window with at least block_size - stride tokens of context. Memory holds
 one chunk and one window.
 --dataset: tasks.Dialogue's evaluation of the split's reply tokens, as finetune.py reports them; with
---generate, a reply is generated for each example's source (greedy, or sampled with a seed) and scored against
-the reference by BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metrics.py). Bits per character =
-total nats / ln 2 / characters of the scored tokens, which compares models with different tokenizers. Prints
-one JSON line.
+--generate, a reply is generated for each example's source (greedy, or sampled with a seed), --batch_size sources of
+similar length at a time (a greedy reply is the one its source gets alone; sampled ones also depend on the batch
+size), and scored against the reference by BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metrics.py).
+Bits per character = total nats / ln 2 / characters of the scored tokens, which compares models with different
+tokenizers. Prints one JSON line.
 """
 
 import codecs
@@ -51,7 +52,7 @@ DEFAULTS = dict(
     chunk_lines=2000,  # documents of a corpus file tokenized at a time
     documents='',  # .txt only: '' = plain text; 'block', 'line' or 'file' = read as a corpus (see above)
     encoding='',  # the text file's encoding, e.g. latin-1 ('' = detect UTF-8, UTF-16 or GB18030)
-    batch_size=8,  # --dataset: examples per batch
+    batch_size=8,  # --dataset: examples per batch, scored or (--generate) continued at once
     generate=False,  # --dataset: also generate a reply for each example and score it
     max_examples=0,  # --generate: at most this many examples (0 = all)
     max_new_tokens=64,
@@ -165,6 +166,8 @@ def main(argv=None):
         raise SystemExit(
             f"{cfg.text}: give a .txt, .jsonl, .json or .csv file (prepare/corpus.py lists the shapes it reads)"
         )
+    if cfg.batch_size < 1:
+        raise SystemExit(f"--batch_size must be >= 1, not {cfg.batch_size}")
     if cfg.documents not in ('', 'block', 'line', 'file'):
         raise SystemExit(f"--documents must be '', 'block', 'line' or 'file', not {cfg.documents!r}")
     if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0) or cfg.no_repeat_ngram_size < 0:

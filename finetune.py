@@ -57,7 +57,7 @@ DEFAULTS = dict(
     label_template='这属于{}。',  # label_text: the target sentence for a label
     epochs=6,  # paper: 6 epochs
     max_iters=0,  # > 0 overrides epochs
-    batch_size=8,
+    batch_size=8,  # examples per step; also per batch of validation, test and --generate_examples
     learning_rate=0.0,  # 0 = by mode: 5e-5 for full fine-tuning (paper), 3e-3 for p-tuning
     warmup_iters=100,
     weight_decay=0.1,

@@ -58,8 +58,7 @@ class LayerKVCache:
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        self.k[:, :, self.length : end], self.v[:, :, self.length : end] = k, v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -69,9 +68,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         assert config.attention in ('manual', 'fused'), f"attention: 'manual' or 'fused', not {config.attention!r}"
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.fused = config.attention == 'fused'
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -81,36 +78,31 @@ class CausalSelfAttention(nn.Module):
         causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer('causal', causal, persistent=False)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
+        """mask: None (causal), or (B, 1, T, Tk) bool, True where a query may see a key (padded rows)."""
         B, T, C = x.size()
         hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # q, k, v: (B, T, C) each, split into heads: (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in self.c_attn(x).split(self.n_embd, dim=2))
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, Tk, hs): the past positions followed by these T
         Tk = k.size(2)
-        past = Tk - T
-        if self.fused:
-            y = self._fused_attention(q, k, v, past)
-        else:
+        past, dropout_p = Tk - T, self.dropout if self.training else 0.0
+        allowed = self.causal[past:Tk, :Tk] if mask is None else mask  # (T, Tk), or (B, 1, T, Tk) for padded rows
+        if not self.fused:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, Tk)
-            att = att.masked_fill(~self.causal[past:Tk, :Tk], float('-inf'))
+            att = att.masked_fill(~allowed, float('-inf'))
             att = F.softmax(att, dim=-1)
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, hs)
+        elif mask is None and past == 0:  # plain causal: lets the kernel pick flash attention
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif mask is None and T == 1:  # one new token sees every cached position: no mask at all
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
-
-    def _fused_attention(self, q, k, v, past):
-        dropout_p = self.dropout if self.training else 0.0
-        T, Tk = q.size(2), k.size(2)
-        if past == 0:  # plain causal: lets the kernel pick flash attention
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if T == 1:  # one new token sees every cached position: no mask at all
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal[past:Tk, :Tk], dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -136,8 +128,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -259,28 +251,29 @@ class GPT(nn.Module):
             raise ValueError(f"{name} ids were given but the model has no {name} table (n_{name}=0)")
         return 0 if table is None else table(torch.zeros_like(idx) if ids is None else ids)
 
-    def _prompt_span(self, prompt_pos, idx, past_len):
-        """(B, T + P) bool, True where the P prompt vectors sit: before token prompt_pos[b] of row b
-        (None: in front). None when no prompt is inserted now (none in the model, or already cached)."""
+    def _prompt_span(self, prompt_pos, idx, past_len, left_pad=None):
+        """(B, T + P) bool, True where the P prompt vectors sit: before token prompt_pos[b] of row b (None: before
+        its first token, after its padding). None when no prompt is inserted now (none, or already cached)."""
         if self.prompt is None or past_len:
             if prompt_pos is not None:
                 raise ValueError("prompt_pos was given but no prompt is inserted (n_prompt=0, or it is already cached)")
             return None
-        (B, T), device = idx.size(), idx.device
-        start = torch.as_tensor(0 if prompt_pos is None else prompt_pos, dtype=torch.long, device=device).expand(B)
-        if start.min() < 0 or start.max() > T:
-            raise ValueError(f"prompt_pos must lie in [0, {T}] for {T} tokens, got {start.tolist()}")
+        (B, T), device, first = idx.size(), idx.device, 0 if left_pad is None else left_pad
+        start = torch.as_tensor(first if prompt_pos is None else prompt_pos, dtype=torch.long, device=device).expand(B)
+        if (start < first).any() or start.max() > T:
+            raise ValueError(f"prompt_pos must lie in [left_pad, {T}] for {T} tokens, got {start.tolist()}")
         e = torch.arange(T + self.config.n_prompt, device=device)[None, :] - start[:, None]  # (B, T + P)
         return (e >= 0) & (e < self.config.n_prompt)
 
-    def embed(self, idx, lexical=None, entity=None, prompt_pos=None, past_len=0):
+    def embed(self, idx, lexical=None, entity=None, prompt_pos=None, past_len=0, left_pad=None):
         """The block input E = wte(idx) + wpe(pos) + wle(lexical) + wee(entity), soft prompt inserted. idx, lexical,
         entity: (B, T); prompt_pos: (B,) where the prompt goes, in token coordinates (None: in front). past_len:
-        positions already in the KV cache (the prompt is then in there). Returns (B, T + P, C), P = n_prompt if the
-        prompt is inserted now, else 0."""
-        return self._embed(idx, lexical, entity, self._prompt_span(prompt_pos, idx, past_len), past_len)
+        positions already in the KV cache (the prompt is then in there). left_pad (B,): padding places in front of
+        each row (see generate). Returns (B, T + P, C), P = n_prompt if the prompt is inserted now, else 0."""
+        span = self._prompt_span(prompt_pos, idx, past_len, left_pad)
+        return self._embed(idx, lexical, entity, span, past_len, left_pad)
 
-    def _embed(self, idx, lexical, entity, span, past_len):
+    def _embed(self, idx, lexical, entity, span, past_len, left_pad):
         (B, T), P, C = idx.size(), self.config.n_prompt, self.config.n_embd
         x = self.wte(idx) + self._tag_embedding(self.wle, lexical, idx, 'lexical')
         x = x + self._tag_embedding(self.wee, entity, idx, 'entity')
@@ -297,23 +290,30 @@ class GPT(nn.Module):
                 f"exceeds block_size={self.config.block_size}: crop the input"
             )
         pos = torch.arange(past_len, n_pos, dtype=torch.long, device=idx.device)
+        if left_pad is not None:  # a padded row starts at position 0 as it would alone (padding: 0 too, unseen)
+            pos = (pos - left_pad[:, None]).clamp(min=0)  # (B, T + P)
         return self.drop(x + self.wpe(pos))
 
-    def encode(self, idx, lexical=None, entity=None, prompt_pos=None, kv_cache=None):
-        """Final hidden states (B, T, C), aligned with idx whatever prompt was inserted."""
+    def encode(self, idx, lexical=None, entity=None, prompt_pos=None, kv_cache=None, left_pad=None):
+        """Final hidden states (B, T, C), aligned with idx whatever prompt was inserted. left_pad (B,): see embed;
+        no real token attends to padding, so a padded row computes what it would alone."""
         past_len = kv_cache[0].length if kv_cache is not None else 0
-        span = self._prompt_span(prompt_pos, idx, past_len)  # once per forward: in with it, then out
-        x = self._embed(idx, lexical, entity, span, past_len)
+        span = self._prompt_span(prompt_pos, idx, past_len, left_pad)  # once per forward: in with it, then out
+        x = self._embed(idx, lexical, entity, span, past_len, left_pad)
+        mask, n_pos = None, past_len + x.size(1)  # padded rows: causal, and no real token sees a padding key
+        if left_pad is not None:  # (a padding place sees itself: a row of the mask with no key makes NaNs)
+            q, k = torch.arange(past_len, n_pos, device=x.device)[:, None], torch.arange(n_pos, device=x.device)
+            mask = ((k <= q) & ((k >= left_pad[:, None, None]) | (k == q)))[:, None]  # (B, 1, T + P, n_pos)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache[i] if kv_cache is not None else None)
+            x = block(x, kv_cache[i] if kv_cache is not None else None, mask)
         x = self.ln_f(x)
         if span is None:
             return x
-        # The alignment rule: output t is the state that predicts token t+1. A token's own state does that, except
-        # for the token just before an infix prompt: the state that precedes token t+1 there is the LAST prompt
-        # vector, which has read the whole prompt. So the readout is every token's position, with the token before
-        # the prompt swapped for the last prompt position (that one sits between the same neighbours, so the order
-        # is kept). A prefix prompt has no token before it: its states are simply not read.
+        # The alignment rule: output t is the state that predicts token t+1. A token's own state does that, except for
+        # the token just before an infix prompt: the state that precedes token t+1 there is the LAST prompt vector,
+        # which has read the whole prompt. So the readout is every token's position, with the token before the prompt
+        # swapped for the last prompt position (it sits between the same neighbours, so the order is kept). A prefix
+        # prompt has no token before it (padding aside, whose outputs mean nothing): its states are not read.
         next_in_span = F.pad(span[:, 1:], (0, 1))  # (B, T + P): the next position holds the prompt
         before_prompt = ~span & next_in_span  # the token just before an infix prompt
         last_prompt = span & ~next_in_span & before_prompt.any(dim=1, keepdim=True)
@@ -335,8 +335,7 @@ class GPT(nn.Module):
         cross-entropy against labels (B,) when given."""
         if self.class_head is None:
             raise ValueError("the model has no classification head: set n_classes > 0")
-        rows = torch.arange(h.size(0), device=h.device)
-        class_logits = self.class_head(h[rows, class_pos])
+        class_logits = self.class_head(h[torch.arange(h.size(0), device=h.device), class_pos])
         loss = F.cross_entropy(class_logits, labels) if labels is not None else None
         return class_logits, loss
 
@@ -366,38 +365,44 @@ class GPT(nn.Module):
         on_token=None,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
+        left_pad=None,
     ):
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new). With use_cache, keys and values of
-        the past stay in a KV cache (rebuilt after cropping, below): each new token costs one position's compute;
-        use_cache=False recomputes all and gives the same result. temperature 0 is greedy; generated tokens get
-        lexical and entity id 0. eos_id: one id or a list (e.g. <eot> and the speaker pieces); a row that emits one
-        keeps emitting it; all rows stopped: done. on_token(ids (B, 1)) is called each step, e.g. to stream.
-        repetition_penalty and no_repeat_ngram_size work as in Hugging Face's generate, over context and reply
-        alike: see penalize_repeats."""
+        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + new). Sources of different lengths come
+        left-padded, left_pad (B,) places in front of each (their ids and tags do not matter; prompt_pos counts
+        them): each row is continued exactly as it would be alone. With use_cache, keys and values of the past stay
+        in a KV cache (rebuilt after cropping, below): each new token costs one position's compute; use_cache=False
+        recomputes all and gives the same result. temperature 0 is greedy; generated tokens get lexical and entity
+        id 0. eos_id: one id or a list (e.g. <eot> and the speaker pieces); a row that emits one keeps emitting it;
+        all rows stopped: done. on_token(ids (B, 1)) is called each step, e.g. to stream. repetition_penalty and
+        no_repeat_ngram_size work as in Hugging Face's generate, over context and reply alike: see penalize_repeats."""
         # the context's tag ids (none where the model has no such table); a restart pads them with 0 for new tokens
         given = dict(lexical=lexical if self.wle is not None else None, entity=entity if self.wee is not None else None)
         room = self.config.block_size - self.config.n_prompt  # tokens that fit beside the prompt
         if room < 1:
             raise ValueError(f"n_prompt={self.config.n_prompt} leaves no room in block_size={self.config.block_size}")
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        stop_ids = None if eos_id is None else torch.as_tensor(eos_id, device=idx.device).flatten()
-        cache = None
+        (B, T), device = idx.size(), idx.device
+        pad = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long, device=device).expand(B)
+        if pad is not None and (pad.min() < 0 or pad.max() >= T):
+            raise ValueError(f"left_pad must lie in [0, {T}) for {T} places: every row needs a token")
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        stop_ids = None if eos_id is None else torch.as_tensor(eos_id, device=device).flatten()
+        cache = pad_now = None
         for _ in range(max_new_tokens):
             T = idx.size(1)
             if cache is not None and cache[0].length < self.config.block_size:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)  # one new token, a generated one: tag ids 0
+                h = self.encode(idx[:, -1:], kv_cache=cache, left_pad=pad_now)  # a generated token: tag ids 0
             else:
-                # (re)start: the whole context, cropped to the newest tokens that fit beside the prompt.
-                # Position embeddings are absolute, so once the oldest token is cropped every cached
-                # key has moved one position: the cache cannot slide and is rebuilt instead.
+                # (re)start: the whole context, cropped to the newest places that fit beside the prompt. Positions
+                # are absolute: once the oldest token is cropped every cached key has moved, so the cache is rebuilt.
                 crop = max(0, T - room)
-                pos = None  # where the prompt goes in the cropped context
+                pad_now = None if pad is None else (pad - crop).clamp(min=0)  # cropping takes padding first
+                pos = None  # where the prompt goes in the cropped context (never into padding: prompt_pos >= pad)
                 if prompt_pos is not None and self.prompt is not None:
-                    pos = (torch.as_tensor(prompt_pos, device=idx.device) - crop).clamp(min=0)
+                    pos = (torch.as_tensor(prompt_pos, device=device) - crop).clamp(min=0)
                 tags = {k: None if t is None else F.pad(t, (0, T - t.size(1)))[:, crop:] for k, t in given.items()}
                 cache = self.new_kv_cache() if use_cache else None
-                logits, _ = self(idx[:, crop:], prompt_pos=pos, kv_cache=cache, **tags)
-            logits = penalize_repeats(logits[:, -1, :], idx, repetition_penalty, no_repeat_ngram_size)
+                h = self.encode(idx[:, crop:], prompt_pos=pos, kv_cache=cache, left_pad=pad_now, **tags)
+            logits = penalize_repeats(self.lm_head(h[:, -1, :]), idx, repetition_penalty, no_repeat_ngram_size, pad)
             next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if stop_ids is not None:
                 next_id = torch.where(finished[:, None], idx[:, -1:], next_id)  # a finished row repeats its stop id
@@ -416,11 +421,14 @@ def _places(mask, n, C):
     return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :n, None].expand(-1, -1, C)
 
 
-def penalize_repeats(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0):
+def penalize_repeats(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0, left_pad=None):
     """Logits (B, V) for the next token after idx (B, T), with Hugging Face's two rules against loops: every
     token already in idx has its logit divided by repetition_penalty (multiplied, when negative: CTRL's rule,
     so that the penalty always lowers it), and a token that would repeat an n-gram of idx
-    (n = no_repeat_ngram_size) is forbidden."""
+    (n = no_repeat_ngram_size) is forbidden. left_pad (B,): places of padding at the start of each row, not tokens."""
+    first = torch.zeros_like(idx[:, :1]) if left_pad is None else left_pad[:, None]  # (B, 1): a row's first token
+    real = torch.arange(idx.size(1), device=idx.device) >= first  # (B, T)
+    idx = torch.where(real, idx, idx.gather(1, first))  # padding copies the first token: no token seen that was not
     if repetition_penalty != 1.0:
         seen = logits.gather(1, idx)
         logits = logits.scatter(1, idx, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
@@ -429,6 +437,7 @@ def penalize_repeats(logits, idx, repetition_penalty=1.0, no_repeat_ngram_size=0
         ngrams = idx.unfold(1, n, 1)  # (B, T - n + 1, n): every n-gram so far
         # an n-gram whose first n - 1 tokens are the last n - 1 tokens would be repeated by its last token
         repeats = (ngrams[:, :, :-1] == idx[:, idx.size(1) - n + 1 :][:, None, :]).all(dim=-1)  # (B, T - n + 1)
+        repeats &= real[:, : repeats.size(1)]  # an n-gram that starts in the padding is none
         banned = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, ngrams[:, :, -1], repeats.long())
         logits = logits.masked_fill(banned > 0, float('-inf'))
     return logits

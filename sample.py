@@ -3,6 +3,7 @@ Generate text with a trained model: a pretraining run, a fine-tuned run or a p-t
 prompt.pt loads its base checkpoint by itself).
 
     python sample.py --prompt "发烧三天了怎么办"                   # continue a text
+    python sample.py --num_samples=16 --batch_size=16             # 16 continuations generated at once
     python sample.py --dialogue --prompt "孩子发烧三天，咳嗽"        # the doctor's reply to a patient
     python sample.py --out_dir=out-ptune --dialogue --interactive  # a consultation: patient turns from stdin
 """
@@ -26,6 +27,7 @@ DEFAULTS = dict(
     dialogue=False,         # the prompt is a patient's turn: generate the doctor's reply
     interactive=False,      # with --dialogue: read further patient turns from stdin, keeping the history
     num_samples=1,
+    batch_size=8,           # samples generated at once (a batch of more than one is printed when it ends)
     max_new_tokens=200,
     temperature=0.8,        # 0 = greedy
     top_k=50,               # 0 = off
@@ -43,7 +45,8 @@ def check_options(cfg):
     """Every sampling option in range, before anything loads (a negative temperature would sample
     the least likely tokens; top_p = 0 keeps no token at all)."""
     rules = [(key, allowed(getattr(cfg, key)), said) for key, (allowed, said) in DECODING_RULES.items()]
-    rules += [('num_samples', cfg.num_samples >= 1, '>= 1'), ('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0')]
+    rules += [(key, getattr(cfg, key) >= 1, '>= 1') for key in ('num_samples', 'batch_size')]
+    rules += [('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0')]
     for key, ok, allowed in rules:
         if not ok:
             raise SystemExit(f"--{key} must be {allowed}, not {getattr(cfg, key)}")
@@ -71,26 +74,31 @@ class StreamPrinter:
 
 
 def generate_reply(chat, context, cfg, generator):
-    """Generate num_samples continuations of context; returns their texts."""
+    """Generate num_samples continuations of context, batch_size at a time; returns their texts."""
     # a reply ends where the next turn begins; a plain continuation only at the end of the text
     stop_ids = chat.turn_end_ids if cfg.dialogue else [chat.tokenizer.eot_id]
     idx, lexical, entity = crop_to_context(*chat.encode(context), chat.room, cfg.max_new_tokens)
     decoding = {key: getattr(cfg, key) for key in DECODING_RULES}
+    shown = '' if cfg.dialogue else context  # (main prints a dialogue's turn itself)
     texts = []
-    for _ in range(cfg.num_samples):
-        if cfg.stream and not cfg.dialogue:
-            print(context, end='', flush=True)
-        new = chat.generate(
+    for start in range(0, cfg.num_samples, cfg.batch_size):
+        samples = min(cfg.batch_size, cfg.num_samples - start)
+        streamed = cfg.stream and samples == 1  # a batch of one shows its tokens as they come
+        if streamed:
+            print(shown, end='', flush=True)
+        batch = chat.generate(
             (idx, lexical, entity),
             cfg.max_new_tokens,
             stop_ids,
             decoding,
             generator,
-            on_token=StreamPrinter(chat.tokenizer, stop_ids) if cfg.stream else None,
+            on_token=StreamPrinter(chat.tokenizer, stop_ids) if streamed else None,
+            samples=samples,
         )
-        texts.append(render(chat.tokenizer, [t for t in new if t not in stop_ids]))
-        if cfg.stream:
-            print('\n' + '-' * 40, flush=True)
+        for new in batch:
+            texts.append(render(chat.tokenizer, [t for t in new if t not in stop_ids]))
+            if cfg.stream:
+                print(('' if streamed else shown + texts[-1]) + '\n' + '-' * 40, flush=True)
     return texts
 
 

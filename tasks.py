@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import autocast_context, load_char_counts
+from common import autocast_context, load_char_counts, until_stop
 from example_sets import crop_window, entity_runs, load_split, splice_entities, with_label_target
 from metrics import macro_f1, score_replies
 
@@ -89,19 +89,24 @@ class Task:
             label=ex['label'],
         )
 
-    def collate(self, inputs, pad_id, device):
-        """Right-pad a list of inputs into batch tensors; padding is never scored."""
+    def collate(self, inputs, pad_id, device, left=False):
+        """Pad a list of inputs into batch tensors: on the right (padding is never scored), or with left=True on
+        the left, for model.generate (batch['left_pad']: each row's padding, which the positions count)."""
         T = max(len(x['idx']) for x in inputs)
+        n_pad = [T - len(x['idx']) for x in inputs]
+        shift = n_pad if left else [0] * len(inputs)  # where a row's tokens start
 
         def pad(key, value):
-            rows = [np.pad(x[key], (0, T - len(x[key])), constant_values=value) for x in inputs]
+            rows = [np.pad(x[key], (s, n - s), constant_values=value) for x, n, s in zip(inputs, n_pad, shift)]
             return torch.from_numpy(np.stack(rows)).to(device)
 
         batch = dict(
             idx=pad('idx', pad_id),
-            class_pos=torch.tensor([x['class_pos'] for x in inputs], device=device),
+            class_pos=torch.tensor([x['class_pos'] + s for x, s in zip(inputs, shift)], device=device),
             labels=torch.tensor([x['label'] for x in inputs], device=device),
         )
+        if left:
+            batch['left_pad'] = torch.tensor(n_pad, device=device)
         if inputs[0]['targets'] is not None:
             batch['targets'] = pad('targets', -1)
         if self.cfg.lexical:
@@ -109,7 +114,7 @@ class Task:
         if self.cfg.entity:
             batch['entity'] = pad('entity', 0)
         if self.cfg.n_prompt and self.cfg.prompt_position == 'infix':
-            batch['prompt_pos'] = torch.tensor([x['prompt_pos'] for x in inputs], device=device)
+            batch['prompt_pos'] = torch.tensor([x['prompt_pos'] + s for x, s in zip(inputs, shift)], device=device)
         return batch
 
     @torch.no_grad()
@@ -127,14 +132,24 @@ class Task:
         model.train()
         return metrics_of(totals)
 
-    def generate(self, model, ex, task_data, max_new_tokens, **sampling):
-        """The tokens the model generates after the example's source, cropped to leave them room."""
-        x = self.question(ex, task_data.room - max_new_tokens, task_data.special)
-        batch = self.collate([x], task_data.pad_id, task_data.device)
-        tags_and_prompt = {key: batch.get(key) for key in ('lexical', 'entity', 'prompt_pos')}
-        with task_data.autocast:
-            out = model.generate(batch['idx'], max_new_tokens, **tags_and_prompt, **sampling)
-        return out[0, batch['idx'].size(1) :].tolist()
+    def generate(self, model, examples, task_data, max_new_tokens, stop_ids, **sampling):
+        """The tokens the model generates after each example's source (cropped to leave them room), up to and with
+        the first of stop_ids, in the examples' order. The sources go batch_size at a time, sorted by length so that
+        little padding is spent; greedy replies are those of one source at a time."""
+        questions = [self.question(ex, task_data.room - max_new_tokens, task_data.special) for ex in examples]
+        order = sorted(range(len(questions)), key=lambda i: len(questions[i]['idx']))
+        replies = [None] * len(questions)
+        with tqdm(total=len(questions), desc='generate', unit='reply', mininterval=2) as progress:
+            for start in range(0, len(order), self.cfg.batch_size):
+                rows = order[start : start + self.cfg.batch_size]
+                batch = self.collate([questions[i] for i in rows], task_data.pad_id, task_data.device, left=True)
+                inputs = {key: batch.get(key) for key in ('lexical', 'entity', 'prompt_pos', 'left_pad')}
+                with task_data.autocast:
+                    out = model.generate(batch['idx'], max_new_tokens, eos_id=stop_ids, **inputs, **sampling)
+                for i, reply in zip(rows, out[:, batch['idx'].size(1) :].tolist()):
+                    replies[i] = until_stop(reply, stop_ids)
+                progress.update(len(rows))
+        return replies
 
     def check(self, task_data, data_dir):
         """Refuse, before training, a data set the task cannot learn from."""
@@ -210,15 +225,13 @@ class Dialogue(Task):
         generator = torch.Generator(device=task_data.device).manual_seed(seed)
         sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None)
         sampling.update(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
-        generated, references, marked = [], [], []  # marked: the entity spans of each reference
         model.eval()
-        for ex in tqdm(examples, desc='generate', unit='reply', mininterval=2):
-            reply = self.generate(model, ex, task_data, max_new_tokens, eos_id=stops, generator=generator, **sampling)
-            generated.append(tok.decode([t for t in reply if t not in stops]))
-            target = ex['tokens'][int(np.argmax(ex['mask'])) :].tolist()
-            references.append(tok.decode([t for t in target if t not in stops]))
-            marked.append(reply_spans(tok, ex))
+        replies = self.generate(model, examples, task_data, max_new_tokens, stops, generator=generator, **sampling)
         model.train()
+        generated = [tok.decode([t for t in reply if t not in stops]) for reply in replies]
+        targets = [ex['tokens'][int(np.argmax(ex['mask'])) :].tolist() for ex in examples]
+        references = [tok.decode([t for t in target if t not in stops]) for target in targets]
+        marked = [reply_spans(tok, ex) for ex in examples]  # the entity spans of each reference
         gold_terms = None
         if task_data.meta.get('entity_source') == 'gold':  # the set's own labels: see metrics.py
             # the vocabulary: what annotators marked in the training replies of the labelled dialogues (the
@@ -306,12 +319,10 @@ class LabelText(Task):
         sentences = [self.cfg.label_template.format(name) for name in task_data.label_names]
         longest = max(len(ids) for ids in task_data.label_ids) + 1
         eot = task_data.special['eot']
-        predictions, labels = [], []
-        for ex in examples:
-            generated = self.generate(model, ex, task_data, longest, temperature=0, eos_id=eot)
-            text = task_data.tokenizer.decode([t for t in generated if t != eot])
-            predictions.append(sentences.index(text) if text in sentences else -1)
-            labels.append(ex['label'])
+        replies = self.generate(model, examples, task_data, longest, [eot], temperature=0)
+        texts = [task_data.tokenizer.decode([t for t in reply if t != eot]) for reply in replies]
+        predictions = [sentences.index(text) if text in sentences else -1 for text in texts]
+        labels = [ex['label'] for ex in examples]
         model.train()
         return dict(acc=float(np.mean(np.array(predictions) == labels)), f1=macro_f1(predictions, labels))
 

@@ -12,6 +12,8 @@ Prints Markdown tables:
   would choose here); the output says which;
 - generation tokens/s with the KV cache vs full recompute (greedy, one model), and whether the two
   produced the same tokens;
+- replies/s generating in batches of 1, 8 and 32 (experiments/bench_batch.py): greedy replies to real COVID-DDC
+  test sources from data/<reply_dataset>/, generated as eval.py --generate does, and whether they equal batch 1's;
 - prepare/'s tag-and-encode step in chars/s, one process vs several, on a fixed slice of real text
   (experiments/bench_prepare.py);
 - serving (experiments/bench_serving.py): python serve.py on a random model of the same sizes, requests/s and
@@ -46,6 +48,7 @@ from common import (
     synchronize,
 )
 from configurator import configure
+from experiments.bench_batch import batch_markdown, bench_batched_replies
 from experiments.bench_prepare import bench_prepare, bench_prepare_scale, prepare_markdown, prepare_scale_markdown
 from experiments.bench_serving import bench_serving, serving_markdown
 from model import GPT, GPTConfig
@@ -65,6 +68,9 @@ DEFAULTS = dict(
     steps=20,              # timed training steps per row
     cpu_bf16_steps=5,      # CPUs without native bf16 run it many times slower: fewer timed steps there
     gen_tokens=256,        # new tokens per generation
+    reply_dataset='covid',  # replies in batches: the example set whose test sources are answered
+    reply_sources=64,      # ... how many of them at each batch size; 0 skips that section
+    reply_tokens=64,       # ... tokens per reply (at most: a reply also ends where a turn would)
     prepare_chars=300_000,  # characters of COVID dialogue text to tag; 0 skips that section
     prepare_workers=2,     # processes for the multi-process prepare run
     prepare_scales='',     # e.g. '1,10,30': instead, time python -m prepare.pretrain --corpus on synthetic
@@ -244,8 +250,10 @@ def markdown(results):
         machine_markdown(results['machine'], results['config']),
         training_markdown(results['train']),
         generation_markdown(results['generate']),
-        prepare_markdown(results['prepare']),
     ]
+    if results['batch'] is not None:
+        sections.append(batch_markdown(results['batch']))
+    sections.append(prepare_markdown(results['prepare']))
     if results['serve'] is not None:
         sections.append(
             serving_markdown(
@@ -339,6 +347,12 @@ def main(argv=None):
     ]
     prompt = batches.batch('val', np.random.default_rng(cfg.seed))['idx'][:1, :PROMPT_TOKENS]  # (1, P)
     generation = bench_generation(cfg, model_args, prompt, device, dtype)
+    batched = None
+    if cfg.reply_sources > 0:
+        reply_dir = os.path.join('data', cfg.reply_dataset)  # (an absolute path stays itself)
+        batched = bench_batched_replies(
+            model_args, device, dtype, reply_dir, cfg.reply_sources, cfg.reply_tokens, cfg.seed
+        )
     preparation = bench_prepare(cfg) if cfg.prepare_chars > 0 else None
     serving = (
         bench_serving(model_args, device, cfg.serve_requests, cfg.serve_tokens, PROMPT_TOKENS, cfg.seed)
@@ -350,6 +364,7 @@ def main(argv=None):
         config=config,
         train=rows,
         generate=generation,
+        batch=batched,
         prepare=preparation,
         serve=serving,
         seconds=time.perf_counter() - started,

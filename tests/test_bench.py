@@ -23,6 +23,7 @@ GENERATE_NUMBERS = (
     'recompute_tokens_per_s',
     'speedup',
 )
+BATCH_NUMBERS = ('replies', 'new_tokens', 'seconds', 'replies_per_s', 'tokens_per_s', 'speedup')
 SERVE_NUMBERS = ('requests', 'seconds', 'requests_per_s', 'tokens_per_s', 'ttft_median_ms', 'ttft_p90_ms')
 PREPARE_NUMBERS = (
     'chars',
@@ -60,6 +61,8 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
         '--steps=2',
         '--cpu_bf16_steps=1',
         '--gen_tokens=24',
+        '--reply_sources=3',
+        '--reply_tokens=4',
         '--peak_flops=1e10',
         f'--dataset={tmp_path / "no_data"}',
         f'--src={MIRROR}',
@@ -88,6 +91,13 @@ def test_bench_writes_every_number(tmp_path, monkeypatch):
         assert_positive_numbers(row, TRAIN_NUMBERS)
     assert_positive_numbers(results['generate'], GENERATE_NUMBERS)
     assert results['generate']['tokens_match'] is True  # the KV cache changes the speed, never the tokens
+    batch = results['batch']  # replies in batches: data/covid's test sources, when it has been prepared
+    assert batch['available'] == os.path.isfile(ROOT / 'data' / 'covid' / 'test.offsets.npy')
+    if batch['available']:
+        assert [row['batch_size'] for row in batch['rows']] == [1, 8, 32]
+        for row in batch['rows']:
+            assert_positive_numbers(row, BATCH_NUMBERS)
+            assert row['replies'] == 3 and row['new_tokens'] <= 3 * 4
     assert [row['clients'] for row in results['serve']] == [1, 4, 16]
     assert [row['requests'] for row in results['serve']] == [4, 4, 16]  # 4 spread over the clients, at least one each
     for row in results['serve']:

@@ -5,6 +5,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -159,6 +160,8 @@ def test_bad_options_are_one_line_errors(run_dir, tmp_path):
     (tmp_path / 'a.txt').write_text(TEXT, encoding='utf-8')
     with pytest.raises(SystemExit, match=r'--stride must be in \[1, 16\]'):
         evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--stride=99'])
+    with pytest.raises(SystemExit, match='--batch_size must be >= 1, not 0'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--batch_size=0'])
 
 
 # ----- generated replies ----------------------------------------------------------------------------
@@ -270,3 +273,49 @@ def test_a_truncated_checkpoint_is_named_as_such_with_the_file_to_fall_back_to(r
         evaluator.main([f'--checkpoint={run / "ckpt.pt"}', f'--text={tmp_path / "notes.txt"}'])
     assert refused.value.code.startswith(f'{run / "ckpt.pt"} is truncated or damaged (')
     assert f'fall back to {run / "best.pt"}' in refused.value.code and 'convert.py' not in refused.value.code
+
+
+def test_generated_replies_in_batches_are_each_sources_own_in_the_examples_order(
+    tools, data_dir, tmp_path, monkeypatch
+):
+    """eval.py --generate sorts the sources by length into batches of --batch_size: each reply is the one the
+    source gets alone (greedy), written in the examples' order. The model reads tags and an infix prompt."""
+    import tasks
+
+    tok, _ = tools
+    torch.manual_seed(0)
+    model_args = dict(
+        block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False,
+        n_lexical=4, n_entity=2, n_prompt=3,
+    )  # fmt: skip
+    model = GPT(GPTConfig(**model_args)).eval()
+    with torch.no_grad():  # tag tables start at zero, positions small: make them count
+        for table in (model.wpe, model.wle, model.wee):
+            table.weight.normal_(0, 0.5)
+    config = dict(dataset=str(data_dir), prompt_position='infix')
+    checkpoint = dict(
+        model=model.state_dict(), model_args=model_args, config=config, tokenizer=tokenizer_record(tok.file)
+    )
+    save_checkpoint(checkpoint, str(tmp_path / 'best.pt'))
+    written = []  # the replies eval.py scores, in the order it scores them
+    score = tasks.score_replies
+    monkeypatch.setattr(
+        tasks, 'score_replies', lambda generated, *rest: written.append(generated) or score(generated, *rest)
+    )
+    args = [f'--checkpoint={tmp_path / "best.pt"}', f'--dataset={data_dir}', '--generate', '--max_new_tokens=20']
+    for n in (1, 8):
+        evaluator.main(args + [f'--batch_size={n}'])
+    # each example's reply, generated here from its source alone
+    examples = tasks.load_split(str(data_dir), 'test')
+    stops = [tok.eot_id, tok.patient_id, tok.doctor_id]
+    alone = []
+    for ex in examples:
+        x = tasks.Task(SimpleNamespace(entity_splice=False)).question(ex, 64 - 3 - 20, {})
+        inputs = {key: torch.from_numpy(x[key])[None] for key in ('idx', 'lexical', 'entity')}
+        out = model.generate(
+            inputs.pop('idx'), 20, temperature=0, eos_id=stops, prompt_pos=torch.tensor([len(x['idx'])]), **inputs
+        )
+        alone.append(tok.decode([t for t in out[0, len(x['idx']) :].tolist() if t not in stops]))
+    assert len({int(np.argmax(ex['mask'])) for ex in examples}) > 1  # sources of different lengths
+    assert len(set(alone)) > 1
+    assert written == [alone, alone]

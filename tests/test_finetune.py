@@ -407,6 +407,19 @@ def test_sample_continues_a_prompt(tools, base_path, data_dir):
     assert again == texts  # seeded
 
 
+def test_samples_generated_in_batches(tools, base_path, data_dir, capsys):
+    args = [f'--checkpoint={base_path}', '--prompt=孩子发烧', '--max_new_tokens=8']
+    greedy = sample.main(args + ['--temperature=0', '--stream=False'])
+    # greedy: every row of two batches is the one greedy text, printed with the prompt when its batch ends
+    texts = sample.main(args + ['--temperature=0', '--num_samples=4', '--batch_size=2'])
+    assert texts == greedy * 4
+    assert capsys.readouterr().out.count('孩子发烧' + greedy[0] + '\n' + '-' * 40) == 4
+    # sampled: as many texts as asked, seeded whatever the batches
+    sampled = sample.main(args + ['--num_samples=5', '--batch_size=2', '--seed=3'])
+    assert len(sampled) == 5 and len(set(sampled)) > 1
+    assert sample.main(args + ['--num_samples=5', '--batch_size=2', '--seed=3']) == sampled
+
+
 def test_sample_dialogue_with_a_ptuned_entity_aware_model(base_path, data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'pt'
     finetune.main(finetune_args(base_path, data_dir, out, '--mode=ptune', '--n_prompt=2', '--entity', '--max_iters=1'))

@@ -99,6 +99,7 @@ def without_tokenizer(path, tmp_path):
         ('--top_k=-1', '--top_k must be >= 0 (0 = off), not -1'),
         ('--top_p=1.5', '--top_p must be in (0, 1] (1 = off), not 1.5'),
         ('--num_samples=0', '--num_samples must be >= 1, not 0'),
+        ('--batch_size=0', '--batch_size must be >= 1, not 0'),
         ('--max_new_tokens=-1', '--max_new_tokens must be >= 0, not -1'),
     ],
 )
