@@ -367,5 +367,7 @@ def test_finetune_eval_and_sample_read_a_built_set_by_its_name(src, tokenizer, b
     assert scored['loss'] == pytest.approx(ptuned['test_loss']) and scored['bleu1'] == pytest.approx(
         ptuned['test_bleu1']
     )
+    with pytest.raises(SystemExit, match='`python -m prepare.dialogues --corpus YOUR_DIALOGUES --out data/other`'):
+        finetune.main(run + ['--out_dir=out/other', '--dataset=other'])  # a set not built: the command that builds it
     replies = sample.main(['--out_dir=out/full', '--dialogue', '--prompt=孩子咳嗽两天了', '--max_new_tokens=3'])
     assert len(replies) == 1 and '<doctor>' not in replies[0]
