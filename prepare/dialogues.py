@@ -103,6 +103,8 @@ def spool(dialogues, folder, fractions):
             count[split] += 1
             labels.add(label)
             gold = None if document.entity_chars is None else ''.join(map(str, document.entity_chars.tolist()))
+            if gold is not None:  # entity ids from the data's own annotations
+                count['annotated'] += 1
             out.write(json.dumps(dict(split=split, text=document.text, gold=gold, label=label), ensure_ascii=False))
             out.write('\n')
             if split != 'train':
@@ -134,10 +136,9 @@ class ExampleFiles:
 
     def append(self, examples, text):
         """The examples (ids, lexical, entity, mask, label) of one dialogue, whose text is `text`."""
-        for example in examples:
-            for (suffix, dtype), values in zip(self.SUFFIXES.items(), example):
+        for ids, lexical, entity, mask, label in examples:
+            for (suffix, dtype), values in zip(self.SUFFIXES.items(), (ids, lexical, entity, mask)):
                 self.files[suffix].write(values.astype(dtype).tobytes())
-            ids, lexical, entity, mask, label = example
             self.offsets.append(self.offsets[-1] + len(ids))
             self.labels.append(label)
             self.counts.update(
@@ -233,7 +234,7 @@ def main(argv=None):
     with atomic_dir(args.out) as folder:
         dialogues = read_dialogues(args.corpus, args.label_field, args.encoding, skipped, files)
         per_file, label_names = spool(dialogues, folder, fractions)
-        total = Counter(dict.fromkeys(('read', 'duplicates', *splits), 0))
+        total = Counter(dict.fromkeys(('read', 'duplicates', *splits, 'annotated'), 0))
         for count in per_file.values():
             total.update(count)
         print(
@@ -256,7 +257,6 @@ def main(argv=None):
         )
         os.remove(os.path.join(folder, 'dialogues.spool.jsonl'))
         timings.update(tag=time.time() - started - timings['read'], total=time.time() - started)
-        annotated = any(report.get('shape') in ('CHIP-MDCFNPC', 'IMCS-21') for report in files.values())
         write_meta(
             folder,
             tok,
@@ -267,7 +267,7 @@ def main(argv=None):
             timings,
             label_names=label_names,
             label_field=args.label_field,
-            entity_source='annotations where given, else lexicon' if annotated else 'lexicon',
+            entity_source='annotations where given, else lexicon' if total['annotated'] else 'lexicon',
             dialogues=dict(total, per_file=per_file),
             files=files,
             split=dict(
@@ -285,8 +285,8 @@ def check_splits(total, splits, files, skipped):
     """Every split asked for holds a dialogue, or a one-line error (after the malformed records, which may say why)."""
     if not sum(total[split] for split in splits):
         skipped.report()
-        first = f' (the first: {skipped.where[0]})' if len(skipped) else ''
-        raise DataError(f'no dialogue with a doctor turn in {", ".join(files)}{first}: give a corpus of dialogues')
+        first = f' (the first record skipped: {skipped.where[0]})' if len(skipped) else ''
+        raise DataError(f'no dialogue to cut examples from in {", ".join(files)}{first}: give a corpus of dialogues')
     for split in splits:
         if not total[split]:
             fix = '' if split == 'train' else f', or --{split}_fraction=0 for no {split} split'

@@ -170,8 +170,7 @@ def main():
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out
     held_out = held_out_dialogues(args.src, skipped)
     n_built_in = len(held_out)
-    parents = dict.fromkeys([os.path.dirname(os.path.abspath(args.out)), os.path.abspath('data')])
-    user_sets = example_sets_held_out(held_out, parents, args.out)
+    user_sets = example_sets_held_out(held_out, [os.path.dirname(os.path.abspath(args.out)), 'data'], args.out)
     print(
         f'held out of the text: {n_built_in:,} validation/test dialogues of covid, dxy, department and imcs (from '
         f'their sources)' + ''.join(f', {n:,} of {folder} ({HELD_OUT_FILE})' for folder, n in user_sets.items())

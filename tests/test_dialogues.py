@@ -130,7 +130,8 @@ def test_every_dialogue_shape_becomes_one_example_per_doctor_turn(src, tokenizer
 
 def test_entity_ids_come_from_a_dialogues_own_annotations_else_from_the_lexicon(src, tokenizer, tmp_path):
     out = tmp_path / 'entities'
-    build(src, tokenizer, out, FIXTURES, extra=('--val_fraction', '0', '--test_fraction', '0'))
+    meta = build(src, tokenizer, out, FIXTURES, extra=('--val_fraction', '0', '--test_fraction', '0'))
+    assert meta['dialogues']['annotated'] == 4 and meta['entity_source'] == 'annotations where given, else lexicon'
     tok = Tokenizer.load(str(out / 'tokenizer.model'))
     marked = {}  # the opening words of a dialogue -> the texts its entity ids mark
     for ex in load_split(str(out), 'train'):
@@ -193,7 +194,9 @@ def test_exact_duplicate_dialogues_are_dropped_and_counted(src, tokenizer, tmp_p
     )
     out = tmp_path / 'set'
     meta = build(src, tokenizer, out, first, second, extra=('--val_fraction', '0', '--test_fraction', '0'))
-    assert meta['dialogues']['read'] == 10 and meta['dialogues']['duplicates'] == 4
+    assert (
+        meta['dialogues']['read'] == 10 and meta['dialogues']['duplicates'] == 4 and meta['entity_source'] == 'lexicon'
+    )
     assert meta['dialogues']['per_file'][str(first)] == {'read': 7, 'duplicates': 2, 'train': 5}
     assert meta['dialogues']['per_file'][str(second)] == {'read': 3, 'duplicates': 2, 'train': 1}
     assert meta['splits']['train']['records'] == 6 and len(set(texts(out, 'train'))) == len(texts(out, 'train'))
@@ -285,7 +288,8 @@ def test_an_unknown_shape_or_no_dialogue_stops_the_build_and_leaves_the_folder_a
     assert f'{tmp_path / "notes.txt"}:1: plain text, one document per block, not a dialogue' in messages['notes.txt']
     assert f'{tmp_path / "texts.jsonl"}:1: text, not a dialogue' in messages['texts.jsonl']
     patients = tmp_path / 'patients.jsonl'
-    assert f'no dialogue with a doctor turn in {patients} (the first: {patients}:1:' in messages['patients.jsonl']
+    no_dialogue = f'no dialogue to cut examples from in {patients} (the first record skipped: {patients}:1: a dialogue'
+    assert no_dialogue in messages['patients.jsonl']
     assert 'none of the 1 dialogues went to the' in messages['one.jsonl']
     missing = refused('--corpus', FIXTURES, *common[:-4], '--tokenizer', tmp_path / 'none.model')
     assert f'no tokenizer at {tmp_path / "none.model"}: give --tokenizer=' in missing
