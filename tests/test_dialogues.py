@@ -293,6 +293,9 @@ def test_an_unknown_shape_or_no_dialogue_stops_the_build_and_leaves_the_folder_a
     assert 'none of the 1 dialogues went to the' in messages['one.jsonl']
     missing = refused('--corpus', FIXTURES, *common[:-4], '--tokenizer', tmp_path / 'none.model')
     assert f'no tokenizer at {tmp_path / "none.model"}: give --tokenizer=' in missing
+    (tmp_path / 'noise.model').write_bytes(bytes(range(256)))
+    noise = refused('--corpus', FIXTURES, *common[:-4], '--tokenizer', tmp_path / 'noise.model')
+    assert f'{tmp_path / "noise.model"} is not a tokenizer.model that prepare/ wrote' in noise
     monkeypatch.chdir(tmp_path)  # no data/pretrain here: the default tokenizer is missing
     default = refused('--corpus', FIXTURES, '--out', out, '--src', src)
     assert 'no tokenizer at data/pretrain/tokenizer.model' in default and 'python -m prepare.pretrain' in default
