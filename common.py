@@ -168,7 +168,7 @@ def data_dir_of(dataset):
         how = (
             f"`{command}`"
             if command
-            else f"`python -m prepare.pretrain --corpus YOUR_TEXTS --out {data_dir}` (a pretraining set) or "
+            else f"prepare/: `python -m prepare.pretrain --corpus YOUR_TEXTS --out {data_dir}` (a pretraining set) or "
             f"`python -m prepare.dialogues --corpus YOUR_DIALOGUES --out {data_dir}` (an example set)"
         )
         raise SystemExit(f"no prepared data set in {data_dir}/ (meta.json missing): build it with {how}")
