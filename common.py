@@ -171,8 +171,14 @@ def data_dir_of(dataset):
     that builds it when it has not been prepared."""
     data_dir = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)
     if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
-        command = PREPARE_COMMANDS.get(os.path.basename(os.path.normpath(dataset)), 'prepare/')
-        raise SystemExit(f"no prepared data set in {data_dir}/ (meta.json missing): build it with `{command}`")
+        command = PREPARE_COMMANDS.get(os.path.basename(os.path.normpath(dataset)))
+        how = (
+            f"`{command}`"
+            if command
+            else f"prepare/: `python -m prepare.pretrain --corpus YOUR_TEXTS --out {data_dir}` (a pretraining set) or "
+            f"`python -m prepare.dialogues --corpus YOUR_DIALOGUES --out {data_dir}` (an example set)"
+        )
+        raise SystemExit(f"no prepared data set in {data_dir}/ (meta.json missing): build it with {how}")
     return data_dir
 
 

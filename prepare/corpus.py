@@ -56,6 +56,7 @@ class Document(NamedTuple):
     entity_chars: Optional[np.ndarray] = None  # the data set's own entity id per character of text
     source: str = ''
     line: int = 0
+    fields: Optional[dict] = None  # the record's own fields (a JSON object, a CSV row), e.g. for a label
 
 
 def corpus_files(paths):
@@ -309,7 +310,9 @@ def record_document(record, path, where, report, skipped):
         return None
     if not cleaned:
         return None
-    return Document(dialogue_text(cleaned), entity_chars=entity_chars)
+    return Document(
+        dialogue_text(cleaned), entity_chars=entity_chars, fields=record if isinstance(record, dict) else None
+    )
 
 
 def tagged_dialogue(turns):
@@ -407,7 +410,7 @@ def _csv(path, skipped, report):
                     skipped.add(path, reader.line_num, 'a row without a question or an answer')
                     continue
                 question = f'{title}<sep>{ask}' if title and ask else title or ask
-                yield reader.line_num, Document(f'<patient>{question}<doctor>{answer}')
+                yield reader.line_num, Document(f'<patient>{question}<doctor>{answer}', fields=row)
         except UnicodeDecodeError as e:
             raise DataError(
                 f'{path}:{reader.line_num + 1}: not valid {report["encoding"]} ({e.reason}): a damaged '

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from prepare.corpus import corpus_files
 from prepare.sources import DataError, sha256
 from prepare.text import dialogue_text
 from tagging import LEXICAL_MAP, entity_map, lexicon_dir, lexicon_files, tag_texts
@@ -101,6 +102,33 @@ def atomic_dir(final, kind_file='meta.json', option='--out'):
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_corpus_and_out(corpus_paths, out):
+    """Before any work: --out is replaced whole, so it must neither be nor hold nor lie in a corpus path (the
+    build would delete the corpus, or read its own output), and its disk must have room for the spool and the
+    token files (together about twice the corpus)."""
+    out_real = os.path.realpath(out)
+    for path in corpus_paths:
+        real = os.path.realpath(path)
+        if os.path.commonpath([out_real, real]) in (out_real, real):
+            raise DataError(
+                f'--out {out} and --corpus {path} overlap, and the build replaces --out whole: '
+                f'give an --out outside every corpus path'
+            )
+    needed = 2 * sum(os.path.getsize(p) for p in corpus_files(corpus_paths))
+    free = shutil.disk_usage(existing_parent(out_real)).free
+    if free < needed:
+        raise DataError(
+            f'{out} is on a disk with {free / 1e9:.2f} GB free; building from this corpus needs about '
+            f'{needed / 1e9:.2f} GB: free some space, or give --out on another disk'
+        )
+
+
+def existing_parent(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def hold(lock_path, final, option):

@@ -12,18 +12,20 @@ Without --corpus: the default set from the shared sources: COVID raw consultatio
 minus the validation/test dialogues of the official split), DXY and department QA training consultations,
 and the medical book by chapter. With --corpus: every file under the paths (prepare/corpus.py lists the
 formats). Either way exact duplicates are dropped, no document holding a validation/test dialogue of a
-fine-tuning set (COVID-DDC, DXY, department QA, IMCS-21) gets in, and 5% of the documents (by a hash of their text)
-are the validation split; prepare/stream.py does the work in two streaming passes on every core.
+fine-tuning set gets in (COVID-DDC, DXY, department QA and IMCS-21, read from their sources, and every example set
+prepare/dialogues.py built beside --out or under data/, from its heldout.jsonl), and 5% of the documents (by a hash
+of their text) are the validation split; prepare/stream.py does the work in two streaming passes on every core.
 Dialogues are written with speaker pieces ('<patient>…<doctor>…'), each document followed by <eot>.
 """
 
 import os
 import shutil
 import time
+from collections import Counter
 
 from prepare.corpus import corpus_files, file_encoding, read_corpus_file
-from prepare.dataset import arg_parser, atomic_dir, exit_on_data_error, write_meta
-from prepare.heldout import HeldOut
+from prepare.dataset import arg_parser, atomic_dir, check_corpus_and_out, exit_on_data_error, write_meta
+from prepare.heldout import HELD_OUT_FILE, HeldOut, example_sets_held_out
 from prepare.readers import (
     COVID_SPLIT_FILES,
     covid_pretraining_consultations,
@@ -62,33 +64,6 @@ def corpus_documents(corpus_paths, txt_document, encoding, skipped, paths, repor
         report[path] = {}
         for document in read_corpus_file(path, skipped, report[path], txt_document, encoding):
             yield path, document.text, tuple(document.entity_terms), document.entity_chars
-
-
-def check_corpus_and_out(corpus_paths, out):
-    """Before any work: --out is replaced whole, so it must neither be nor hold nor lie in a corpus path (the
-    build would delete the corpus, or read its own output), and its disk must have room for the spool and the
-    token files (together about twice the corpus)."""
-    out_real = os.path.realpath(out)
-    for path in corpus_paths:
-        real = os.path.realpath(path)
-        if os.path.commonpath([out_real, real]) in (out_real, real):
-            raise DataError(
-                f'--out {out} and --corpus {path} overlap, and the build replaces --out whole: '
-                f'give an --out outside every corpus path'
-            )
-    needed = 2 * sum(os.path.getsize(p) for p in corpus_files(corpus_paths))
-    free = shutil.disk_usage(existing_parent(out_real)).free
-    if free < needed:
-        raise DataError(
-            f'{out} is on a disk with {free / 1e9:.2f} GB free; building from this corpus needs about '
-            f'{needed / 1e9:.2f} GB: free some space, or give --out on another disk'
-        )
-
-
-def existing_parent(path):
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
 
 
 def held_out_dialogues(src, skipped):
@@ -194,6 +169,12 @@ def main():
     lexicon = lexicon_dir(args.src)
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out
     held_out = held_out_dialogues(args.src, skipped)
+    n_built_in = len(held_out)
+    user_sets = example_sets_held_out(held_out, [os.path.dirname(os.path.abspath(args.out)), 'data'], args.out)
+    print(
+        f'held out of the text: {n_built_in:,} validation/test dialogues of covid, dxy, department and imcs (from '
+        f'their sources)' + ''.join(f', {n:,} of {folder} ({HELD_OUT_FILE})' for folder, n in user_sets.items())
+    )
     if args.corpus:
         documents = corpus_documents(args.corpus, args.txt_document, args.encoding, skipped, paths, report)
     else:
@@ -247,6 +228,7 @@ def main():
             timings,
             documents=per_source,
             held_out_dialogues=len(held_out),
+            held_out_per_set=dict(Counter(held_out.names)),
             files=report,
             chars_per_s=round(chars_per_s),
             workers=args.workers,
