@@ -16,6 +16,8 @@ import time
 from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
 from prepare.readers import imcs_splits
 from prepare.sources import Skipped
+from prepare.text import reading_for
+from tokenizer import normalization_for
 
 
 def main():
@@ -24,7 +26,8 @@ def main():
     parser.add_argument('--lexicon_entities', action='store_true', help='entity ids by lexicon matching only')
     args = parser.parse_args()
     skipped = Skipped()
-    splits, diseases, paths = imcs_splits(args.src, skipped, not args.lexicon_entities, args.entity_types)
+    with reading_for(normalization_for(args.tokenizer_model)):  # the text as its tokenizer will take it
+        splits, diseases, paths = imcs_splits(args.src, skipped, not args.lexicon_entities, args.entity_types)
     for records in splits.values():
         for r in records:
             r['entities'] = ()

@@ -35,9 +35,9 @@ from prepare.readers import (
 )
 from prepare.sources import DataError, Skipped, source_file
 from prepare.stream import SPLITS, spool, tag_and_write, thin_spool, tokenizer_sample
-from prepare.text import dialogue_text
+from prepare.text import dialogue_text, reading_for
 from tagging import lexicon_dir, lexicon_files, read_lexicon
-from tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
+from tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, normalization_for, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
 
@@ -190,6 +190,12 @@ def main():
         if args.encoding:  # an unknown name is refused before the work, not at the first file
             file_encoding(None, args.encoding)
         check_corpus_and_out(args.corpus, args.out)
+    with reading_for(normalization_for(args.tokenizer)):  # the text as its tokenizer will take it
+        build(args, started)
+
+
+def build(args, started):
+    """Read the documents, spool them, make the tokenizer, tag and write: the build of main()'s checked options."""
     skipped, paths, report = Skipped(), [], {}
     lexicon = lexicon_dir(args.src)
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out
