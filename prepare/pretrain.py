@@ -85,6 +85,17 @@ def check_corpus_and_out(corpus_paths, out):
         )
 
 
+def check_out_writable(out):
+    """Before any work: the build writes its temporary folder and lock beside --out and renames it into place, so
+    the folder that holds --out (or, where that does not exist yet, the nearest folder that does) must be writable."""
+    parent = existing_parent(os.path.dirname(os.path.abspath(out)))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(
+            f'--out {out}: this process may not write in {parent} (a read-only disk or folder): '
+            f'give --out in a folder you may write to'
+        )
+
+
 def existing_parent(path):
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -186,6 +197,7 @@ def main():
         parser.error(str(e))
     if args.train_chars < 0:
         parser.error(f'--train_chars must be >= 0 (0 = all), not {args.train_chars}')
+    check_out_writable(args.out)
     if args.corpus:
         if args.encoding:  # an unknown name is refused before the work, not at the first file
             file_encoding(None, args.encoding)

@@ -349,6 +349,32 @@ def test_a_disk_without_room_for_the_build_is_refused_before_the_work(tmp_path, 
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.tmp').exists()
 
 
+def test_an_out_in_a_folder_it_may_not_write_in_is_refused_before_the_work(tmp_path, monkeypatch):
+    from prepare import pretrain as script
+
+    corpus = small_corpus(tmp_path)
+    if os.geteuid() != 0:
+        locked = tmp_path / 'locked'
+        locked.mkdir()
+        locked.chmod(0o555)  # read and enter, not write: as a read-only disk is
+    else:  # root writes through permission bits; the kernel's /proc/sys takes no new entry even from root
+        locked = Path('/proc/sys')
+        if not locked.is_dir() or os.access(locked, os.W_OK):
+            pytest.skip('running as root, with no folder here that root may not write in')
+    read = []
+    monkeypatch.setattr(script, 'held_out_dialogues', lambda *args: read.append(args))  # the build's first reading
+    try:
+        line = pretrain(monkeypatch, '--corpus', corpus, '--out', locked / 'set')
+    finally:
+        if locked != Path('/proc/sys'):
+            locked.chmod(0o755)  # so that pytest can remove it
+    assert line == (
+        f'error: --out {locked / "set"}: this process may not write in {locked} (a read-only disk or folder): '
+        f'give --out in a folder you may write to'
+    )
+    assert read == [] and not (locked / 'set').exists()
+
+
 def test_a_disk_that_fills_during_the_build_is_one_line_and_keeps_the_previous_folder(tmp_path, monkeypatch):
     from prepare import stream
 
