@@ -131,7 +131,7 @@ def load_tools(checkpoint, model, data_dir=''):
                 f"--data_dir=<the data folder it was trained on>"
             )
     needs_tags = model.config.n_lexical or model.config.n_entity
-    return tokenizer, Tagger(lexicon_dir()) if needs_tags else None
+    return tokenizer, Tagger(lexicon_dir(), normalize=tokenizer.normalize) if needs_tags else None
 
 
 def encode_context(text, tokenizer, tagger, model):

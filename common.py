@@ -53,6 +53,8 @@ def resolve_device_and_dtype(device, dtype):
     check_device(device)
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         raise SystemExit(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if dtype == 'float16' and not device.startswith('cuda'):  # auto never picks it on a CPU
+        return device, dtype, "asked for; float16 on a CPU runs the GPU's gradient-scaler path, for testing it"
     if dtype != 'auto':
         return device, dtype, 'asked for'
     if device.startswith('cuda'):

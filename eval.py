@@ -38,6 +38,7 @@ from checkpoint import check_tokenizer, load_model
 from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
 from configurator import configure
 from prepare.sources import DataError
+from prepare.text import reading_for
 from tasks import Dialogue, load_task_data
 
 DEFAULTS = dict(
@@ -200,7 +201,8 @@ def main(argv=None):
             else corpus_tokens(tokenizer, cfg.text, cfg.documents, cfg.chunk_lines, cfg.encoding)
         )
         try:
-            nats, tokens, chars = score_text(model, tokens_of_file, tokenizer, stride, autocast)
+            with reading_for(tokenizer.normalize):  # the corpus readers normalise as the model's tokenizer does
+                nats, tokens, chars = score_text(model, tokens_of_file, tokenizer, stride, autocast)
         except DataError as error:
             raise SystemExit(str(error)) from None
         if not tokens:

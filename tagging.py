@@ -55,9 +55,10 @@ def lexicon_files(folder):
     return [os.path.join(folder, f'{name}.txt') for name in ENTITY_TYPES]
 
 
-def read_lexicon(folder, skipped=None):
-    """{term: type id} with type ids 1..5 in ENTITY_TYPES order. Terms truncated by the source ('...') and
-    one-character terms (e.g. 'C', 'Ⅰ': they would tag noise) are skipped and counted."""
+def read_lexicon(folder, skipped=None, normalize=normalize):
+    """{term: type id} with type ids 1..5 in ENTITY_TYPES order, each term normalised as the tokenizer normalises
+    text (tok.normalize). Terms truncated by the source ('...') and one-character terms (e.g. 'C', 'Ⅰ': they would
+    tag noise) are skipped and counted."""
     terms = {}
     for type_id, path in enumerate(lexicon_files(folder), start=1):
         for line_no, line in enumerate(read_text(path).split('\n'), start=1):
@@ -73,9 +74,11 @@ def read_lexicon(folder, skipped=None):
 
 
 class Tagger:
-    def __init__(self, lexicon_dir, entity_types=False):
+    def __init__(self, lexicon_dir, entity_types=False, normalize=normalize):
+        """normalize: the tokenizer's (tok.normalize), so that terms are spelt as the text they are matched in."""
         self.entity_types = entity_types
-        self.terms = read_lexicon(lexicon_dir)  # term -> type id
+        self.normalize = normalize
+        self.terms = read_lexicon(lexicon_dir, normalize=normalize)  # term -> type id
         # every proper prefix of a term: the longest-match scan stops as soon as it leaves this set
         self.prefixes = {term[:k] for term in self.terms for k in range(1, len(term))}
         jieba.setLogLevel(logging.WARNING)
@@ -126,7 +129,7 @@ class Tagger:
         entity = np.zeros(len(text), dtype=np.uint8)
         for start, term in self.lexicon_matches(text):
             entity[start : start + len(term)] = self.terms[term] if self.entity_types else 1
-        for term in filter(None, map(normalize, extra_entities)):
+        for term in filter(None, map(self.normalize, extra_entities)):
             start = text.find(term)
             while start >= 0:
                 entity[start : start + len(term)] = SYMPTOM if self.entity_types else 1
@@ -147,7 +150,8 @@ class Tagger:
 
 @functools.lru_cache(maxsize=2)
 def _tools(tokenizer_path, lexicon_dir, entity_types):
-    return Tokenizer.load(tokenizer_path), Tagger(lexicon_dir, entity_types)
+    tok = Tokenizer.load(tokenizer_path)
+    return tok, Tagger(lexicon_dir, entity_types, tok.normalize)
 
 
 _worker_args = None

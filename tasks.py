@@ -238,7 +238,8 @@ class Dialogue(Task):
             # unlabelled ones carry lexicon tags)
             labelled = labelled_dialogue_examples(task_data.examples['train'])
             gold_terms = set().union(*(reply_spans(tok, ex) for ex in labelled))
-        return score_replies(generated, references, Tagger(tagging_lexicon(task_data.meta)), marked, gold_terms)
+        tagger = Tagger(tagging_lexicon(task_data.meta), normalize=tok.normalize)  # terms spelt as the replies are
+        return score_replies(generated, references, tagger, marked, gold_terms)
 
 
 class Classify(Task):

@@ -5,7 +5,8 @@ at the end of this file) for continued pretraining from an imported model.
 Both share one id layout: 0 <unk> (never produced: byte fallback covers every character), 1-4 the special
 pieces, 5-260 the 256 byte pieces, then the learned pieces. Text is normalised here (see normalize) and
 SentencePiece is trained with identity normalisation, so decode(encode(text)) == normalize(text) exactly and
-the character offsets of the tokens index the same string that jieba segments.
+the character offsets of the tokens index the same string that jieba segments. Each kind has its own
+normalisation (tok.normalize; normalization_for before a tokenizer exists), which prepare/ applies as it reads.
 """
 
 import io
@@ -20,7 +21,7 @@ import numpy as np
 import sentencepiece as spm
 
 from prepare.sources import DataError, atomic_write
-from prepare.text import normalize
+from prepare.text import line_ends, normalize
 
 SPECIALS = ['<patient>', '<doctor>', '<sep>', '<eot>']
 MAX_VOCAB = 65536  # ids are stored as uint16
@@ -80,7 +81,30 @@ def train_char(lines, path, vocab_size=8000):
     return Tokenizer.load(path)
 
 
+def normalization_for(spec):
+    """The normalisation of the tokenizer a prepare/ build is given (--tokenizer, --tokenizer_model), so that text
+    is read as it will be encoded: BertVocab's for a BERT vocabulary (a vocab.txt, or the tokenizer.model a build
+    stored it as), else NFKC (normalize), from which 'bpe' and 'char' learn their pieces. A missing or broken file
+    gets NFKC here: the build refuses it."""
+    if spec in ('bpe', 'char') or not os.path.isfile(spec):
+        return normalize
+    with open(spec, 'rb') as f:
+        data = f.read()
+    if data.startswith(b'{'):  # a tokenizer.model this project wrote as JSON: char or BERT
+        try:
+            return Tokenizer.from_bytes(data).normalize
+        except (ValueError, KeyError):
+            return normalize
+    try:
+        bert_vocab_model(spec)
+    except DataError:
+        return normalize  # a SentencePiece model, or a file the build refuses
+    return line_ends
+
+
 class Tokenizer:
+    normalize = staticmethod(normalize)  # NFKC and the rest: the text BPE and char pieces are learned from
+
     def __init__(self, kind, pieces, sp=None):
         self.kind = kind  # 'bpe' or 'char'
         self.pieces = pieces  # id -> piece
@@ -117,7 +141,7 @@ class Tokenizer:
     def encode_offsets(self, text):
         """(normalised text, ids (N,) int64, begins (N,) int64): begins[i] is the index in the normalised text
         of the first character of token i (for the bytes of a byte-fallback character: that character)."""
-        text = normalize(text)
+        text = self.normalize(text)
         ids = np.array(self.sp.encode(text) if self.kind == 'bpe' else self._encode_chars(text), dtype=np.int64)
         spans = self._span[ids]
         begins = np.cumsum(spans) - spans
@@ -212,8 +236,9 @@ class BertVocab:
     with --do_lower_case "true", its default): control characters are dropped, whitespace separates words and is
     itself dropped, every CJK character is a word of its own, Latin letters are lower-cased with accents
     stripped, punctuation is a word of its own, and each word is cut into the longest pieces of the vocabulary
-    (continuations spelt '##...'); a word with no such cut is one [UNK]. UER's data also framed each document as
-    [CLS] ... [SEP]: <eot> is [SEP], and bos_id ([CLS]) is put in front of every document by tagging.py.
+    (continuations spelt '##...'); a word with no such cut is one [UNK]. No NFKC: full-width punctuation (，：？)
+    keeps its own pieces, as the models saw it. UER's data also framed each document as [CLS] ... [SEP]: <eot>
+    is [SEP], and bos_id ([CLS]) is put in front of every document by tagging.py.
 
     For bits per character (char_counts) a piece counts its characters ('##' excluded), [UNK] counts 1 (it is
     nearly always one rare character or symbol) and the special pieces 0. The whitespace BERT drops is not
@@ -222,6 +247,7 @@ class BertVocab:
     """
 
     kind = 'bert'
+    normalize = staticmethod(line_ends)  # no NFKC: BertTokenizer (and UER) kept the full-width forms
 
     def __init__(self, pieces):
         self.pieces = pieces
@@ -242,7 +268,7 @@ class BertVocab:
     def encode_offsets(self, text):
         """(normalised text, ids (N,) int64, begins (N,) int64): begins[i] is the index in the normalised text
         of the first character of token i. No [CLS] here: see bos_id."""
-        text = normalize(text)
+        text = self.normalize(text)
         ids, begins, start = [], [], 0
         for part in _SPECIAL_SPLIT.split(text):
             if part in BERT_SPECIALS:

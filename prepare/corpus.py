@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from prepare.sources import DataError
-from prepare.text import clean, dialogue_text, normalize
+from prepare.text import clean, dialogue_text, normalize_as_read
 
 EXTENSIONS = ('.txt', '.jsonl', '.json', '.csv')
 SHAPES = (
@@ -321,7 +321,7 @@ def tagged_dialogue(turns):
     cleaned = [(speaker, *_tagged(text, gold)) for speaker, text, gold in turns]
     cleaned = [(speaker, text, tags) for speaker, text, tags in cleaned if text]
     text = dialogue_text([(speaker, text) for speaker, text, _ in cleaned])
-    if all(gold is None for _, _, gold in turns) or normalize(text) != text:
+    if all(gold is None for _, _, gold in turns) or normalize_as_read(text) != text:
         return [(speaker, text) for speaker, text, _ in cleaned], None  # (the second: never seen in the shared data)
     tags = [part for speaker, _, tags in cleaned for part in (np.zeros(len(speaker) + 2, dtype=np.uint8), tags)]
     return [(speaker, text) for speaker, text, _ in cleaned], np.concatenate(tags)
@@ -334,7 +334,7 @@ def _tagged(text, gold):
         return cleaned, np.zeros(len(cleaned), dtype=np.uint8)
     chars, tags = [], []
     for char, tag in zip(text, gold):
-        for piece in normalize(char if not char.isspace() else ' '):
+        for piece in normalize_as_read(char if not char.isspace() else ' '):
             if piece == ' ' and (not chars or chars[-1] == ' '):
                 continue  # one space for a run, none at the start, as normalize and clean do
             chars.append(piece)

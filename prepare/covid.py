@@ -9,20 +9,24 @@ pretraining text (readers.covid_pretraining_consultations), so test perplexity i
 
 import time
 
-from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
+from prepare.dataset import arg_parser, build_example_set, check_out_writable, exit_on_data_error
 from prepare.readers import COVID_SPLIT_FILES, read_covid_split
 from prepare.sources import Skipped, source_file
+from prepare.text import reading_for
+from tokenizer import normalization_for
 
 
 def main():
     started = time.time()
     args = arg_parser(__doc__, 'covid').parse_args()
+    check_out_writable(args.out)  # before reading: a read-only --out fails now, not after the work
     skipped = Skipped()
     paths = {split: source_file(rel, args.src) for split, rel in COVID_SPLIT_FILES.items()}
-    splits = {
-        split: [{'turns': turns, 'entities': (), 'label': -1} for turns in read_covid_split(path, skipped)]
-        for split, path in paths.items()
-    }
+    with reading_for(normalization_for(args.tokenizer_model)):  # the text as its tokenizer will take it
+        splits = {
+            split: [{'turns': turns, 'entities': (), 'label': -1} for turns in read_covid_split(path, skipped)]
+            for split, path in paths.items()
+        }
     build_example_set(args, splits, [], skipped, list(paths.values()), started)
 
 

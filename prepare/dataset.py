@@ -125,6 +125,17 @@ def check_corpus_and_out(corpus_paths, out):
         )
 
 
+def check_out_writable(out):
+    """Before any work: the build writes its temporary folder and lock beside --out and renames it into place, so
+    the folder that holds --out (or, where that does not exist yet, the nearest folder that does) must be writable."""
+    parent = existing_parent(os.path.dirname(os.path.abspath(out)))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(
+            f'--out {out}: this process may not write in {parent} (a read-only disk or folder): '
+            f'give --out in a folder you may write to'
+        )
+
+
 def existing_parent(path):
     while not os.path.exists(path):
         path = os.path.dirname(path)

@@ -9,16 +9,20 @@ id. Split: seeded and stratified by department, 80/10/10, so that even the rare 
 
 import time
 
-from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
+from prepare.dataset import arg_parser, build_example_set, check_out_writable, exit_on_data_error
 from prepare.readers import department_splits
 from prepare.sources import Skipped
+from prepare.text import reading_for
+from tokenizer import normalization_for
 
 
 def main():
     started = time.time()
     args = arg_parser(__doc__, 'department').parse_args()
+    check_out_writable(args.out)  # before reading: a read-only --out fails now, not after the work
     skipped = Skipped()
-    splits, departments, path = department_splits(args.src, skipped)
+    with reading_for(normalization_for(args.tokenizer_model)):  # the text as its tokenizer will take it
+        splits, departments, path = department_splits(args.src, skipped)
     for rows in splits.values():
         for r in rows:
             r.update(entities=(), label=departments.index(r['department']))

@@ -38,12 +38,21 @@ import numpy as np
 from tqdm import tqdm
 
 from prepare.corpus import corpus_files, file_encoding, read_corpus_file
-from prepare.dataset import arg_parser, atomic_dir, check_corpus_and_out, cut_examples, exit_on_data_error, write_meta
+from prepare.dataset import (
+    arg_parser,
+    atomic_dir,
+    check_corpus_and_out,
+    check_out_writable,
+    cut_examples,
+    exit_on_data_error,
+    write_meta,
+)
 from prepare.heldout import HELD_OUT_FILE
 from prepare.sources import DataError, Skipped
 from prepare.stream import chunks
+from prepare.text import reading_for
 from tagging import LEXICAL_MAP, init_worker, lexicon_dir, lexicon_files, tag_job
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, normalization_for
 
 SPLITS = ('train', 'val', 'test')
 DEFAULT_TOKENIZER = os.path.join('data', 'pretrain', 'tokenizer.model')
@@ -226,12 +235,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.encoding:  # an unknown name is refused before the work, not at the first file
         file_encoding(None, args.encoding)
+    check_out_writable(args.out)
     check_corpus_and_out(args.corpus, args.out)
     tokenizer = tokenizer_path(args.tokenizer)
     lexicon = lexicon_dir(args.src)
     skipped, files, fractions = Skipped(), {}, (args.val_fraction, args.test_fraction)
     splits = ['train'] + [split for split, fraction in zip(SPLITS[1:], fractions) if fraction]
-    with atomic_dir(args.out) as folder:
+    with reading_for(normalization_for(tokenizer)), atomic_dir(args.out) as folder:  # text as the tokenizer takes it
         dialogues = read_dialogues(args.corpus, args.label_field, args.encoding, skipped, files)
         per_file, label_names = spool(dialogues, folder, fractions)
         total = Counter(dict.fromkeys(('read', 'duplicates', *splits, 'annotated'), 0))

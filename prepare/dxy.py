@@ -11,16 +11,20 @@ Examples as for COVID; the first example of a consultation carries its disease i
 
 import time
 
-from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
+from prepare.dataset import arg_parser, build_example_set, check_out_writable, exit_on_data_error
 from prepare.readers import dxy_splits
 from prepare.sources import Skipped
+from prepare.text import reading_for
+from tokenizer import normalization_for
 
 
 def main():
     started = time.time()
     args = arg_parser(__doc__, 'dxy').parse_args()
+    check_out_writable(args.out)  # before reading: a read-only --out fails now, not after the work
     skipped = Skipped()
-    train, val, test, path = dxy_splits(args.src, skipped)
+    with reading_for(normalization_for(args.tokenizer_model)):  # the text as its tokenizer will take it
+        train, val, test, path = dxy_splits(args.src, skipped)
     diseases = sorted({r['disease'] for r in train + val + test})
     for r in train + val + test:
         r['label'] = diseases.index(r['disease'])

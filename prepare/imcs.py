@@ -13,9 +13,11 @@ the unlabelled ones go to train for dialogue generation, with label -1 (never cl
 
 import time
 
-from prepare.dataset import arg_parser, build_example_set, exit_on_data_error
+from prepare.dataset import arg_parser, build_example_set, check_out_writable, exit_on_data_error
 from prepare.readers import imcs_splits
 from prepare.sources import Skipped
+from prepare.text import reading_for
+from tokenizer import normalization_for
 
 
 def main():
@@ -23,8 +25,10 @@ def main():
     parser = arg_parser(__doc__, 'imcs')
     parser.add_argument('--lexicon_entities', action='store_true', help='entity ids by lexicon matching only')
     args = parser.parse_args()
+    check_out_writable(args.out)  # before reading: a read-only --out fails now, not after the work
     skipped = Skipped()
-    splits, diseases, paths = imcs_splits(args.src, skipped, not args.lexicon_entities, args.entity_types)
+    with reading_for(normalization_for(args.tokenizer_model)):  # the text as its tokenizer will take it
+        splits, diseases, paths = imcs_splits(args.src, skipped, not args.lexicon_entities, args.entity_types)
     for records in splits.values():
         for r in records:
             r['entities'] = ()

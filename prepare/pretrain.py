@@ -24,7 +24,14 @@ import time
 from collections import Counter
 
 from prepare.corpus import corpus_files, file_encoding, read_corpus_file
-from prepare.dataset import arg_parser, atomic_dir, check_corpus_and_out, exit_on_data_error, write_meta
+from prepare.dataset import (
+    arg_parser,
+    atomic_dir,
+    check_corpus_and_out,
+    check_out_writable,
+    exit_on_data_error,
+    write_meta,
+)
 from prepare.heldout import HELD_OUT_FILE, HeldOut, example_sets_held_out
 from prepare.readers import (
     COVID_SPLIT_FILES,
@@ -37,9 +44,9 @@ from prepare.readers import (
 )
 from prepare.sources import DataError, Skipped, source_file
 from prepare.stream import SPLITS, spool, tag_and_write, thin_spool, tokenizer_sample
-from prepare.text import dialogue_text
+from prepare.text import dialogue_text, reading_for
 from tagging import lexicon_dir, lexicon_files, read_lexicon
-from tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, train_bpe, train_char
+from tokenizer import Tokenizer, check_vocab_size, import_bert_vocab, normalization_for, train_bpe, train_char
 
 VAL_FRACTION, SEED = 0.05, 1337
 
@@ -161,10 +168,17 @@ def main():
         parser.error(str(e))
     if args.train_chars < 0:
         parser.error(f'--train_chars must be >= 0 (0 = all), not {args.train_chars}')
+    check_out_writable(args.out)
     if args.corpus:
         if args.encoding:  # an unknown name is refused before the work, not at the first file
             file_encoding(None, args.encoding)
         check_corpus_and_out(args.corpus, args.out)
+    with reading_for(normalization_for(args.tokenizer)):  # the text as its tokenizer will take it
+        build(args, started)
+
+
+def build(args, started):
+    """Read the documents, spool them, make the tokenizer, tag and write: the build of main()'s checked options."""
     skipped, paths, report = Skipped(), [], {}
     lexicon = lexicon_dir(args.src)
     read_lexicon(lexicon, skipped)  # only to count and report the lexicon lines it leaves out

@@ -1,10 +1,13 @@
 """Text helpers every reader and the tokenizer share; they import nothing from the project.
 
-normalize: the one normalisation of the pipeline (the tokenizer, the lexicon and the readers apply the
-same), so that character offsets agree everywhere. clean: one field of a raw record made into text.
-dialogue_text: turns into the '<patient>…<doctor>…' form that the tokenizer's speaker pieces encode.
+normalize: the normalisation of the project's own tokenizers (BPE and char); the tokenizer, the lexicon and the
+readers apply the same, so that character offsets agree everywhere. line_ends: all that a BERT vocabulary's text
+gets (BertTokenizer normalises for itself, without NFKC). clean: one field of a raw record made into text, with
+the normalisation of the tokenizer the build encodes with (reading_for). dialogue_text: turns into the
+'<patient>…<doctor>…' form that the tokenizer's speaker pieces encode.
 """
 
+import contextlib
 import re
 import unicodedata
 
@@ -20,9 +23,35 @@ def normalize(text):
     return _SPACES.sub(' ', text.replace('\u2581', ' '))
 
 
+def line_ends(text):
+    """Newline line ends, nothing else: a BERT vocabulary's normalisation (its tokenizer drops whitespace and
+    keeps the full-width forms its model was trained on)."""
+    return text.replace('\r\n', '\n').replace('\r', '\n')
+
+
+_read_as = [normalize]  # the normalisation clean() applies: the build's tokenizer's (reading_for sets it)
+
+
+@contextlib.contextmanager
+def reading_for(tokenizer_normalize):
+    """Within it, clean() and the readers normalise text with tokenizer_normalize (a tokenizer's normalize:
+    normalize, or line_ends for a BERT vocabulary) instead of normalize."""
+    saved = _read_as[0]
+    _read_as[0] = tokenizer_normalize
+    try:
+        yield
+    finally:
+        _read_as[0] = saved
+
+
+def normalize_as_read(text):
+    """text normalised as clean() normalises it now (see reading_for)."""
+    return _read_as[0](text)
+
+
 def clean(text):
     """One field of a record: no HTML tags, normalised characters, no blank or padded lines."""
-    text = normalize(_HTML_TAG.sub('', text))
+    text = normalize_as_read(_HTML_TAG.sub('', text))
     return '\n'.join(line.strip() for line in text.split('\n') if line.strip())
 
 

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,11 @@ from checkpoint import claim_out_dir, load_checkpoint, load_model, save_checkpoi
 from convert import export_hf, import_hf  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from optim import configure_optimizers  # noqa: E402
-from prepare.text import normalize  # noqa: E402
-from tokenizer import Tokenizer, import_bert_vocab, train_char  # noqa: E402
+from prepare.pretrain import default_documents  # noqa: E402
+from prepare.sources import Skipped  # noqa: E402
+from prepare.text import normalize, reading_for  # noqa: E402
+from test_prepare import small_src  # noqa: E402,F401 (a fixture)
+from tokenizer import BERT_SPECIALS, Tokenizer, import_bert_vocab, train_char  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CMED_DATA', ROOT.parent / 'shared' / 'data')).resolve()
@@ -285,10 +289,71 @@ def test_bert_vocab_gives_berttokenizer_ids_on_shared_text(bert):
     reference = transformers.BertTokenizer(str(VOCAB))
     lines = shared_lines(3000)
     for line in lines:
-        text = normalize(line)
-        assert bert.encode(text) == reference.encode(text, add_special_tokens=False), text[:80]
+        for text in (line, normalize(line)):  # as the files hold it (as prepare/ reads it for this kind), and NFKC'd
+            assert bert.encode(text) == reference.encode(text, add_special_tokens=False), text[:80]
     ids = [i for line in lines for i in bert.encode(line)]
     assert 0 < ids.count(bert.unk_id) < 0.005 * len(ids)  # rare characters do hit [UNK], seldom
+
+
+def test_bert_vocab_keeps_the_full_width_punctuation_the_model_was_trained_on(bert):
+    text = '发烧（38.5℃）三天了，怎么办？多喝水！'
+    ids = bert.encode(text)
+    assert ids == transformers.BertTokenizer(str(VOCAB)).encode(text, add_special_tokens=False)
+    pieces = {bert.pieces[i] for i in ids}
+    assert {'（', '）', '，', '？', '！'} <= pieces and not {'(', ')', ',', '?', '!'} & pieces  # (℃ is [UNK])
+    assert normalize(text) == '发烧(38.5°C)三天了,怎么办?多喝水!'  # what NFKC (the BPE and char kinds') makes of it
+    # on the COVID consultations: every full-width comma and question mark is its own full-width piece
+    covid_file = DATA / 'covid_dialog_zh' / 'COVID-Dialogue-Dataset-Chinese.txt'
+    if not covid_file.is_file():
+        pytest.skip(f'{covid_file} is absent')
+    covid = covid_file.read_text(encoding='utf-8')[:200_000]
+    ids = bert.encode(covid)
+    for mark in '，？':
+        assert ids.count(bert.pieces.index(mark)) == covid.count(mark) > 100, mark
+
+
+def test_a_build_reads_text_as_its_tokenizer_normalises_it(bert_file, tmp_path):
+    from prepare.text import line_ends
+    from tokenizer import normalization_for
+
+    char_file = tmp_path / 'char.model'
+    train_char(['发烧，咳嗽'], str(char_file), vocab_size=300)
+    (tmp_path / 'broken.txt').write_bytes(bytes(range(256)))
+    assert normalization_for(str(VOCAB)) is line_ends and normalization_for(str(bert_file)) is line_ends
+    for spec in ('bpe', 'char', char_file, tmp_path / 'absent.model', tmp_path / 'broken.txt'):
+        assert normalization_for(str(spec)) is normalize, spec  # NFKC; a broken or absent file is refused later
+
+
+def test_bert_vocab_data_set_holds_berttokenizer_ids_of_the_text_as_read(small_src, bert, tmp_path):
+    # the pretraining build with the BERT vocabulary reads the shared sources without NFKC: each document in
+    # its token files is [CLS], BertTokenizer's ids of a document's text (specials as [unused1-3]), [SEP]
+    command = [sys.executable, '-m', 'prepare.pretrain', '--src', str(small_src), '--out', str(tmp_path / 'bert')]
+    result = subprocess.run(
+        [*command, '--tokenizer', str(VOCAB), '--workers', '1'], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = transformers.BertTokenizer(str(VOCAB))
+
+    def reference_ids(text):
+        ids = [bert.bos_id]
+        for part in re.split('(<patient>|<doctor>|<sep>)', text):
+            special = BERT_SPECIALS.get(part)
+            ids += [bert.pieces.index(special)] if special else reference.encode(part, add_special_tokens=False)
+        return tuple(ids + [bert.eot_id])
+
+    with reading_for(bert.normalize):
+        texts = [text for _, text, _, _ in default_documents(str(small_src), Skipped(), [], {})]
+    expected = {reference_ids(text) for text in texts}
+    meta = json.loads((tmp_path / 'bert' / 'meta.json').read_text(encoding='utf-8'))
+    documents = []
+    for split in ('train', 'val'):
+        ids = np.fromfile(tmp_path / 'bert' / f'{split}.bin', dtype=np.uint16).tolist()
+        starts = [i for i, token in enumerate(ids) if token == bert.bos_id] + [len(ids)]
+        documents += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])]
+        assert len(starts) - 1 == meta['splits'][split]['records']
+    assert set(documents) <= expected and len(documents) > 0.9 * len(texts)
+    comma = bert.pieces.index('，')
+    assert sum(document.count(comma) for document in documents) > 100  # NFKC would have made them ','
 
 
 def test_bert_vocab_round_trips_what_it_can_represent(bert):

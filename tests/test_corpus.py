@@ -349,6 +349,20 @@ def test_a_disk_without_room_for_the_build_is_refused_before_the_work(tmp_path, 
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.tmp').exists()
 
 
+def test_an_out_in_a_folder_it_may_not_write_in_is_refused_before_the_work(tmp_path, monkeypatch, unwritable_folder):
+    from prepare import pretrain as script
+
+    corpus = small_corpus(tmp_path)
+    read = []
+    monkeypatch.setattr(script, 'held_out_dialogues', lambda *args: read.append(args))  # the build's first reading
+    line = pretrain(monkeypatch, '--corpus', corpus, '--out', unwritable_folder / 'set')
+    assert line == (
+        f'error: --out {unwritable_folder / "set"}: this process may not write in {unwritable_folder} (a read-only '
+        f'disk or folder): give --out in a folder you may write to'
+    )
+    assert read == [] and not (unwritable_folder / 'set').exists()
+
+
 def test_a_disk_that_fills_during_the_build_is_one_line_and_keeps_the_previous_folder(tmp_path, monkeypatch):
     from prepare import stream
 

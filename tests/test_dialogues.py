@@ -303,6 +303,24 @@ def test_an_unknown_shape_or_no_dialogue_stops_the_build_and_leaves_the_folder_a
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith('set')) == ['set']
 
 
+def test_an_out_in_a_folder_it_may_not_write_in_is_refused_before_reading(
+    src, tokenizer, monkeypatch, unwritable_folder
+):
+    from prepare import covid
+
+    read = []
+    monkeypatch.setattr(dialogues, 'read_dialogues', lambda *args: read.append(args))
+    monkeypatch.setattr(covid, 'read_covid_split', lambda *args: read.append(args))
+    out = unwritable_folder / 'set'
+    refusal = f'--out {out}: this process may not write in {unwritable_folder} (a read-only disk or folder)'
+    assert refusal in refused('--corpus', FIXTURES, '--out', out, '--src', src, '--tokenizer', tokenizer)
+    monkeypatch.setattr(sys, 'argv', ['covid', '--out', str(out), '--src', str(src)])  # a built-in example set
+    with pytest.raises(SystemExit) as covid_refusal:
+        exit_on_data_error(covid.main)
+    assert refusal in str(covid_refusal.value.code)
+    assert read == [] and not out.exists()
+
+
 # ----- the hold-out and the scripts that read a set ----------------------------------------------------
 
 
