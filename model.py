@@ -92,8 +92,7 @@ class CausalSelfAttention(nn.Module):
         if not self.fused:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, Tk)
             att = att.masked_fill(~allowed, float('-inf'))
-            att = F.softmax(att, dim=-1)
-            att = self.attn_dropout(att)
+            att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, T, hs)
         elif mask is None and past == 0:  # plain causal: lets the kernel pick flash attention
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -108,9 +107,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.activation in ('gelu', 'gelu_tanh'), (
-            f"activation: 'gelu' or 'gelu_tanh', not {config.activation!r}"
-        )
+        assert config.activation in ('gelu', 'gelu_tanh'), f"activation {config.activation!r}: 'gelu' or 'gelu_tanh'"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh' if config.activation == 'gelu_tanh' else 'none')
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
@@ -130,8 +127,7 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, mask=None):
         x = x + self.attn(self.ln_1(x), cache, mask)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class SoftPrompt(nn.Module):
@@ -217,13 +213,8 @@ class GPT(nn.Module):
             if flag and table is None:
                 raise ValueError(f"cannot train the {name} table: the model has none (n_{name}=0)")
         self.requires_grad_(False)
-        trained = [
-            self.prompt,
-            self.class_head,
-            self.wle if train_lexical else None,
-            self.wee if train_entity else None,
-        ]
-        for module in trained:
+        tag_tables = [table for flag, table in ((train_lexical, self.wle), (train_entity, self.wee)) if flag]
+        for module in [self.prompt, self.class_head, *tag_tables]:
             if module is not None:
                 module.requires_grad_(True)
 
@@ -286,8 +277,8 @@ class GPT(nn.Module):
         n_pos = past_len + x.size(1)
         if n_pos > self.config.block_size:
             raise ValueError(
-                f"sequence of {n_pos} positions (tokens + {self.config.n_prompt} prompt vectors) "
-                f"exceeds block_size={self.config.block_size}: crop the input"
+                f"sequence of {n_pos} positions (tokens + {P} prompt vectors) exceeds block_size="
+                f"{self.config.block_size}: crop the input"
             )
         pos = torch.arange(past_len, n_pos, dtype=torch.long, device=idx.device)
         if left_pad is not None:  # a padded row starts at position 0 as it would alone (padding: 0 too, unseen)

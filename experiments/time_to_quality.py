@@ -4,6 +4,7 @@ this machine, and how that compares with the reference recipe (nanoGPT's for sma
 
     python -m experiments.time_to_quality                                # every recipe below, one after another
     python -m experiments.time_to_quality --recipes=reference,muon --time_cap=300 --target=4.0
+    python -m experiments.time_to_quality --train=False                  # the report and COVID scores again
 
 Each recipe is train.py on config/tiny.py plus a few `--key=value` overrides (a recipe changes one lever of the
 reference, or combines the ones that helped). A run is stopped at the time cap; its eval lines in log.jsonl give
@@ -13,6 +14,9 @@ per character, not per token, so recipes with different tokenizers compare hones
 
 The n-gram line is ngram.py's character Kneser-Ney model, best of --ngram_orders (3 to 8), trained on data/pretrain's
 training text and scored on its validation text (both decoded from the bins and cut at every special piece).
+Then each final model of a recipe that reads data/pretrain's tokenizer is scored on COVID-DDC's test replies
+(`eval.py --dataset=covid --split=test`, in the recipes' dtype), beside the best n-gram on exactly the text the
+models score: each reply cut where a config/tiny.py window cuts it (experiments/ngram_reference.py).
 Writes out/ttq/results.json (the curves) and out/ttq/curves.png. Run it on an otherwise idle machine: the
 seconds are wall-clock seconds.
 """
@@ -39,6 +43,8 @@ DEFAULTS = dict(
     ngram_orders='3,4,5,6,7,8',
     dtype='float32',  # every recipe in float32, as on a CPU without bf16 matmul units (a recipe may differ)
     extra='',  # train.py overrides added to every recipe, space-separated (e.g. '--device=cuda')
+    train=True,  # False: no training, only the report, the plot and the COVID scores of the runs in out/
+    covid=True,  # score the final models and the n-gram on COVID-DDC's test replies
 )
 
 # nanoGPT's recipe for small models (its shakespeare_char config): AdamW, lr 1e-3, beta2 0.99, warm-up then
@@ -224,7 +230,7 @@ def main(argv=None):
     if os.path.exists(results_path):  # earlier recipes' curves stay: recipes can be run a few at a time
         with open(results_path) as f:
             results = json.load(f)
-    for name in names:
+    for name in names if cfg.train else ():
         overrides = RECIPES[name] + cfg.extra.split()
         curve = run_recipe(name, overrides, cfg)
         results[name] = {
@@ -240,6 +246,55 @@ def main(argv=None):
     report(curves, target, ngram, ngram_order)
     plot(curves, ngram, ngram_order, target, os.path.join(cfg.out, 'curves.png'))
     print(f"curves: {os.path.join(cfg.out, 'curves.png')}")
+    if cfg.covid:
+        covid_report(results, cfg)
+        with open(results_path, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+def recipe_dataset(overrides):
+    """The data set a recipe trains on: its last --dataset= override, else config/tiny.py's."""
+    datasets = [o.split('=', 1)[1] for o in overrides if o.startswith('--dataset=')]
+    return (datasets or [config_file_values('config/tiny.py')['dataset']])[-1]
+
+
+def covid_report(results, cfg):
+    """COVID-DDC test replies, bits/char: each run on data/pretrain's tokenizer (eval.py on its final model) and
+    the best n-gram on the same replies, cut where a config/tiny.py window cuts them (cached in out/)."""
+    from experiments.ngram_reference import ngram_result
+
+    room = config_file_values('config/tiny.py')['block_size']
+    orders = [int(o) for o in cfg.ngram_orders.split(',')]
+    cache = os.path.join(cfg.out, 'ngram_covid.json')
+    key = {
+        'orders': orders,
+        'room': room,
+        'meta_mtime': [os.path.getmtime(f'data/{d}/meta.json') for d in ('pretrain', 'covid')],
+    }
+    cached = {}
+    if os.path.exists(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+    if cached.get('key') != key:
+        scores = {}
+        for order in orders:
+            scores[order] = ngram_result(order, room, 0)['test_bpc']
+            print(f"n-gram order {order}: COVID-DDC test replies {scores[order]:.4f} bits/char", flush=True)
+        cached = {'key': key, 'all': scores}
+        with open(cache, 'w') as f:
+            json.dump(cached, f)
+    order, bpc = min(cached['all'].items(), key=lambda item: item[1])
+    print(f"\nCOVID-DDC test replies: the best n-gram ({order}-gram) {bpc:.4f} bits/char")
+    for name, result in results.items():
+        if recipe_dataset(result['overrides']) != 'pretrain':
+            continue  # another tokenizer than data/covid's: its ids are not the set's
+        command = [sys.executable, 'eval.py', f'--out_dir={os.path.join(cfg.out, name)}', '--dataset=covid']
+        output = subprocess.run(
+            [*command, '--split=test', f"--dtype={result['dtype']}"], check=True, capture_output=True, text=True
+        ).stdout
+        score = json.loads(next(line for line in output.splitlines() if line.startswith('{')))
+        result['covid_test_bpc'] = score['bpc']
+        print(f"{name:<22} {score['bpc']:.4f} bits/char ({score['examples']} replies)")
 
 
 def report(curves, target, ngram, ngram_order):

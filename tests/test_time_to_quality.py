@@ -2,7 +2,7 @@
 
 import math
 
-from experiments.time_to_quality import report, time_to
+from experiments.time_to_quality import RECIPES, recipe_dataset, report, time_to
 
 
 def test_time_to_interpolates_between_evaluations():
@@ -25,3 +25,11 @@ def test_report_speedup_at_the_reference_quality(capsys):
     assert lines['reference'][1] == '-' and lines['reference'][-1] == '1.00x'
     # the faster recipe reaches the reference's final 4.0 at 200 s: 3x; the 3.5 target at 400 s
     assert lines['faster'][1:3] == ['400', 's'] and lines['faster'][-1] == '3.00x'
+
+
+def test_only_recipes_on_data_pretrains_tokenizer_are_scored_on_covid():
+    """COVID-DDC's ids are data/pretrain's: a recipe with another vocabulary cannot be scored on them."""
+    datasets = {name: recipe_dataset(overrides) for name, overrides in RECIPES.items()}
+    assert datasets['tiny'] == datasets['reference'] == datasets['muon+6x256'] == 'pretrain'
+    assert datasets['muon+bpe4000'] == 'pretrain_v4000' and datasets['muon+chars'] == 'pretrain_char'
+    assert recipe_dataset(['--dataset=pretrain', '--dataset=general']) == 'general'  # the last one wins
