@@ -312,8 +312,7 @@ class GPT(nn.Module):
         return x.gather(1, _places(readout, idx.size(1), x.size(-1)))
 
     def lm_head_loss(self, h, targets=None, all_logits=False, reduction='mean'):
-        """Logits over the vocabulary and, given targets (-1 = not scored), the cross-entropy (the mean over
-        scored tokens, or with reduction='sum' their total)."""
+        """Logits (B, T, V) and, given targets (-1: not scored), their cross-entropy (mean, or reduction='sum')."""
         if targets is not None:
             logits = self.lm_head(h)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
@@ -322,8 +321,7 @@ class GPT(nn.Module):
         return self.lm_head(h if all_logits else h[:, [-1], :]), None
 
     def classify(self, h, class_pos, labels=None):
-        """Class logits (B, n_classes) read from the hidden state at class_pos (B,), and the
-        cross-entropy against labels (B,) when given."""
+        """Class logits (B, n_classes) read at class_pos (B,), and the cross-entropy against labels (B,) if given."""
         if self.class_head is None:
             raise ValueError("the model has no classification head: set n_classes > 0")
         class_logits = self.class_head(h[torch.arange(h.size(0), device=h.device), class_pos])
@@ -445,9 +443,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(logits < kth, float('-inf'))
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens before it already cover top_p (the first token always stays)
-        drop_sorted = cumulative - F.softmax(sorted_logits, dim=-1) >= top_p
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float('-inf'))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
