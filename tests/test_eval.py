@@ -209,7 +209,7 @@ def test_generated_replies_are_scored_and_seeded(base_path, data_dir):
 
 
 def test_entity_f1_reads_the_lexicon_the_set_was_tagged_with(tmp_path):
-    from tasks import tagging_lexicon
+    from reply_entities import tagging_lexicon
 
     folder = tmp_path / 'elsewhere' / 'medical_lexicon'
     folder.mkdir(parents=True)

@@ -66,7 +66,7 @@ def test_the_built_set_says_where_its_entity_ids_come_from_and_replies_are_score
     import eval as evaluator
     from checkpoint import save_checkpoint, tokenizer_record
     from model import GPT, GPTConfig
-    from tasks import span_texts
+    from reply_entities import span_texts
 
     records = readers.read_imcs(str(DATA / readers.IMCS_LABELLED), Skipped())
     tok = train_char([dialogue_text(r['turns']) for r in records], str(tmp_path / 'tok'), vocab_size=3000)
@@ -131,7 +131,7 @@ def test_terms_are_found_longest_first():
 
 
 def test_the_examples_of_labelled_dialogues_are_told_apart():
-    from tasks import labelled_dialogue_examples
+    from reply_entities import labelled_dialogue_examples
 
     def example(tokens, label=-1):
         return dict(tokens=np.array(tokens), label=label)
