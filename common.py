@@ -126,8 +126,8 @@ def synchronize(device):
 def until_stop(ids, stop_ids):
     """A row of model.generate's new ids up to and with the first of stop_ids (in a batch, a row that has
     stopped repeats its stop id until every row has)."""
-    ends = [i for i, t in enumerate(ids) if t in stop_ids]
-    return ids[: ends[0] + 1] if ends else ids
+    end = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids) - 1)  # stops at the first, or keeps all
+    return ids[: end + 1]
 
 
 # ----------------------------------------------------------------------------- schedule and step

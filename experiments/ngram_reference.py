@@ -18,12 +18,12 @@ from tasks import Dialogue
 from tokenizer import Tokenizer
 
 
-def ngram_training_texts(max_texts):
-    """The pretraining text as the n-gram sees it: train.bin decoded, cut at every special piece. The
+def ngram_training_texts(max_texts, split='train'):
+    """The pretraining text as the n-gram sees it: the split's .bin decoded, cut at every special piece. The
     n-gram has no speaker tokens, so each utterance (or book chapter) is one text: it learns how an
     utterance starts and ends, as a test reply is scored from its start to its end marker."""
     tokenizer = Tokenizer.load(os.path.join('data', 'pretrain', 'tokenizer.model'))
-    ids = np.fromfile(os.path.join('data', 'pretrain', 'train.bin'), dtype=np.uint16)
+    ids = np.fromfile(os.path.join('data', 'pretrain', f'{split}.bin'), dtype=np.uint16)
     pieces = np.split(ids, np.flatnonzero(np.isin(ids, tokenizer.special_ids)))
     texts = [tokenizer.decode(p[1:] if p[0] in tokenizer.special_ids else p) for p in pieces if len(p)]
     texts = [t for t in texts if t]

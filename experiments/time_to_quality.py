@@ -29,8 +29,6 @@ import sys
 import time
 from types import SimpleNamespace
 
-import numpy as np
-
 from configurator import config_file_values, configure
 
 DEFAULTS = dict(
@@ -77,37 +75,39 @@ RECIPES = {  # each changes one lever of the reference, or adds one to the best 
 CALIBRATION_ITERS = 30  # a short run first measures each recipe's speed, so that its schedule ends at the cap
 
 
-def ngram_bpc(orders, out):
-    """(best bits/char, order) of the character n-gram on data/pretrain's validation text (cached)."""
-    from experiments.ngram import KneserNey
-    from tokenizer import Tokenizer
-
-    cache = os.path.join(out, 'ngram.json')
-    meta_path = os.path.join('data', 'pretrain', 'meta.json')
-    key = {'orders': orders, 'meta_mtime': os.path.getmtime(meta_path)}
-    if os.path.exists(cache):
-        with open(cache) as f:
+def cached_scores(path, key, score, orders):
+    """{order: bits/char} of score(order) for each order, kept in the JSON file at path and computed again only when
+    key (what the scores depend on) changes."""
+    if os.path.exists(path):
+        with open(path) as f:
             cached = json.load(f)
-        if cached['key'] == key:
-            return cached['bpc'], cached['order']
-    tokenizer = Tokenizer.load(os.path.join('data', 'pretrain', 'tokenizer.model'))
-
-    def texts(split):  # each utterance or chapter one text: the n-gram has no speaker pieces
-        ids = np.fromfile(os.path.join('data', 'pretrain', f'{split}.bin'), dtype=np.uint16)
-        pieces = np.split(ids, np.flatnonzero(np.isin(ids, tokenizer.special_ids)))
-        decoded = (tokenizer.decode(p[1:] if p[0] in tokenizer.special_ids else p) for p in pieces if len(p))
-        return [t for t in decoded if t]
-
-    train_texts, val_texts = texts('train'), texts('val')
+        if cached.get('key') == key:
+            return {int(order): bpc for order, bpc in cached['all'].items()}
     scores = {}
     for order in orders:
         t0 = time.time()
-        bpc, _ = KneserNey(order).fit(train_texts).bits_per_char(val_texts)
-        scores[order] = bpc
-        print(f"n-gram order {order}: val {bpc:.4f} bits/char ({time.time() - t0:.0f} s)", flush=True)
+        scores[order] = score(order)
+        print(f"n-gram order {order}: {scores[order]:.4f} bits/char ({time.time() - t0:.0f} s)", flush=True)
+    with open(path, 'w') as f:
+        json.dump({'key': key, 'all': scores}, f)
+    return scores
+
+
+def ngram_bpc(orders, out):
+    """(best bits/char, order) of the character n-gram on data/pretrain's validation text (cached)."""
+    from experiments.ngram import KneserNey
+    from experiments.ngram_reference import ngram_training_texts
+
+    key = {'orders': orders, 'meta_mtime': os.path.getmtime(os.path.join('data', 'pretrain', 'meta.json'))}
+    texts = {}
+
+    def score(order):  # each utterance or chapter one text: the n-gram has no speaker pieces
+        if not texts:
+            texts.update(train=ngram_training_texts(0), val=ngram_training_texts(0, 'val'))
+        return KneserNey(order).fit(texts['train']).bits_per_char(texts['val'])[0]
+
+    scores = cached_scores(os.path.join(out, 'ngram.json'), key, score, orders)
     order = min(scores, key=scores.get)
-    with open(cache, 'w') as f:
-        json.dump({'key': key, 'bpc': scores[order], 'order': order, 'all': scores}, f)
     return scores[order], order
 
 
@@ -265,25 +265,17 @@ def covid_report(results, cfg):
 
     room = config_file_values('config/tiny.py')['block_size']
     orders = [int(o) for o in cfg.ngram_orders.split(',')]
-    cache = os.path.join(cfg.out, 'ngram_covid.json')
     key = {
         'orders': orders,
         'room': room,
         'meta_mtime': [os.path.getmtime(f'data/{d}/meta.json') for d in ('pretrain', 'covid')],
     }
-    cached = {}
-    if os.path.exists(cache):
-        with open(cache) as f:
-            cached = json.load(f)
-    if cached.get('key') != key:
-        scores = {}
-        for order in orders:
-            scores[order] = ngram_result(order, room, 0)['test_bpc']
-            print(f"n-gram order {order}: COVID-DDC test replies {scores[order]:.4f} bits/char", flush=True)
-        cached = {'key': key, 'all': scores}
-        with open(cache, 'w') as f:
-            json.dump(cached, f)
-    order, bpc = min(cached['all'].items(), key=lambda item: item[1])
+
+    def score(order):
+        return ngram_result(order, room, 0)['test_bpc']
+
+    scores = cached_scores(os.path.join(cfg.out, 'ngram_covid.json'), key, score, orders)
+    order, bpc = min(scores.items(), key=lambda item: item[1])
     print(f"\nCOVID-DDC test replies: the best n-gram ({order}-gram) {bpc:.4f} bits/char")
     for name, result in results.items():
         if recipe_dataset(result['overrides']) != 'pretrain':
