@@ -1,7 +1,6 @@
 """
 Talking to a model, shared by sample.py and serve.py: a checkpoint loaded with the tokenizer and tagger it was
-trained with, a text encoded as the model reads it, a continuation generated, generated ids rendered as text,
-and the decoding options with their allowed values.
+trained with, a text encoded as the model reads it, a continuation generated, and generated ids rendered as text.
 
 A consultation is text with speaker pieces, as the fine-tuning sets hold it: <patient>…<doctor>…<patient>…<doctor>,
 and the doctor's reply is what the model writes after the last <doctor>, until it starts the next turn.
@@ -9,7 +8,6 @@ ChatModel.reply answers a consultation given as turns: cropped to the context fr
 at stop strings, and its text handed on piece by piece as it is generated (serve.py streams those pieces).
 """
 
-import math
 import os
 import sys
 
@@ -17,15 +15,6 @@ import torch
 
 from checkpoint import load_model
 from common import autocast_context, resolve_device_and_dtype, until_stop
-
-# decoding options beside max_new_tokens: (allowed, as said in an error) for each; model.generate reads them
-DECODING_RULES = {
-    'temperature': (lambda v: math.isfinite(v) and v >= 0, 'a number >= 0 (0 = greedy)'),
-    'top_k': (lambda v: v >= 0, '>= 0 (0 = off)'),
-    'top_p': (lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
-    'repetition_penalty': (lambda v: math.isfinite(v) and v > 0, 'a number > 0 (1 = off)'),
-    'no_repeat_ngram_size': (lambda v: v >= 0, '>= 0 (0 = off)'),
-}
 
 
 class ChatModel:
@@ -52,8 +41,8 @@ class ChatModel:
 
     def generate(self, context, max_new_tokens, stop_ids, decoding, generator=None, on_token=None, samples=1):
         """The ids of `samples` continuations of context ((idx, lexical, entity), as encode gives them), generated
-        at once, each a list: the stop id that ended it (one of stop_ids) is its last, if one did. decoding: values
-        for DECODING_RULES' options (top_k 0 and top_p 1 are off; an option not given is model.generate's default).
+        at once, each a list: the stop id that ended it (one of stop_ids) is its last, if one did. decoding: values for
+        common.DECODING_RULES' options (top_k 0 and top_p 1 are off; an option not given is model.generate's default).
         on_token: see model.generate (ids (samples, 1))."""
         idx, lexical, entity = (None if x is None else x.expand(samples, -1) for x in context)  # (samples, T) each
         prompt_pos = torch.tensor([idx.size(1)]) if self.infix else None

@@ -2,7 +2,8 @@
 What several scripts share, in one small module (no script imports another script):
 device and precision, autocast, the learning-rate schedule, one optimiser step, the peak FLOP/s
 that MFU divides by, data folders and their meta.json, characters per token (for bits per
-character), random training windows from the memmapped token files, and a generated reply's end.
+character), random training windows from the memmapped token files, the decoding options' ranges, and a
+generated reply's end.
 """
 
 import contextlib
@@ -121,6 +122,24 @@ def measure_matmul_flops(device, dtype, n, tries=5):
 def synchronize(device):
     if device.startswith('cuda'):
         torch.cuda.synchronize(device)
+
+
+# decoding options beside max_new_tokens: (allowed, as said in an error) for each; model.generate reads them
+DECODING_RULES = {
+    'temperature': (lambda v: math.isfinite(v) and v >= 0, 'a number >= 0 (0 = greedy)'),
+    'top_k': (lambda v: v >= 0, '>= 0 (0 = off)'),
+    'top_p': (lambda v: 0 < v <= 1, 'in (0, 1] (1 = off)'),
+    'repetition_penalty': (lambda v: math.isfinite(v) and v > 0, 'a number > 0 (1 = off)'),
+    'no_repeat_ngram_size': (lambda v: v >= 0, '>= 0 (0 = off)'),
+}
+
+
+def check_decoding(cfg):
+    """Refuse a decoding option of cfg out of range, before anything loads (a negative temperature would sample the
+    least likely tokens; top_p = 0 keeps no token at all)."""
+    for key, (allowed, said) in DECODING_RULES.items():
+        if not allowed(getattr(cfg, key)):
+            raise SystemExit(f"--{key} must be {said}, not {getattr(cfg, key)}")
 
 
 def until_stop(ids, stop_ids):

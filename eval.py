@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import check_tokenizer, load_model
-from common import autocast_context, data_dir_of, load_meta, resolve_device_and_dtype
+from common import autocast_context, check_decoding, data_dir_of, load_meta, resolve_device_and_dtype
 from configurator import configure
 from prepare.sources import DataError
 from prepare.text import reading_for
@@ -171,11 +171,7 @@ def main(argv=None):
         raise SystemExit(f"--batch_size must be >= 1, not {cfg.batch_size}")
     if cfg.documents not in ('', 'block', 'line', 'file'):
         raise SystemExit(f"--documents must be '', 'block', 'line' or 'file', not {cfg.documents!r}")
-    if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0) or cfg.no_repeat_ngram_size < 0:
-        raise SystemExit(
-            "--repetition_penalty must be a number > 0 (1 = off) and --no_repeat_ngram_size >= 0 "
-            f"(0 = off), not {cfg.repetition_penalty} and {cfg.no_repeat_ngram_size}"
-        )
+    check_decoding(cfg)
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     try:
         model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)

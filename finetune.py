@@ -26,6 +26,7 @@ import torch
 
 from checkpoint import check_tokenizer, claim_out_dir, load_checkpoint, save_adapted, save_checkpoint, tokenizer_record
 from common import (
+    check_decoding,
     data_dir_of,
     device_type,
     learning_rate_at,
@@ -67,8 +68,11 @@ DEFAULTS = dict(
     dropout=0.1,
     eval_interval=200,  # evaluate on val (and keep the best) every this many iterations
     max_eval_examples=0,  # > 0: evaluate val on at most this many examples (quick runs)
-    generate_examples=0,  # dialogue: greedy replies for this many test sources, scored by BLEU/Distinct/entity F1
+    generate_examples=0,  # dialogue: replies for this many test sources, scored by BLEU/Distinct/entity F1
     max_new_tokens=64,  # ... each at most this long
+    temperature=0.0,  # ... 0 = greedy, else sampled (seeded by --seed)
+    top_k=0,  # ... 0 = off
+    top_p=1.0,  # ... 1.0 = off
     repetition_penalty=1.0,  # ... > 1 lowers tokens already in source or reply (1.0 = off), as Hugging Face's
     no_repeat_ngram_size=0,  # ... > 0: no n-gram of this size twice in source + reply (0 = off)
     log_interval=20,
@@ -90,7 +94,6 @@ NOT_NEGATIVE = (
     'weight_decay',
     'grad_clip',
     'lambda_lm',
-    'no_repeat_ngram_size',
 )
 BELOW_ONE = ('beta1', 'beta2', 'dropout')  # each in [0, 1)
 
@@ -150,8 +153,7 @@ def check_config(cfg):
             value = getattr(cfg, key)
             if not (math.isfinite(value) and in_range(value)):
                 raise SystemExit(f"--{key} must be {allowed}, not {value}")
-    if not (math.isfinite(cfg.repetition_penalty) and cfg.repetition_penalty > 0):
-        raise SystemExit(f"--repetition_penalty must be a number > 0 (1 = off), not {cfg.repetition_penalty}")
+    check_decoding(cfg)
     if cfg.mode == 'ptune' and cfg.n_prompt == 0:
         raise SystemExit("--mode=ptune trains a soft prompt: give it --n_prompt > 0 (the paper uses 1 to 100)")
     if cfg.mode == 'none' and TASKS[cfg.task].class_head:

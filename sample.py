@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from chat import DECODING_RULES, ChatModel, crop_to_context, render
+from chat import ChatModel, crop_to_context, render
+from common import DECODING_RULES, check_decoding
 from configurator import configure
 
 # fmt: off
@@ -42,10 +43,9 @@ DEFAULTS = dict(
 
 
 def check_options(cfg):
-    """Every sampling option in range, before anything loads (a negative temperature would sample
-    the least likely tokens; top_p = 0 keeps no token at all)."""
-    rules = [(key, allowed(getattr(cfg, key)), said) for key, (allowed, said) in DECODING_RULES.items()]
-    rules += [(key, getattr(cfg, key) >= 1, '>= 1') for key in ('num_samples', 'batch_size')]
+    """Every option in range, before anything loads."""
+    check_decoding(cfg)
+    rules = [(key, getattr(cfg, key) >= 1, '>= 1') for key in ('num_samples', 'batch_size')]
     rules += [('max_new_tokens', cfg.max_new_tokens >= 0, '>= 0')]
     for key, ok, allowed in rules:
         if not ok:

@@ -33,7 +33,8 @@ from threading import Lock
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-from chat import DECODING_RULES, Aborted, ChatModel
+from chat import Aborted, ChatModel
+from common import DECODING_RULES
 from configurator import configure
 
 DEFAULTS = dict(

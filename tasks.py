@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common import autocast_context, load_char_counts, until_stop
+from common import DECODING_RULES, autocast_context, load_char_counts, until_stop
 from example_sets import crop_window, load_split, splice_entities, with_label_target
 from metrics import macro_f1, score_replies
 from reply_entities import labelled_dialogue_examples, reply_spans, tagging_lexicon
@@ -166,7 +166,7 @@ class Task:
 
 class Dialogue(Task):
     """CMed-GPT: the doctor's reply is the target, scored by the LM head: loss, PPL, bits per character;
-    with --generate_examples, greedy replies to test sources scored against the references."""
+    with --generate_examples, replies to test sources (greedy or sampled) scored against the references."""
 
     generates_replies = True
 
@@ -198,9 +198,8 @@ class Dialogue(Task):
             task_data,
             examples[: self.cfg.generate_examples],
             self.cfg.max_new_tokens,
+            **{key: getattr(self.cfg, key) for key in DECODING_RULES},
             seed=self.cfg.seed,
-            repetition_penalty=self.cfg.repetition_penalty,
-            no_repeat_ngram_size=self.cfg.no_repeat_ngram_size,
         )
 
     def reply_scores(

@@ -8,7 +8,7 @@ The papers' tables in miniature, measured on 2 CPU cores (tables.py says what ea
   Table 5 (CMed-GPT)  p-tuning with 1 to 100 prompt vectors, COVID-DDC and IMCS-21
   Table 6 (CMed-GPT)  p-tuning + lexical / entity embeddings, and entity splicing, COVID-DDC and IMCS-21
   new                 IMCS-21 entity ids from its gold symptom labels vs from lexicon matching
-  new                 BLEU-1/2/4, Distinct-1/2 and entity F1 of greedy replies, COVID-DDC and IMCS-21
+  new                 BLEU-1/2/4, Distinct-1/2 and entity F1 of sampled replies, COVID-DDC and IMCS-21
   MEDI-BERPT          classification head alone vs multitask (class + lambda * LM) vs label as text,
                       department QA, DXY and IMCS-21
   BioGPT              the soft prompt in front vs between source and target
@@ -68,7 +68,7 @@ SCALES = {
         finetune_iters=120,
         max_eval_examples=64,
         ngram_texts=0,
-        generate_examples=32,
+        generate_examples=100,
         max_new_tokens=48,
         prompt_lengths={'covid': (1, 25, 50, 75, 100), 'imcs': (1, 25, 100)},
     ),

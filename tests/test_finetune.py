@@ -478,7 +478,10 @@ def test_sample_missing_checkpoint_is_a_clear_error(tmp_path):
         sample.main([f'--out_dir={tmp_path}'])
 
 
-def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prompt(base_path, data_dir, tmp_path):
+@pytest.mark.parametrize('decoding', [[], ['--temperature=0.9', '--top_p=0.9', '--repetition_penalty=1.2']])
+def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prompt(
+    base_path, data_dir, tmp_path, decoding
+):
     import eval as evaluator
 
     out = tmp_path / 'ptuned'
@@ -493,6 +496,7 @@ def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prom
             '--entity=True',
             '--generate_examples=3',
             '--max_new_tokens=5',
+            *decoding,
         )
     )
     scored = evaluator.main(
@@ -502,12 +506,26 @@ def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prom
             '--generate',
             '--max_examples=3',
             '--max_new_tokens=5',
+            '--batch_size=2',  # sampled replies: the same seed and batches give the same replies
+            '--seed=1',
+            *decoding,
         ]
     )
     assert scored['generated'] == result['test_generated'] == 3
     for key in ('bleu1', 'bleu4', 'distinct1', 'distinct2', 'entity_f1'):
         assert result[f'test_{key}'] == pytest.approx(scored[key]), key
     assert result['test_loss'] == pytest.approx(scored['loss'])
+    if decoding:  # and the sampling options were used: greedy replies score otherwise (seeded, so always)
+        greedy = evaluator.main(
+            [
+                f'--checkpoint={out}/prompt.pt',
+                f'--dataset={data_dir}',
+                '--generate',
+                '--max_examples=3',
+                '--max_new_tokens=5',
+            ]
+        )
+        assert any(greedy[key] != scored[key] for key in ('bleu1', 'distinct1', 'distinct2'))
 
 
 @pytest.mark.parametrize('extra', [['--task=classify'], ['--entity_splice=True']])

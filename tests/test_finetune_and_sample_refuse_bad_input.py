@@ -209,6 +209,11 @@ def test_sample_unloadable_checkpoint_is_one_line(tmp_path, junk):
         '--n_prompt=-1',
         '--dropout=1.0',
         '--log_interval=0',
+        '--temperature=-1',
+        '--top_p=0',
+        '--top_k=-1',
+        '--repetition_penalty=0',
+        '--no_repeat_ngram_size=-1',
     ],
 )
 def test_finetune_option_out_of_range_is_refused(option, base_path, data_dir, tmp_path):
