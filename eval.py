@@ -19,7 +19,8 @@ one chunk and one window.
 --dataset: tasks.Dialogue's evaluation of the split's reply tokens, as finetune.py reports them; with
 --generate, a reply is generated for each example's source (greedy, or sampled with a seed), --batch_size sources of
 similar length at a time (a greedy reply is the one its source gets alone; sampled ones also depend on the batch
-size), and scored against the reference by BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metrics.py).
+size), and scored against the reference by BLEU-1/2/4, Distinct-1/2 and entity precision/recall/F1 (metrics.py);
+--replies=FILE writes each source, reference and reply as a JSON line, to read what the model said.
 Bits per character = total nats / ln 2 / characters of the scored tokens, which compares models with different
 tokenizers. Prints one JSON line.
 """
@@ -56,6 +57,7 @@ DEFAULTS = dict(
     batch_size=8,  # --dataset: examples per batch, scored or (--generate) continued at once
     generate=False,  # --dataset: also generate a reply for each example and score it
     max_examples=0,  # --generate: at most this many examples (0 = all)
+    replies='',  # --generate: also write each source, reference and reply to this JSONL file
     max_new_tokens=64,
     temperature=0.0,  # 0 = greedy
     top_k=0,  # 0 = off
@@ -252,6 +254,7 @@ def main(argv=None):
                     cfg.seed,
                     cfg.repetition_penalty,
                     cfg.no_repeat_ngram_size,
+                    cfg.replies,
                 )
             )
     print(json.dumps(result, ensure_ascii=False))

@@ -17,6 +17,7 @@ Every task honours the run's input options: entity splicing (the source's entity
 in front of the input or between source and target, lexical and entity ids.
 """
 
+import json
 import math
 import os
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from common import DECODING_RULES, autocast_context, load_char_counts, until_stop
 from example_sets import crop_window, load_split, splice_entities, with_label_target
 from metrics import macro_f1, score_replies
+from prepare.sources import atomic_write
 from reply_entities import labelled_dialogue_examples, reply_spans, tagging_lexicon
 
 # ----------------------------------------------------------------------------- the tasks
@@ -200,6 +202,7 @@ class Dialogue(Task):
             self.cfg.max_new_tokens,
             **{key: getattr(self.cfg, key) for key in DECODING_RULES},
             seed=self.cfg.seed,
+            replies_path=os.path.join(self.cfg.out_dir, 'replies.jsonl'),
         )
 
     def reply_scores(
@@ -214,10 +217,11 @@ class Dialogue(Task):
         seed=1337,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
+        replies_path='',
     ):
         """Generate a reply for each example's source (greedy at temperature 0, else sampled with a seeded
         generator; the rules against loops as in model.generate) and score the replies against the references
-        (metrics.py)."""
+        (metrics.py). replies_path: also write each source, reference and reply there, one JSON line each."""
         from tagging import Tagger
 
         tok = task_data.tokenizer
@@ -231,6 +235,13 @@ class Dialogue(Task):
         generated = [tok.decode([t for t in reply if t not in stops]) for reply in replies]
         targets = [ex['tokens'][int(np.argmax(ex['mask'])) :].tolist() for ex in examples]
         references = [tok.decode([t for t in target if t not in stops]) for target in targets]
+        if replies_path:  # written whole or not at all
+            sources = [tok.decode(ex['tokens'][: int(np.argmax(ex['mask']))].tolist()) for ex in examples]
+            lines = [
+                json.dumps(dict(source=source, reference=reference, reply=reply), ensure_ascii=False) + '\n'
+                for source, reference, reply in zip(sources, references, generated)
+            ]
+            atomic_write(replies_path, ''.join(lines).encode())
         marked = [reply_spans(tok, ex) for ex in examples]  # the entity spans of each reference
         gold_terms = None
         if task_data.meta.get('entity_source') == 'gold':  # the set's own labels: see metrics.py

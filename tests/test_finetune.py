@@ -508,6 +508,7 @@ def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prom
             '--max_new_tokens=5',
             '--batch_size=2',  # sampled replies: the same seed and batches give the same replies
             '--seed=1',
+            f'--replies={tmp_path / "replies.jsonl"}',
             *decoding,
         ]
     )
@@ -515,6 +516,10 @@ def test_generated_replies_scored_after_training_match_eval_py_on_the_saved_prom
     for key in ('bleu1', 'bleu4', 'distinct1', 'distinct2', 'entity_f1'):
         assert result[f'test_{key}'] == pytest.approx(scored[key]), key
     assert result['test_loss'] == pytest.approx(scored['loss'])
+    written = [json.loads(line) for line in (out / 'replies.jsonl').read_text(encoding='utf-8').splitlines()]
+    assert [sorted(r) for r in written] == [['reference', 'reply', 'source']] * 3
+    assert written[0]['source'].startswith('<patient>') and written[0]['reference']
+    assert (out / 'replies.jsonl').read_bytes() == (tmp_path / 'replies.jsonl').read_bytes()
     if decoding:  # and the sampling options were used: greedy replies score otherwise (seeded, so always)
         greedy = evaluator.main(
             [
