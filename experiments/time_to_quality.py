@@ -68,6 +68,11 @@ RECIPES = {  # each changes one lever of the reference, or adds one to the best 
     'muon+bpe4000': REFERENCE + MUON + ['--dataset=pretrain_v4000'],
     'muon+chars': REFERENCE + MUON + ['--dataset=pretrain_char'],
     'muon+6x256': REFERENCE + MUON + ['--n_layer=6', '--n_head=4', '--n_embd=256'],
+    'muon+block256': REFERENCE + MUON + ['--block_size=256', '--batch_size=8'],  # the same tokens per step
+    'muon+batch8': REFERENCE + MUON + ['--batch_size=8'],
+    'muon+batch32': REFERENCE + MUON + ['--batch_size=32'],
+    'muon+lr0.01': REFERENCE + MUON + ['--muon_lr=0.01', '--learning_rate=1.5e-3', '--min_lr=1.5e-4'],  # half
+    'muon+lr0.04': REFERENCE + MUON + ['--muon_lr=0.04', '--learning_rate=6e-3', '--min_lr=6e-4'],  # twice
     'muon+compile': REFERENCE + MUON + ['--compile'],
     'muon+bf16': REFERENCE + MUON + ['--dtype=bfloat16'],
     'tiny': [f"--max_iters={config_file_values('config/tiny.py')['max_iters']}"],  # what make demo trains, as is
