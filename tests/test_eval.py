@@ -162,6 +162,14 @@ def test_bad_options_are_one_line_errors(run_dir, tmp_path):
         evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--stride=99'])
     with pytest.raises(SystemExit, match='--batch_size must be >= 1, not 0'):
         evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--batch_size=0'])
+    with pytest.raises(SystemExit, match='--top_p must be in'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', '--top_p=0'])
+    with pytest.raises(SystemExit, match='--replies writes generated replies'):
+        evaluator.main([f'--out_dir={run_dir}', f'--text={tmp_path / "a.txt"}', f'--replies={tmp_path / "r.jsonl"}'])
+    with pytest.raises(SystemExit, match='no folder'):
+        evaluator.main(
+            [f'--out_dir={run_dir}', '--dataset=covid', '--generate', f'--replies={tmp_path / "none" / "r.jsonl"}']
+        )
 
 
 # ----- generated replies ----------------------------------------------------------------------------
