@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import check_tokenizer, load_model
-from common import autocast_context, check_decoding, data_dir_of, load_meta, resolve_device_and_dtype
+from common import DECODING_RULES, autocast_context, check_decoding, data_dir_of, load_meta, resolve_device_and_dtype
 from configurator import configure
 from prepare.sources import DataError
 from prepare.text import reading_for
@@ -176,10 +176,9 @@ def main(argv=None):
     check_decoding(cfg)
     if cfg.replies and not (cfg.generate and cfg.dataset):
         raise SystemExit("--replies writes generated replies: give it with --dataset=NAME --generate")
-    if cfg.replies and not os.path.isdir(os.path.dirname(os.path.abspath(cfg.replies))):
-        raise SystemExit(
-            f"--replies={cfg.replies}: no folder {os.path.dirname(os.path.abspath(cfg.replies))} to write it in"
-        )
+    replies_folder = os.path.dirname(os.path.abspath(cfg.replies))
+    if cfg.replies and not os.path.isdir(replies_folder):
+        raise SystemExit(f"--replies={cfg.replies}: no folder {replies_folder} to write it in")
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     try:
         model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
@@ -254,13 +253,9 @@ def main(argv=None):
                     task_data,
                     examples,
                     cfg.max_new_tokens,
-                    cfg.temperature,
-                    cfg.top_k,
-                    cfg.top_p,
-                    cfg.seed,
-                    cfg.repetition_penalty,
-                    cfg.no_repeat_ngram_size,
-                    cfg.replies,
+                    **{key: getattr(cfg, key) for key in DECODING_RULES},
+                    seed=cfg.seed,
+                    replies_path=cfg.replies,
                 )
             )
     print(json.dumps(result, ensure_ascii=False))

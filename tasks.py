@@ -233,10 +233,11 @@ class Dialogue(Task):
         replies = self.generate(model, examples, task_data, max_new_tokens, stops, generator=generator, **sampling)
         model.train()
         generated = [tok.decode([t for t in reply if t not in stops]) for reply in replies]
-        targets = [ex['tokens'][int(np.argmax(ex['mask'])) :].tolist() for ex in examples]
+        starts = [int(np.argmax(ex['mask'])) for ex in examples]  # where each reference (the target) begins
+        targets = [ex['tokens'][start:].tolist() for ex, start in zip(examples, starts)]
         references = [tok.decode([t for t in target if t not in stops]) for target in targets]
         if replies_path:  # written whole or not at all
-            sources = [tok.decode(ex['tokens'][: int(np.argmax(ex['mask']))].tolist()) for ex in examples]
+            sources = [tok.decode(ex['tokens'][:start].tolist()) for ex, start in zip(examples, starts)]
             lines = [
                 json.dumps(dict(source=source, reference=reference, reply=reply), ensure_ascii=False) + '\n'
                 for source, reference, reply in zip(sources, references, generated)
