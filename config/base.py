@@ -25,7 +25,8 @@ grad_clip = 0.5
 warmup_iters = 2000
 # The faster recipe is one key away: --optimizer=muon (Muon at muon_lr 0.02 for the blocks' matrices, AdamW as
 # above for the rest). On config/tiny.py's model (with AdamW at 3e-3 there) it reached the AdamW reference's final
-# val bits/char 1.89x sooner on 2 CPU cores (docs/training.md#time-to-quality); at this width, not measured.
+# val bits/char 2.11x sooner in a 300 s run on 2 CPU cores (docs/training.md#the-levers-one-at-a-time); at this
+# width, not measured.
 # 20,000 x 65,536 = 1.3B tokens: sized for a corpus of at least ~330M tokens (at most 4 passes; the paper's seven
 # dialogue corpora plus 655.8 MB of books). On data/pretrain (1.2M tokens) it would be ~1,100 passes: train.py warns;
 # build a bigger set with python -m prepare.pretrain --corpus, or lower max_iters.
