@@ -90,17 +90,36 @@ def peak_flops(device, dtype):
     return flops, f"measured: best of 5 {n}x{n} {dtype} matmuls"
 
 
-def busy_note(device):
-    """'' on an idle CPU; else a note for the start-up line: other work lowers the measured peak."""
-    if device.startswith('cuda'):
+def busy_note(device, seconds=0.3):
+    """'' when the CPU cores this run may use are mostly idle; else a note for the start-up line (other work
+    lowers the measured peak). It looks at the cores' busy time over a moment (Linux's /proc/stat): a load
+    average trails by minutes, and so calls a machine busy for a minute after its last job ended."""
+    if device.startswith('cuda') or not os.path.exists('/proc/stat'):
         return ''
-    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    cores = os.sched_getaffinity(0)
+    total_before, idle_before = cpu_ticks(cores)
+    time.sleep(seconds)
+    total_after, idle_after = cpu_ticks(cores)
+    busy = 1 - (idle_after - idle_before) / max(total_after - total_before, 1)
+    if busy <= 0.5:
+        return ''
     return (
-        f"; the machine looked busy (load average {load:.1f} on {cores} cores): the peak is measured again at "
+        f"; the machine looked busy ({busy:.0%} of {len(cores)} cores in use): the peak is measured again at "
         "every evaluation"
-        if load > cores / 2
-        else ''
     )
+
+
+def cpu_ticks(cores):
+    """(all, idle) clock ticks these cores have counted since boot, from /proc/stat."""
+    total = idle = 0
+    with open('/proc/stat') as f:
+        for line in f:
+            name, *ticks = line.split()
+            if name.startswith('cpu') and name[3:].isdigit() and int(name[3:]) in cores:
+                ticks = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                idle += ticks[3] + ticks[4]
+    return total, idle
 
 
 def measure_matmul_flops(device, dtype, n, tries=5):

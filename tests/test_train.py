@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,25 @@ def test_learning_rate_warms_up_decays_and_holds():
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # cosine midpoint
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # falling
     assert set(lrs[110:]) == {0.1}  # held at min_lr
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/stat'), reason='the busy look reads Linux /proc/stat')
+def test_busy_note_reports_other_work_on_the_cores_and_nothing_when_they_are_idle():
+    """The start-up line says the machine looked busy exactly when other work shares this run's cores (then the
+    measured peak is low): a busy loop on every core is seen; once they stop, the note is gone."""
+    cores = os.sched_getaffinity(0)
+    loops = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in cores]
+    try:
+        time.sleep(0.5)
+        busy = common.busy_note('cpu')
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    time.sleep(0.3)
+    assert 'looked busy' in busy and f"of {len(cores)} cores in use" in busy
+    assert common.busy_note('cpu') == ''
+    assert common.busy_note('cuda') == ''  # a GPU's peak is its datasheet's
 
 
 def test_training_writes_metrics_and_checkpoints(data_dir, tmp_path, monkeypatch):
