@@ -174,11 +174,12 @@ def main(argv=None):
     if cfg.documents not in ('', 'block', 'line', 'file'):
         raise SystemExit(f"--documents must be '', 'block', 'line' or 'file', not {cfg.documents!r}")
     check_decoding(cfg)
-    if cfg.replies and not (cfg.generate and cfg.dataset):
-        raise SystemExit("--replies writes generated replies: give it with --dataset=NAME --generate")
-    replies_folder = os.path.dirname(os.path.abspath(cfg.replies))
-    if cfg.replies and not os.path.isdir(replies_folder):
-        raise SystemExit(f"--replies={cfg.replies}: no folder {replies_folder} to write it in")
+    if cfg.replies:
+        if not (cfg.generate and cfg.dataset):
+            raise SystemExit("--replies writes generated replies: give it with --dataset=NAME --generate")
+        replies_folder = os.path.dirname(os.path.abspath(cfg.replies))
+        if not os.path.isdir(replies_folder):
+            raise SystemExit(f"--replies={cfg.replies}: no folder {replies_folder} to write it in")
     device, dtype, _ = resolve_device_and_dtype(cfg.device, cfg.dtype)
     try:
         model, checkpoint = load_model(cfg.checkpoint or cfg.out_dir, device, base_path=cfg.base or None)
